@@ -1,0 +1,249 @@
+//! The per-packet decision, shared by the kernel and the host tests.
+//!
+//! [`process`] parses one Ethernet frame, decides what happens to it and, when it is forwarded,
+//! rewrites its MAC addresses in place. It reads the frame through [`Frame`] and the agent's maps
+//! through [`Tables`]; `lb-ebpf` implements both over `XdpContext` and the BPF maps, the tests over
+//! a byte slice and plain collections. Counting is the caller's job, from the returned [`Verdict`].
+//!
+//! Guarantees:
+//! - every read is bounds-checked through [`Frame::ptr_at`]; there are no panics and no loops;
+//! - only a forwarded frame is modified, and only its two MAC addresses;
+//! - the outcome of every frame is one [`Reason`] (see its docs for the full list of cases).
+//!
+//! Defined outcomes for unusual frames:
+//! - shorter than 14 bytes: `DropMalformedEth`; ARP and other non-IP: `PassNotIp`; IPv6:
+//!   `PassIpv6`; 802.1Q/802.1ad tagged: `PassVlan`.
+//! - IPv4 with a truncated header, version != 4, IHL < 5, total length shorter than the header or
+//!   longer than the frame: `DropMalformedIp`. Frames longer than the total length (Ethernet
+//!   padding) are fine.
+//! - IP options (IHL > 5) are skipped: the L4 header is found at `IHL * 4`, the frame forwarded
+//!   unchanged.
+//! - not TCP/UDP (ICMP, ...): `PassIpProto`.
+//! - fragments (MF set or offset != 0): `DropFragment` when the destination is a VIP address,
+//!   otherwise `PassNotVip`.
+//! - TCP header shorter than 20 bytes or UDP shorter than 8 (in the frame or within the IP total
+//!   length): `DropMalformedL4`.
+//! - TTL is neither checked nor decremented: in `dsr-l2` the load balancer is an L2 hop towards the
+//!   backend, which is the IP destination (it holds the VIP), so TTL 0 and 1 are forwarded like
+//!   any other value, as a switch would.
+
+use network_types::{
+    eth::EthHdr,
+    ip::{IpProto, Ipv4Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::{
+    Reason,
+    hash::flow_hash_v4,
+    maps::{BACKEND_F_READY, BackendInfo, Settings, VipAddrKey, VipInfo, VipKey},
+};
+
+/// A frame the decision can read and rewrite.
+pub trait Frame {
+    /// Length of the frame in bytes.
+    fn len(&self) -> usize;
+
+    /// A pointer to a `T` at `offset`, or `None` if `offset + size_of::<T>()` is past the end.
+    /// Implementations must do the bounds check in a form the BPF verifier accepts.
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T>;
+}
+
+/// The agent's maps, as the decision sees them.
+pub trait Tables {
+    fn settings(&self) -> Option<&Settings>;
+    fn vip(&self, key: &VipKey) -> Option<&VipInfo>;
+    fn is_vip_addr(&self, key: &VipAddrKey) -> bool;
+    /// Entry `index` of the ring (a backend id, 0 = none); `None` if out of range.
+    fn ring(&self, index: u32) -> Option<u32>;
+    fn backend(&self, id: u32) -> Option<&BackendInfo>;
+}
+
+/// What [`process`] decided. `vip_index` and `backend_id` are meaningful when `reason` is
+/// `Forwarded` (both) or `DropNoBackend` / `DropBackendInvalid` (`vip_index`, and the backend id
+/// for the latter); `dst`/`dport` name the service for diagnostics once the L4 header is parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub reason: Reason,
+    pub vip_index: u32,
+    pub backend_id: u32,
+    pub dst: [u8; 4],
+    pub dport: [u8; 2],
+}
+
+impl Verdict {
+    #[inline(always)]
+    const fn of(reason: Reason) -> Self {
+        Verdict {
+            reason,
+            vip_index: 0,
+            backend_id: 0,
+            dst: [0; 4],
+            dport: [0; 2],
+        }
+    }
+}
+
+pub const ETH_HDR_LEN: usize = EthHdr::LEN;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// More-fragments flag and fragment offset bits of the IPv4 `frags` field.
+const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const TCP: u8 = IpProto::Tcp as u8;
+const UDP: u8 = IpProto::Udp as u8;
+
+/// Decides the fate of one frame and, if it is forwarded, rewrites its MACs. See the module docs.
+#[inline(always)]
+pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
+    let len = frame.len();
+
+    // The ethertype is read as bytes: the frame may start at any alignment on the host.
+    let Some(ethertype) = frame.ptr_at::<[u8; 2]>(12) else {
+        return Verdict::of(Reason::DropMalformedEth);
+    };
+    // SAFETY: ptr_at checked the bounds; [u8; N] has alignment 1.
+    match u16::from_be_bytes(unsafe { *ethertype }) {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return Verdict::of(Reason::PassIpv6),
+        ETH_P_8021Q | ETH_P_8021AD => return Verdict::of(Reason::PassVlan),
+        _ => return Verdict::of(Reason::PassNotIp),
+    }
+
+    let Some(ip) = frame.ptr_at::<Ipv4Hdr>(ETH_HDR_LEN) else {
+        return Verdict::of(Reason::DropMalformedIp);
+    };
+    // SAFETY: in bounds (checked above); Ipv4Hdr is made of bytes, alignment 1.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Verdict::of(Reason::DropMalformedIp);
+    }
+    let ihl = (ip.vihl & 0x0f) as usize;
+    if ihl < 5 {
+        return Verdict::of(Reason::DropMalformedIp);
+    }
+    let ip_hdr_len = ihl * 4;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len < ip_hdr_len || ETH_HDR_LEN + tot_len > len {
+        return Verdict::of(Reason::DropMalformedIp);
+    }
+
+    let proto = ip.proto;
+    if proto != TCP && proto != UDP {
+        return Verdict::of(Reason::PassIpProto);
+    }
+    let dst = ip.dst_addr;
+    let src = ip.src_addr;
+
+    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET_MASK != 0 {
+        let mut v = Verdict::of(if tables.is_vip_addr(&VipAddrKey { addr: dst }) {
+            Reason::DropFragment
+        } else {
+            Reason::PassNotVip
+        });
+        v.dst = dst;
+        return v;
+    }
+
+    // Only the ports are needed, but a header shorter than the protocol's minimum is malformed.
+    let l4 = ETH_HDR_LEN + ip_hdr_len;
+    let l4_min = if proto == TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if ip_hdr_len + l4_min > tot_len {
+        return Verdict::of(Reason::DropMalformedL4);
+    }
+    // TCP and UDP both start with source port, destination port.
+    let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
+        return Verdict::of(Reason::DropMalformedL4);
+    };
+    // SAFETY: in bounds; alignment 1.
+    let [sport, dport] = unsafe { *ports };
+
+    let key = VipKey {
+        addr: dst,
+        port: dport,
+        proto,
+        _pad: 0,
+    };
+    let Some(vip) = tables.vip(&key) else {
+        return Verdict::of(Reason::PassNotVip);
+    };
+    let mut v = Verdict {
+        reason: Reason::DropNoBackend,
+        vip_index: vip.vip_index,
+        backend_id: 0,
+        dst,
+        dport,
+    };
+    if vip.ring_size == 0 {
+        return v;
+    }
+    let slot = flow_hash_v4(src, dst, sport, dport, proto) % vip.ring_size;
+    let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
+        v.reason = Reason::DropInternal;
+        return v;
+    };
+    if backend_id == 0 {
+        return v;
+    }
+    v.backend_id = backend_id;
+    let Some(backend) = tables.backend(backend_id) else {
+        v.reason = Reason::DropInternal;
+        return v;
+    };
+    if backend.flags & BACKEND_F_READY == 0 {
+        v.reason = Reason::DropBackendInvalid;
+        return v;
+    }
+    let Some(settings) = tables.settings() else {
+        v.reason = Reason::DropInternal;
+        return v;
+    };
+    let Some(macs) = frame.ptr_at::<[[u8; 6]; 2]>(0) else {
+        // Unreachable: the IPv4 header was read past these bytes.
+        v.reason = Reason::DropMalformedEth;
+        return v;
+    };
+    // SAFETY: in bounds; alignment 1; nothing else refers to the frame's bytes.
+    unsafe { *macs = [backend.mac, settings.iface_mac] };
+    v.reason = Reason::Forwarded;
+    v
+}
+
+/// A [`Frame`] over a byte slice, for host tests and tools.
+pub struct SliceFrame<'a> {
+    // A raw pointer taken from the `&mut` slice, so writes through `ptr_at` are permitted.
+    ptr: *mut u8,
+    len: usize,
+    _buf: core::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> SliceFrame<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        SliceFrame {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: core::marker::PhantomData,
+        }
+    }
+}
+
+impl Frame for SliceFrame<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let end = offset.checked_add(core::mem::size_of::<T>())?;
+        if end > self.len {
+            return None;
+        }
+        // Callers only use byte-array and byte-struct types (alignment 1).
+        Some(self.ptr.wrapping_add(offset).cast())
+    }
+}
