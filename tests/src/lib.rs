@@ -1,1 +1,4 @@
+//! Test support for xdplb: network namespace topologies, packet builder and the shared fixture
+//! table.
 
+pub mod netns;
