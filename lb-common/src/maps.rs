@@ -15,7 +15,11 @@ pub const VIPS: &str = "VIPS";
 /// `HashMap<VipAddrKey, u32>`: every address that has at least one VIP (value: number of VIPs on
 /// it). Used to decide about fragments, which carry no ports.
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
-/// `Array<u32>`: all Maglev tables, entries are backend ids (0 = no backend).
+/// `Array<RingChunk>` (created `BPF_F_MMAPABLE`): all Maglev tables, as one flat array of
+/// backend ids (0 = no backend) cut into chunks of [`RING_CHUNK_ENTRIES`]. Entry `i` is
+/// `RING[i / 16][i % 16]`. Chunks rather than one id per element because the kernel pads array
+/// elements to 8 bytes; this way an entry costs 4 bytes and the agent writes whole tables through
+/// an mmap of the array instead of one syscall per entry.
 pub const RING: &str = "RING";
 /// `Array<BackendInfo>`: indexed by backend id. Id 0 is never used.
 pub const BACKENDS: &str = "BACKENDS";
@@ -41,8 +45,21 @@ pub const PROG_PASS: &str = "xdp_pass";
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`BACKENDS`] and [`BACKEND_STATS`]: one id per (VIP, backend) pair.
 pub const MAX_BACKENDS: u32 = 65536;
-/// Placeholder size of [`RING`] in the object; the agent always sets the real size at load time.
+/// Placeholder number of chunks of [`RING`] in the object; the agent always sets the real size at
+/// load time.
 pub const RING_PLACEHOLDER: u32 = 1;
+/// Backend ids per element of [`RING`]. A power of two so the kernel splits an index with a shift
+/// and a mask.
+pub const RING_CHUNK_ENTRIES: u32 = 16;
+/// log2 of [`RING_CHUNK_ENTRIES`].
+pub const RING_CHUNK_SHIFT: u32 = 4;
+const _: () = assert!(1 << RING_CHUNK_SHIFT == RING_CHUNK_ENTRIES);
+/// `BPF_F_MMAPABLE`, from `include/uapi/linux/bpf.h`.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Value of [`RING`]: 16 consecutive entries of the flat ring.
+pub type RingChunk = [u32; RING_CHUNK_ENTRIES as usize];
+const _: () = assert!(core::mem::size_of::<RingChunk>() == 64);
 
 /// Key of [`VIPS`]. Zero-initialise in the kernel, padding included, or lookups miss.
 #[repr(C)]

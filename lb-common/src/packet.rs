@@ -41,6 +41,10 @@ use crate::{
 };
 
 /// A frame the decision can read and rewrite.
+#[expect(
+    clippy::len_without_is_empty,
+    reason = "the decision only needs the length to check header bounds"
+)]
 pub trait Frame {
     /// Length of the frame in bytes.
     fn len(&self) -> usize;

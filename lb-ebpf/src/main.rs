@@ -19,8 +19,8 @@ use aya_log_ebpf::{debug, error, info, warn};
 use lb_common::{
     Action, Reason,
     maps::{
-        BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, RING_PLACEHOLDER, Settings, VipAddrKey,
-        VipInfo, VipKey,
+        BPF_F_MMAPABLE, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, RING_CHUNK_ENTRIES,
+        RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings, VipAddrKey, VipInfo, VipKey,
     },
     packet::{self, Frame, Tables, Verdict},
 };
@@ -30,7 +30,7 @@ static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map]
 static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map]
-static RING: Array<u32> = Array::with_max_entries(RING_PLACEHOLDER, 0);
+static RING: Array<RingChunk> = Array::with_max_entries(RING_PLACEHOLDER, BPF_F_MMAPABLE);
 #[map]
 static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
@@ -90,7 +90,8 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn ring(&self, index: u32) -> Option<u32> {
-        RING.get(index).copied()
+        let chunk = RING.get(index >> RING_CHUNK_SHIFT)?;
+        Some(chunk[(index & (RING_CHUNK_ENTRIES - 1)) as usize])
     }
 
     #[inline(always)]

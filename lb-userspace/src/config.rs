@@ -1,1 +1,1982 @@
+//! The config file: its TOML format, parser and validator.
+//!
+//! Contract:
+//! - [`load`] and [`parse`] return either a [`Config`] in which every check below passed, together
+//!   with the warnings, or [`ConfigError::Invalid`] listing every problem found. There is no
+//!   partial result: the agent applies a config only as a whole.
+//! - Every problem names the file, the line and column where known, the field path
+//!   (`vip[1].backend[0].weight`, indexes counted from 0 in file order) and what is wrong, in
+//!   words meant for the person who edits the file. Problems are sorted in file order.
+//! - TOML syntax errors, unknown keys and values of the wrong type (a quoted port, say) are
+//!   reported first and stop checking, since the rest of the file cannot be read reliably after
+//!   them. All other checks run to the end, so one pass reports every semantic problem.
+//! - A validated config guarantees: the interface name is a valid Linux interface name; the API
+//!   socket is an absolute path that fits a Unix socket address; VIP and backend addresses are
+//!   IPv4 unicast, not unspecified, broadcast, multicast or loopback; ports are 1 to 65535; no two
+//!   VIPs share address, port and protocol, or name; within a VIP, backend addresses are unique and
+//!   differ from the VIP address; weights are at most [`MAX_WEIGHT`]; every `table_size` is a
+//!   prime no larger than [`MAX_TABLE_SIZE`] and at least the number of backends with weight
+//!   above 0.
+//! - Not checked here, because they depend on the machine and change at run time: that the
+//!   interface exists, that backends answer ARP on it, that the socket's directory exists, and the
+//!   capacity of the data path's maps.
+//! - VIPs and backends keep file order. The Maglev builder sorts backends itself, so reordering
+//!   backends in the file does not change any table.
 
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Largest backend weight (the same limit as ipvsadm).
+pub const MAX_WEIGHT: u32 = 65535;
+/// Weight of a backend that does not set one.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Maglev table size of a VIP that does not set one: a prime, well above 100 times the backends
+/// of a typical service.
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Largest accepted Maglev table size: the largest prime below 2^24.
+pub const MAX_TABLE_SIZE: u32 = 16_777_213;
+/// Below this many table entries per backend, Maglev's spread of load degrades (the Maglev paper,
+/// section 3.4, picks M > 100 N to keep backends within about 1% of each other).
+pub const TABLE_ENTRIES_PER_BACKEND: u32 = 100;
+/// Where the agent listens for the CLI when `[api]` does not say.
+pub const DEFAULT_API_SOCKET: &str = "/run/xdplb/xdplb.sock";
+/// Longest Linux interface name (`IFNAMSIZ` minus the terminating NUL).
+pub const MAX_INTERFACE_NAME_LEN: usize = 15;
+/// Longest Unix socket path (`sun_path` is 108 bytes including the terminating NUL).
+const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// A validated config. See the module documentation for what validation guarantees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub dataplane: Dataplane,
+    pub api: Api,
+    pub vips: Vec<Vip>,
+}
+
+/// `[dataplane]`: where and how the XDP program runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dataplane {
+    pub interface: String,
+    pub mode: ForwardingMode,
+    pub xdp_mode: XdpModeSetting,
+}
+
+/// How packets reach backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+pub enum ForwardingMode {
+    /// Direct server return on the same L2 network: only the destination MAC is rewritten, the
+    /// backend holds the VIP on a non-ARPing interface and answers clients directly.
+    #[default]
+    #[serde(rename = "dsr-l2")]
+    DsrL2,
+}
+
+/// How the XDP program is attached to the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native XDP in the driver; fails if the driver has no XDP support.
+    Driver,
+    /// Generic (SKB) XDP: works on every interface, slower.
+    Generic,
+    /// Driver mode, falling back to generic mode if the driver refuses.
+    #[default]
+    Auto,
+}
+
+/// `[api]`: the control socket of the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Api {
+    pub socket: PathBuf,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_API_SOCKET),
+        }
+    }
+}
+
+/// `[[vip]]`: one virtual service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vip {
+    /// Unique; defaults to `address:port/protocol`.
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Maglev table size M, a prime.
+    pub table_size: u32,
+    /// In file order.
+    pub backends: Vec<Backend>,
+}
+
+impl Vip {
+    /// What identifies the service on the wire (and in the `VIPS` map).
+    pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
+        (self.address, self.port, self.protocol)
+    }
+}
+
+/// The transport protocol of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+
+    /// The name used in the config file and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ForwardingMode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DsrL2 => "dsr-l2",
+        }
+    }
+}
+
+impl fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl XdpModeSetting {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Generic => "generic",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[vip.backend]]`: a real server behind a VIP. There is no backend port: with direct server
+/// return the backend receives the packet unchanged, on the VIP's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    /// 0 takes no new connections; otherwise a share of the Maglev table proportional to it.
+    pub weight: u32,
+}
+
+/// A config that validated, and what looked suspicious in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Loaded {
+    pub config: Config,
+    /// Sorted in file order; log them, they do not stop the config from being applied.
+    pub warnings: Vec<Problem>,
+}
+
+/// One thing wrong (or suspicious) in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Field path such as `vip[1].backend[0].weight`; empty for TOML syntax errors.
+    pub path: String,
+    pub message: String,
+    /// Where in the file, when the problem is tied to a place in it (a missing `[dataplane]`
+    /// is not).
+    pub location: Option<Location>,
+}
+
+/// A position in the config file, both counted from 1; the column counts characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Problem {
+    /// `FILE:LINE:COLUMN: PATH: MESSAGE`, the form compilers use, so editors can jump to it.
+    /// Without a location: `FILE: PATH: MESSAGE`.
+    pub fn in_file<'a>(&'a self, file: &'a Path) -> impl fmt::Display + 'a {
+        InFile(self, file)
+    }
+}
+
+impl fmt::Display for Problem {
+    /// `PATH: MESSAGE (line L, column C)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(l) = self.location {
+            write!(f, " (line {}, column {})", l.line, l.column)?;
+        }
+        Ok(())
+    }
+}
+
+struct InFile<'a>(&'a Problem, &'a Path);
+
+impl fmt::Display for InFile<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let InFile(p, file) = self;
+        write!(f, "{}", file.display())?;
+        if let Some(l) = p.location {
+            write!(f, ":{}:{}", l.line, l.column)?;
+        }
+        if !p.path.is_empty() {
+            write!(f, ": {}", p.path)?;
+        }
+        write!(f, ": {}", p.message)
+    }
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read. The reason is in the message too, because callers commonly
+    /// print only the message.
+    #[error("{}: cannot read the config file: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid config. Displays one line per problem.
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(file: &Path, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| p.in_file(file).to_string())
+        .collect();
+    lines.join("\n")
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text; `file` is used only in messages.
+pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid {
+        file: file.to_owned(),
+        problems,
+    };
+    let raw = deserialize(text).map_err(invalid)?;
+    let mut checker = Checker {
+        text,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let config = checker.config(raw);
+    let Checker {
+        mut errors,
+        mut warnings,
+        ..
+    } = checker;
+    // Stable sorts: problems at the same place keep the order in which they were found.
+    errors.sort_by_key(|p| p.location);
+    warnings.sort_by_key(|p| p.location);
+    match config {
+        Some(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
+        _ => Err(invalid(errors)),
+    }
+}
+
+// The file as written. Values whose problems deserve a better message than serde's (addresses,
+// numbers out of range, enum words) are kept as plain strings and integers, and every required
+// key is an Option, so that the checker can report all of them at once, with their place.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    dataplane: Option<Spanned<RawDataplane>>,
+    api: Option<Spanned<RawApi>>,
+    #[serde(default)]
+    vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    interface: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    xdp_mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    name: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    protocol: Option<Spanned<String>>,
+    table_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+/// Parses the TOML and maps it onto the raw structs. Errors here stop checking.
+fn deserialize(text: &str) -> Result<RawConfig, Vec<Problem>> {
+    // The recoverable parser reports every syntax error, not just the first.
+    let (document, errors) = toml::de::DeTable::parse_recoverable(text);
+    if !errors.is_empty() {
+        let mut problems: Vec<Problem> = errors.iter().map(|e| syntax_problem(text, e)).collect();
+        problems.sort_by_key(|p| p.location);
+        problems.dedup();
+        return Err(problems);
+    }
+    serde_path_to_error::deserialize(toml::Deserializer::from(document))
+        .map_err(|e| vec![structure_problem(text, &e)])
+}
+
+fn syntax_problem(text: &str, error: &toml::de::Error) -> Problem {
+    let span = error.span();
+    let found = span.clone().and_then(|s| text.get(s)).unwrap_or_default();
+    let message = match error.message() {
+        "duplicate key" if found == "vip" => "`vip` is defined twice: write each VIP as `[[vip]]` \
+             (double brackets), and put each `[[vip.backend]]` after the `[[vip]]` it belongs to"
+            .to_owned(),
+        "duplicate key" => format!("`{found}` is defined twice"),
+        other => format!("invalid TOML: {}", one_line(other)),
+    };
+    Problem {
+        path: String::new(),
+        message,
+        location: span.map(|s| location(text, s.start)),
+    }
+}
+
+/// Unknown keys and wrong value types, reworded: serde speaks of fields, sequences and i64.
+fn structure_problem(text: &str, error: &serde_path_to_error::Error<toml::de::Error>) -> Problem {
+    use serde_path_to_error::Segment;
+
+    let mut path = String::new();
+    // The key whose value is wrong, and whether the value is an element of its array.
+    let mut key = "";
+    let mut element = false;
+    for segment in error.path().iter() {
+        match segment {
+            // toml::Spanned's internal wrapper field; not in the file.
+            Segment::Map { key: k } if k.starts_with("$__serde_spanned") => {}
+            Segment::Map { key: k } | Segment::Enum { variant: k } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                key = k;
+                element = false;
+            }
+            Segment::Seq { index } => {
+                path.push_str(&format!("[{index}]"));
+                element = true;
+            }
+            Segment::Unknown => path.push_str(".?"),
+        }
+    }
+    let inner = error.inner();
+    let raw = one_line(inner.message());
+    let message = if let Some(rest) = raw.strip_prefix("unknown field ") {
+        unknown_key(rest)
+    } else if let Some(rest) = raw.strip_prefix("invalid type: ") {
+        match rest.rsplit_once(", expected ") {
+            Some((found, serde_expected)) => {
+                let found = match found {
+                    "map" => "a table",
+                    "sequence" => "an array",
+                    other => other,
+                };
+                let expected = expected_value(key, element).unwrap_or(serde_expected);
+                format!("expected {expected}, found {found}")
+            }
+            None => raw,
+        }
+    } else {
+        raw
+    };
+    Problem {
+        path,
+        message,
+        location: inner.span().map(|s| location(text, s.start)),
+    }
+}
+
+/// `rest` is serde's "`adress`, expected `address` or `weight`" (or "expected one of ...").
+fn unknown_key(rest: &str) -> String {
+    let mut quoted = rest.split('`').skip(1).step_by(2);
+    let Some(unknown) = quoted.next() else {
+        return format!("unknown key {rest}");
+    };
+    let allowed: Vec<&str> = quoted.collect();
+    let mut message = format!("unknown key `{unknown}`");
+    let closest = allowed
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3) && *d < k.len());
+    if let Some((_, k)) = closest {
+        message.push_str(&format!("; did you mean `{k}`?"));
+    }
+    if !allowed.is_empty() {
+        let list: Vec<String> = allowed.iter().map(|k| format!("`{k}`")).collect();
+        message.push_str(&format!(" (keys allowed here: {})", list.join(", ")));
+    }
+    message
+}
+
+/// What a key's value should look like, in the words of the reference config.
+fn expected_value(key: &str, element: bool) -> Option<&'static str> {
+    Some(match (key, element) {
+        ("dataplane", _) => "a `[dataplane]` section",
+        ("api", _) => "an `[api]` section",
+        ("vip", false) => "`[[vip]]` sections (double brackets: there can be several)",
+        ("vip", true) => "a `[[vip]]` table",
+        ("backend", false) => "`[[vip.backend]]` sections (double brackets: there can be several)",
+        ("backend", true) => "a `[[vip.backend]]` table",
+        ("address", _) => "an IPv4 address in quotes, like \"10.0.0.1\"",
+        ("port", _) => "a port number without quotes, like 80",
+        ("weight", _) => "a whole number from 0 to 65535, without quotes",
+        ("table_size", _) => "a prime number without quotes, like 65537",
+        ("protocol", _) => "\"tcp\" or \"udp\", in quotes",
+        ("interface", _) => "an interface name in quotes, like \"eth0\"",
+        ("mode", _) => "\"dsr-l2\", in quotes",
+        ("xdp_mode", _) => "\"driver\", \"generic\" or \"auto\", in quotes",
+        ("name", _) => "a name in quotes",
+        ("socket", _) => "a file path in quotes",
+        _ => return None,
+    })
+}
+
+fn one_line(message: &str) -> String {
+    message.trim().lines().collect::<Vec<_>>().join("; ")
+}
+
+fn location(text: &str, offset: usize) -> Location {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Location {
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+    }
+}
+
+/// Levenshtein distance, for "did you mean" on misspelt keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Where a VIP or backend was first defined, for messages about duplicates.
+struct FirstSeen {
+    path: String,
+    line: Option<usize>,
+}
+
+impl fmt::Display for FirstSeen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)?;
+        if let Some(line) = self.line {
+            write!(f, " (line {line})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct SeenVips {
+    keys: HashMap<(Ipv4Addr, u16, Protocol), FirstSeen>,
+    /// Name, and whether it was written in the file (not defaulted).
+    names: HashMap<String, (FirstSeen, bool)>,
+}
+
+/// The semantic checks. Each method returns `None` when its part is invalid, after recording
+/// why, and carries on so that one run finds every problem.
+struct Checker<'a> {
+    text: &'a str,
+    errors: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&self, path: &str, span: Option<Range<usize>>, message: String) -> Problem {
+        Problem {
+            path: path.to_owned(),
+            message,
+            location: span.map(|s| location(self.text, s.start)),
+        }
+    }
+
+    fn error(&mut self, path: &str, span: Option<Range<usize>>, message: impl Into<String>) {
+        let p = self.problem(path, span, message.into());
+        self.errors.push(p);
+    }
+
+    fn warning(&mut self, path: &str, span: Option<Range<usize>>, message: impl Into<String>) {
+        let p = self.problem(path, span, message.into());
+        self.warnings.push(p);
+    }
+
+    fn first_seen(&self, path: &str, span: Range<usize>) -> FirstSeen {
+        FirstSeen {
+            path: path.to_owned(),
+            line: Some(location(self.text, span.start).line),
+        }
+    }
+
+    /// Runs `check` on a present value; records its error at the value's place.
+    fn value<R, T>(
+        &mut self,
+        raw: Spanned<R>,
+        path: &str,
+        check: impl FnOnce(&R) -> Result<T, String>,
+    ) -> Option<T> {
+        let span = raw.span();
+        check(raw.get_ref())
+            .map_err(|message| self.error(path, Some(span), message))
+            .ok()
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let dataplane = match raw.dataplane {
+            Some(d) => self.dataplane(d),
+            None => {
+                self.error(
+                    "dataplane",
+                    None,
+                    "missing section `[dataplane]`, which names the interface to attach to",
+                );
+                None
+            }
+        };
+        let api = self.api(raw.api);
+        let vips = self.vips(raw.vip);
+        Some(Config {
+            dataplane: dataplane?,
+            api: api?,
+            vips: vips?,
+        })
+    }
+
+    fn dataplane(&mut self, raw: Spanned<RawDataplane>) -> Option<Dataplane> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let interface = match raw.interface {
+            Some(v) => self.value(v, "dataplane.interface", |s| interface_name(s)),
+            None => {
+                self.error(
+                    "dataplane",
+                    Some(span),
+                    "missing `interface`: the network interface to attach to, like \"eth0\"",
+                );
+                None
+            }
+        };
+        let mode = match raw.mode {
+            Some(v) => self.value(v, "dataplane.mode", |s| forwarding_mode(s)),
+            None => Some(ForwardingMode::default()),
+        };
+        let xdp_mode = match raw.xdp_mode {
+            Some(v) => self.value(v, "dataplane.xdp_mode", |s| xdp_mode(s)),
+            None => Some(XdpModeSetting::default()),
+        };
+        Some(Dataplane {
+            interface: interface?,
+            mode: mode?,
+            xdp_mode: xdp_mode?,
+        })
+    }
+
+    fn api(&mut self, raw: Option<Spanned<RawApi>>) -> Option<Api> {
+        match raw.and_then(|r| r.into_inner().socket) {
+            Some(v) => self
+                .value(v, "api.socket", |s| socket_path(s))
+                .map(|socket| Api { socket }),
+            None => Some(Api::default()),
+        }
+    }
+
+    fn vips(&mut self, raw: Vec<Spanned<RawVip>>) -> Option<Vec<Vip>> {
+        if raw.is_empty() {
+            self.warning(
+                "vip",
+                None,
+                "no `[[vip]]` sections: the agent will run with no services",
+            );
+        }
+        let mut seen = SeenVips::default();
+        let mut vips = Some(Vec::with_capacity(raw.len()));
+        for (i, raw) in raw.into_iter().enumerate() {
+            let vip = self.vip(&format!("vip[{i}]"), raw, &mut seen);
+            vips = vips.zip(vip).map(|(mut vips, vip)| {
+                vips.push(vip);
+                vips
+            });
+        }
+        vips
+    }
+
+    fn vip(&mut self, path: &str, raw: Spanned<RawVip>, seen: &mut SeenVips) -> Option<Vip> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+
+        let mut missing = Vec::new();
+        let address_span = raw.address.as_ref().map(Spanned::span);
+        let address = match raw.address {
+            Some(v) => self.value(v, &format!("{path}.address"), |s| ipv4(s, Role::Vip)),
+            None => {
+                missing.push("`address`");
+                None
+            }
+        };
+        let port = match raw.port {
+            Some(v) => self.value(v, &format!("{path}.port"), |n| port(*n)),
+            None => {
+                missing.push("`port`");
+                None
+            }
+        };
+        let protocol = match raw.protocol {
+            Some(v) => self.value(v, &format!("{path}.protocol"), |s| protocol(s)),
+            None => {
+                missing.push("`protocol` (\"tcp\" or \"udp\")");
+                None
+            }
+        };
+        if !missing.is_empty() {
+            self.error(
+                path,
+                Some(span.clone()),
+                format!("VIP without {}", missing.join(", ")),
+            );
+        }
+        let table_size_span = raw.table_size.as_ref().map(Spanned::span);
+        let table_size = match raw.table_size {
+            Some(v) => self.value(v, &format!("{path}.table_size"), |n| table_size(*n)),
+            None => Some(DEFAULT_TABLE_SIZE),
+        };
+        let name_span = raw.name.as_ref().map(Spanned::span);
+        let explicit_name = match raw.name {
+            Some(v) => self
+                .value(v, &format!("{path}.name"), |s| vip_name(s))
+                .map(Some),
+            None => Some(None),
+        };
+
+        let key = address.zip(port).zip(protocol).map(|((a, p), q)| (a, p, q));
+        if let Some(key) = key {
+            match seen.keys.get(&key) {
+                Some(first) => {
+                    let (a, p, q) = key;
+                    let message = format!(
+                        "duplicate VIP {a}:{p}/{q}: {first} has the same address, port and \
+                         protocol"
+                    );
+                    self.error(path, Some(span.clone()), message);
+                }
+                None => {
+                    let first = self.first_seen(path, span.clone());
+                    seen.keys.insert(key, first);
+                }
+            }
+        }
+        let name = match (explicit_name, key) {
+            (Some(Some(name)), _) => Some((name, true)),
+            (Some(None), Some((a, p, q))) => Some((format!("{a}:{p}/{q}"), false)),
+            _ => None,
+        };
+        if let Some((name, explicit)) = &name {
+            match seen.names.get(name) {
+                // Two defaulted names collide only when the VIPs do, which is reported above.
+                Some((_, false)) if !explicit => {}
+                Some((first, _)) => {
+                    let (name_path, at, message) = if *explicit {
+                        let message = format!("VIP name `{name}` is already used by {first}");
+                        (format!("{path}.name"), name_span.clone(), message)
+                    } else {
+                        let message = format!(
+                            "this VIP's default name `{name}` is already the name of {first}; \
+                             give one of them another `name`"
+                        );
+                        (path.to_owned(), Some(span.clone()), message)
+                    };
+                    self.error(&name_path, at, message);
+                }
+                None => {
+                    let first = self.first_seen(path, span.clone());
+                    seen.names.insert(name.clone(), (first, *explicit));
+                }
+            }
+        }
+
+        let backends = self.backends(path, raw.backend, address.zip(address_span));
+
+        if let (Some(backends), Some(m)) = (&backends, table_size) {
+            self.table_fits(path, span.clone(), table_size_span, m, backends);
+        }
+        if let Some(backends) = &backends {
+            if backends.is_empty() {
+                self.warning(
+                    path,
+                    Some(span.clone()),
+                    "VIP has no backends: its packets will be dropped until a backend is added",
+                );
+            } else if backends.iter().all(|b| b.weight == 0) {
+                self.warning(
+                    path,
+                    Some(span.clone()),
+                    "all backends of this VIP have weight 0: it takes no new connections",
+                );
+            }
+        }
+
+        Some(Vip {
+            name: name?.0,
+            address: address?,
+            port: port?,
+            protocol: protocol?,
+            table_size: table_size?,
+            backends: backends?,
+        })
+    }
+
+    /// Checks the backends of the VIP at `vip_path`; `vip_address` is the VIP's address (when
+    /// valid) and its place.
+    fn backends(
+        &mut self,
+        vip_path: &str,
+        raw: Vec<Spanned<RawBackend>>,
+        vip_address: Option<(Ipv4Addr, Range<usize>)>,
+    ) -> Option<Vec<Backend>> {
+        let mut seen: HashMap<Ipv4Addr, FirstSeen> = HashMap::new();
+        let mut backends = Some(Vec::with_capacity(raw.len()));
+        for (j, raw) in raw.into_iter().enumerate() {
+            let path = format!("{vip_path}.backend[{j}]");
+            let span = raw.span();
+            let raw = raw.into_inner();
+            let address = match raw.address {
+                Some(v) => {
+                    let address_path = format!("{path}.address");
+                    let address_span = v.span();
+                    let address = self.value(v, &address_path, |s| ipv4(s, Role::Backend));
+                    match (address, &vip_address) {
+                        (Some(a), Some((vip, vip_span))) if a == *vip => {
+                            let vip_line = location(self.text, vip_span.start).line;
+                            let message = format!(
+                                "backend {a} is the VIP's own address (line {vip_line}); a \
+                                 backend must be another host"
+                            );
+                            self.error(&address_path, Some(address_span), message);
+                            None
+                        }
+                        (Some(a), _) => match seen.get(&a) {
+                            Some(first) => {
+                                let message = format!(
+                                    "backend {a} is listed twice in this VIP: also at {first}"
+                                );
+                                self.error(&address_path, Some(address_span), message);
+                                None
+                            }
+                            None => {
+                                seen.insert(a, self.first_seen(&path, span.clone()));
+                                Some(a)
+                            }
+                        },
+                        (None, _) => None,
+                    }
+                }
+                None => {
+                    self.error(&path, Some(span), "backend without `address`");
+                    None
+                }
+            };
+            let weight = match raw.weight {
+                Some(v) => self.value(v, &format!("{path}.weight"), |n| weight(*n)),
+                None => Some(DEFAULT_WEIGHT),
+            };
+            let backend = address
+                .zip(weight)
+                .map(|(address, weight)| Backend { address, weight });
+            backends = backends.zip(backend).map(|(mut backends, backend)| {
+                backends.push(backend);
+                backends
+            });
+        }
+        backends
+    }
+
+    /// Checks table size `m` against the number of backends. Problems point at `table_size` when
+    /// the file sets it, else at the VIP.
+    fn table_fits(
+        &mut self,
+        vip_path: &str,
+        vip_span: Range<usize>,
+        table_size_span: Option<Range<usize>>,
+        m: u32,
+        backends: &[Backend],
+    ) {
+        let (path, span) = match table_size_span {
+            Some(s) => (format!("{vip_path}.table_size"), s),
+            None => (vip_path.to_owned(), vip_span),
+        };
+        let n = u32::try_from(backends.len()).unwrap_or(u32::MAX);
+        let active = backends.iter().filter(|b| b.weight > 0).count();
+        let advice = |n: u32| match next_prime(n.saturating_mul(TABLE_ENTRIES_PER_BACKEND)) {
+            Some(p) => format!("use a prime of at least 100 x {n}, such as {p}"),
+            None => format!("use {MAX_TABLE_SIZE}, the largest table size"),
+        };
+        if (m as usize) < active {
+            let message = format!(
+                "table_size {m} is smaller than the {active} backends with weight above 0: \
+                 each needs at least one table entry; {}",
+                advice(n)
+            );
+            self.error(&path, Some(span), message);
+        } else if u64::from(m) < u64::from(n) * u64::from(TABLE_ENTRIES_PER_BACKEND)
+            && m < MAX_TABLE_SIZE
+        {
+            // Counts all backends, not only those with weight above 0: weights can be raised at
+            // run time without editing the file.
+            let message = format!(
+                "table_size {m} is less than 100 entries per backend ({n} backend{}), so Maglev \
+                 spreads load unevenly; {}",
+                if n == 1 { "" } else { "s" },
+                advice(n)
+            );
+            self.warning(&path, Some(span), message);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Vip,
+    Backend,
+}
+
+impl Role {
+    fn noun(self) -> &'static str {
+        match self {
+            Role::Vip => "VIP",
+            Role::Backend => "backend",
+        }
+    }
+}
+
+fn ipv4(text: &str, role: Role) -> Result<Ipv4Addr, String> {
+    let noun = role.noun();
+    let Ok(address) = text.parse::<Ipv4Addr>() else {
+        return Err(not_ipv4(text, role));
+    };
+    let class = if address.octets()[0] == 0 {
+        Some("is in 0.0.0.0/8 (\"this network\"), which is never a destination")
+    } else if address.is_broadcast() {
+        Some("is the broadcast address")
+    } else if address.is_multicast() {
+        Some("is a multicast address (224.0.0.0/4)")
+    } else if address.is_loopback() {
+        Some("is a loopback address (127.0.0.0/8)")
+    } else {
+        None
+    };
+    match (class, role) {
+        (None, _) => Ok(address),
+        (Some(class), Role::Vip) => Err(format!(
+            "{address} {class}; a VIP must be a unicast address that clients reach over the \
+             network"
+        )),
+        (Some(class), Role::Backend) => Err(format!(
+            "{address} {class}; a {noun} must be the unicast address of a host on the \
+             interface's network"
+        )),
+    }
+}
+
+/// Explains why `text` is not an IPv4 address, aiming at the likely mistake.
+fn not_ipv4(text: &str, role: Role) -> String {
+    let noun = role.noun();
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return "the address is empty".to_owned();
+    }
+    if trimmed != text && trimmed.parse::<Ipv4Addr>().is_ok() {
+        return format!("remove the spaces around the address: \"{trimmed}\"");
+    }
+    let bracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    if text.parse::<Ipv6Addr>().is_ok() || bracketed.is_some_and(|t| t.parse::<Ipv6Addr>().is_ok())
+    {
+        return format!("IPv6 {noun}s are not supported yet");
+    }
+    if let Some((address, _)) = text.split_once('/')
+        && address.parse::<Ipv4Addr>().is_ok()
+    {
+        return format!("write a single address without a prefix length: \"{address}\"");
+    }
+    if let Some((address, _)) = text.rsplit_once(':')
+        && address.parse::<Ipv4Addr>().is_ok()
+    {
+        return match role {
+            Role::Vip => format!("write the port in `port`, and only \"{address}\" here"),
+            Role::Backend => format!(
+                "backends have no port (with direct server return a backend receives packets \
+                 on the VIP's port): write only \"{address}\""
+            ),
+        };
+    }
+    if text.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        let parts: Vec<&str> = text.split('.').collect();
+        let why = if parts.len() != 4 || parts.iter().any(|p| p.is_empty()) {
+            "it must be four numbers separated by dots, like 10.0.0.1"
+        } else if parts
+            .iter()
+            .any(|p| p.len() > 3 || p.parse::<u16>().unwrap_or(0) > 255)
+        {
+            "each of the four numbers must be from 0 to 255"
+        } else {
+            "write the numbers without leading zeros (some tools read them as octal)"
+        };
+        return format!("`{text}` is not an IPv4 address: {why}");
+    }
+    if text.chars().any(|c| c.is_alphabetic()) {
+        return format!(
+            "`{text}` is not an IPv4 address; host names are not resolved, write the address"
+        );
+    }
+    format!("`{text}` is not an IPv4 address (four numbers from 0 to 255 separated by dots)")
+}
+
+fn port(n: i64) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(0) => Err("port 0 is not a usable port; ports run from 1 to 65535".to_owned()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!(
+            "port {n} is out of range; ports run from 1 to 65535"
+        )),
+    }
+}
+
+fn protocol(text: &str) -> Result<Protocol, String> {
+    const ACCEPTED: &str = "accepted values: \"tcp\", \"udp\"";
+    match text {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ if matches!(text.to_ascii_lowercase().as_str(), "tcp" | "udp") => Err(format!(
+            "unknown protocol \"{text}\"; {ACCEPTED} (lower case)"
+        )),
+        _ => Err(format!("unknown protocol \"{text}\"; {ACCEPTED}")),
+    }
+}
+
+fn forwarding_mode(text: &str) -> Result<ForwardingMode, String> {
+    match text {
+        "dsr-l2" => Ok(ForwardingMode::DsrL2),
+        _ => Err(format!(
+            "unknown forwarding mode \"{text}\"; the only mode today is \"dsr-l2\" (direct \
+             server return, backends on the same L2 network)"
+        )),
+    }
+}
+
+fn xdp_mode(text: &str) -> Result<XdpModeSetting, String> {
+    match text {
+        "driver" => return Ok(XdpModeSetting::Driver),
+        "generic" => return Ok(XdpModeSetting::Generic),
+        "auto" => return Ok(XdpModeSetting::Auto),
+        _ => {}
+    }
+    // The names other tools use for the same modes.
+    let hint = match text.to_ascii_lowercase().as_str() {
+        "driver" | "generic" | "auto" => " (lower case)",
+        "native" | "drv" | "xdpdrv" => "; native XDP is called \"driver\" here",
+        "skb" | "xdpgeneric" => "; SKB mode is called \"generic\" here",
+        "offload" | "hw" | "xdpoffload" => "; hardware offload is not supported",
+        _ => "",
+    };
+    Err(format!(
+        "unknown xdp_mode \"{text}\"; accepted values: \"driver\", \"generic\", \"auto\"{hint}"
+    ))
+}
+
+fn weight(n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ if n < 0 => Err(format!(
+            "weight {n} is negative; weights run from 0 (no new connections) to {MAX_WEIGHT}"
+        )),
+        _ => Err(format!(
+            "weight {n} is too large; weights run from 0 (no new connections) to {MAX_WEIGHT}"
+        )),
+    }
+}
+
+fn table_size(n: i64) -> Result<u32, String> {
+    // Range first: primality of a huge number would take long to test.
+    let m = match u32::try_from(n) {
+        Ok(m) if m <= MAX_TABLE_SIZE => m,
+        _ if n < 0 => return Err(format!("table_size {n} is negative; it must be a prime")),
+        _ => {
+            return Err(format!(
+                "table_size {n} is too large; the largest is {MAX_TABLE_SIZE} (the largest \
+                 prime below 2^24)"
+            ));
+        }
+    };
+    if is_prime(m) {
+        return Ok(m);
+    }
+    let nearest = match (prev_prime(m), next_prime(m)) {
+        (Some(below), Some(above)) => format!("the nearest primes are {below} and {above}"),
+        (None, Some(above)) => format!("the nearest prime is {above}"),
+        (Some(below), None) => format!("the nearest prime is {below}"),
+        (None, None) => unreachable!("2 is prime and within range"),
+    };
+    Err(format!(
+        "table_size {m} is not a prime number, which Maglev needs; {nearest}"
+    ))
+}
+
+fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    let mut d = 5u32;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
+/// Largest prime below `n`.
+fn prev_prime(n: u32) -> Option<u32> {
+    (2..n).rev().find(|&k| is_prime(k))
+}
+
+/// Smallest prime at or above `n`, up to [`MAX_TABLE_SIZE`].
+fn next_prime(n: u32) -> Option<u32> {
+    (n..=MAX_TABLE_SIZE).find(|&k| is_prime(k))
+}
+
+fn interface_name(name: &str) -> Result<String, String> {
+    // The rules of the kernel's dev_valid_name().
+    if name.is_empty() {
+        return Err(
+            "the interface name is empty; write the interface to attach to, like \"eth0\""
+                .to_owned(),
+        );
+    }
+    if name.len() > MAX_INTERFACE_NAME_LEN {
+        return Err(format!(
+            "interface name `{name}` is {} bytes long; Linux allows at most {MAX_INTERFACE_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    if let Some((base, _)) = name.split_once(':') {
+        return Err(format!(
+            "`{name}` is an address label, not an interface; XDP attaches to the interface \
+             itself (\"{base}\")"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "interface name `{}` contains {}, which Linux does not allow in interface names",
+            name.escape_debug(),
+            match c {
+                '/' => "'/'".to_owned(),
+                ' ' => "a space".to_owned(),
+                c => format!("the character {:?}", c),
+            }
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn socket_path(path: &str) -> Result<PathBuf, String> {
+    if path.is_empty() {
+        return Err(format!(
+            "the socket path is empty; leave `socket` out to use {DEFAULT_API_SOCKET}"
+        ));
+    }
+    if !path.starts_with('/') {
+        return Err(format!(
+            "`{path}` is a relative path; write an absolute one like \"{DEFAULT_API_SOCKET}\" \
+             (the agent's working directory is not fixed)"
+        ));
+    }
+    if path.ends_with('/') {
+        return Err(format!(
+            "`{path}` names a directory; add the socket's file name"
+        ));
+    }
+    if path.len() > MAX_SOCKET_PATH_LEN {
+        return Err(format!(
+            "the socket path is {} bytes long; a Unix socket path can have at most \
+             {MAX_SOCKET_PATH_LEN}",
+            path.len()
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn vip_name(name: &str) -> Result<String, String> {
+    if name.is_empty() {
+        return Err(
+            "the VIP name is empty; leave `name` out to use the default \"address:port/protocol\""
+                .to_owned(),
+        );
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "VIP name \"{}\" contains whitespace; the CLI takes a VIP name as one word",
+            name.escape_debug()
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/xdplb/xdplb.toml";
+
+    fn ok(text: &str) -> Loaded {
+        match parse(text, Path::new(FILE)) {
+            Ok(loaded) => loaded,
+            Err(e) => panic!("expected a valid config, got:\n{e}"),
+        }
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text, Path::new(FILE)) {
+            Ok(loaded) => panic!("expected errors, got {loaded:#?}"),
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(e) => panic!("expected Invalid, got {e:?}"),
+        }
+    }
+
+    /// The problems as `PATH: MESSAGE`, for readable assertions.
+    fn errors(text: &str) -> Vec<String> {
+        problems(text)
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        ok(text)
+            .warnings
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    /// Asserts that exactly one problem exists and that it starts with `path: ` and contains
+    /// every piece of `wanted`.
+    #[track_caller]
+    fn assert_one(text: &str, path: &str, wanted: &[&str]) {
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");
+        assert_contains(&errors[0], path, wanted);
+    }
+
+    #[track_caller]
+    fn assert_contains(line: &str, path: &str, wanted: &[&str]) {
+        assert!(
+            line.starts_with(&format!("{path}: ")),
+            "wrong path in {line:?}, wanted {path}"
+        );
+        for w in wanted {
+            assert!(line.contains(w), "{line:?} does not contain {w:?}");
+        }
+    }
+
+    const DATAPLANE: &str = "[dataplane]\ninterface = \"eth0\"\n";
+
+    /// A config with one VIP whose text is `vip` (keys after `[[vip]]`), then `rest`.
+    fn with_vip(vip: &str, rest: &str) -> String {
+        format!("{DATAPLANE}[[vip]]\n{vip}\n{rest}")
+    }
+
+    fn with_backend(backend: &str) -> String {
+        with_vip(
+            "address = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"",
+            &format!("[[vip.backend]]\n{backend}\n"),
+        )
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let loaded = ok(r#"
+[dataplane]
+interface = "eth0"
+mode = "dsr-l2"          # forwarding mode; only "dsr-l2" exists today
+xdp_mode = "auto"        # driver | generic | auto
+
+[api]                    # optional section
+socket = "/run/xdplb/xdplb.sock"
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+table_size = 65537
+
+[[vip.backend]]
+address = "10.0.0.11"
+weight = 1
+
+[[vip]]
+address = "10.0.0.100"
+port = 53
+protocol = "udp"
+
+[[vip.backend]]
+address = "10.0.0.21"
+"#);
+        assert_eq!(loaded.warnings, []);
+        let config = loaded.config;
+        assert_eq!(
+            config,
+            Config {
+                dataplane: Dataplane {
+                    interface: "eth0".into(),
+                    mode: ForwardingMode::DsrL2,
+                    xdp_mode: XdpModeSetting::Auto,
+                },
+                api: Api::default(),
+                vips: vec![
+                    Vip {
+                        name: "web".into(),
+                        address: Ipv4Addr::new(10, 0, 0, 100),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        table_size: 65537,
+                        backends: vec![Backend {
+                            address: Ipv4Addr::new(10, 0, 0, 11),
+                            weight: 1,
+                        }],
+                    },
+                    Vip {
+                        name: "10.0.0.100:53/udp".into(),
+                        address: Ipv4Addr::new(10, 0, 0, 100),
+                        port: 53,
+                        protocol: Protocol::Udp,
+                        table_size: DEFAULT_TABLE_SIZE,
+                        backends: vec![Backend {
+                            address: Ipv4Addr::new(10, 0, 0, 21),
+                            weight: DEFAULT_WEIGHT,
+                        }],
+                    },
+                ],
+            }
+        );
+        assert_eq!(
+            config.vips[1].key(),
+            (Ipv4Addr::new(10, 0, 0, 100), 53, Protocol::Udp)
+        );
+    }
+
+    #[test]
+    fn minimal_config_takes_every_default() {
+        let config = ok(DATAPLANE).config;
+        assert_eq!(config.dataplane.mode, ForwardingMode::DsrL2);
+        assert_eq!(config.dataplane.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(config.api.socket, Path::new(DEFAULT_API_SOCKET));
+        assert_eq!(config.vips, []);
+    }
+
+    #[test]
+    fn effective_config_serialises_with_file_spellings() {
+        let config = ok(&with_backend("address = \"10.0.0.11\"")).config;
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["dataplane"]["mode"], "dsr-l2");
+        assert_eq!(json["dataplane"]["xdp_mode"], "auto");
+        assert_eq!(json["api"]["socket"], DEFAULT_API_SOCKET);
+        assert_eq!(json["vips"][0]["protocol"], "tcp");
+        assert_eq!(json["vips"][0]["address"], "10.0.0.100");
+        assert_eq!(json["vips"][0]["backends"][0]["weight"], 1);
+    }
+
+    #[test]
+    fn protocol_numbers_and_names() {
+        assert_eq!(Protocol::Tcp.number(), 6);
+        assert_eq!(Protocol::Udp.number(), 17);
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        assert_eq!(XdpModeSetting::Generic.to_string(), "generic");
+        assert_eq!(ForwardingMode::DsrL2.to_string(), "dsr-l2");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_a_suggestion_and_the_allowed_keys() {
+        assert_one(
+            &with_backend("adress = \"10.0.0.11\""),
+            "vip[0].backend[0].adress",
+            &[
+                "unknown key `adress`",
+                "did you mean `address`?",
+                "`address`, `weight`",
+            ],
+        );
+        assert_one(
+            "[dataplane]\ninterface = \"eth0\"\nxdpmode = \"auto\"\n",
+            "dataplane.xdpmode",
+            &["unknown key `xdpmode`", "did you mean `xdp_mode`?"],
+        );
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let text = format!("{DATAPLANE}[health]\ninterval = 5\n");
+        assert_one(
+            &text,
+            "health",
+            &["unknown key `health`", "`dataplane`, `api`, `vip`"],
+        );
+        assert!(!errors(&text)[0].contains("did you mean"));
+    }
+
+    #[test]
+    fn missing_required_keys_are_all_reported() {
+        let text = "[dataplane]\nmode = \"dsr-l2\"\n\
+                    [[vip]]\nname = \"x\"\n\
+                    [[vip.backend]]\nweight = 2\n";
+        let errors = errors(text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert_contains(&errors[0], "dataplane", &["missing `interface`"]);
+        assert_contains(
+            &errors[1],
+            "vip[0]",
+            &["VIP without `address`, `port`, `protocol`"],
+        );
+        assert_contains(
+            &errors[2],
+            "vip[0].backend[0]",
+            &["backend without `address`"],
+        );
+    }
+
+    #[test]
+    fn missing_dataplane_section() {
+        assert_one("", "dataplane", &["missing section `[dataplane]`"]);
+    }
+
+    #[test]
+    fn vip_address_must_be_ipv4() {
+        let vip = |address: &str| {
+            with_vip(
+                &format!("address = \"{address}\"\nport = 80\nprotocol = \"tcp\""),
+                "",
+            )
+        };
+        let path = "vip[0].address";
+        assert_one(
+            &vip("10.0.0.300"),
+            path,
+            &["`10.0.0.300` is not an IPv4 address", "0 to 255"],
+        );
+        assert_one(&vip("10.0.0"), path, &["four numbers"]);
+        assert_one(&vip("010.0.0.1"), path, &["leading zeros"]);
+        assert_one(
+            &vip("web.example.com"),
+            path,
+            &["not an IPv4 address", "host names"],
+        );
+        assert_one(
+            &vip("2001:db8::1"),
+            path,
+            &["IPv6 VIPs are not supported yet"],
+        );
+        assert_one(
+            &vip("10.0.0.1/32"),
+            path,
+            &["without a prefix length: \"10.0.0.1\""],
+        );
+        assert_one(&vip("10.0.0.1:80"), path, &["`port`"]);
+        assert_one(&vip(" 10.0.0.1"), path, &["spaces"]);
+        assert_one(&vip(""), path, &["empty"]);
+    }
+
+    #[test]
+    fn backend_address_must_be_ipv4() {
+        let path = "vip[0].backend[0].address";
+        assert_one(
+            &with_backend("address = \"10.0.0.256\""),
+            path,
+            &["not an IPv4 address"],
+        );
+        assert_one(
+            &with_backend("address = \"fe80::1\""),
+            path,
+            &["IPv6 backends are not supported yet"],
+        );
+        assert_one(
+            &with_backend("address = \"10.0.0.11:8080\""),
+            path,
+            &["backends have no port"],
+        );
+        assert_one(
+            &with_backend("address = \"db1\""),
+            path,
+            &["host names are not resolved"],
+        );
+    }
+
+    #[test]
+    fn special_addresses_are_rejected() {
+        for (address, what) in [
+            ("0.0.0.0", "0.0.0.0/8"),
+            ("255.255.255.255", "broadcast"),
+            ("224.0.0.5", "multicast"),
+            ("127.0.0.1", "loopback"),
+        ] {
+            assert_one(
+                &with_vip(
+                    &format!("address = \"{address}\"\nport = 80\nprotocol = \"tcp\""),
+                    "",
+                ),
+                "vip[0].address",
+                &[what, "a VIP must be a unicast address"],
+            );
+            assert_one(
+                &with_backend(&format!("address = \"{address}\"")),
+                "vip[0].backend[0].address",
+                &[what, "a backend must be the unicast address"],
+            );
+        }
+    }
+
+    #[test]
+    fn port_must_be_1_to_65535() {
+        let vip = |port: &str| {
+            with_vip(
+                &format!("address = \"10.0.0.1\"\nport = {port}\nprotocol = \"udp\""),
+                "",
+            )
+        };
+        assert_one(
+            &vip("0"),
+            "vip[0].port",
+            &["port 0 is not a usable port", "1 to 65535"],
+        );
+        assert_one(
+            &vip("65536"),
+            "vip[0].port",
+            &["port 65536 is out of range"],
+        );
+        assert_one(&vip("-80"), "vip[0].port", &["port -80 is out of range"]);
+        ok(&vip("65535"));
+    }
+
+    #[test]
+    fn wrong_value_type_names_the_field_and_the_line() {
+        let text = with_vip(
+            "address = \"10.0.0.1\"\nport = \"80\"\nprotocol = \"udp\"",
+            "",
+        );
+        let problems = problems(&text);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0].path, "vip[0].port");
+        assert_eq!(
+            problems[0].message,
+            "expected a port number without quotes, like 80, found string \"80\""
+        );
+        assert_eq!(problems[0].location, Some(Location { line: 5, column: 8 }));
+    }
+
+    #[test]
+    fn single_brackets_for_vip_are_explained() {
+        let text = format!("{DATAPLANE}[vip]\naddress = \"10.0.0.1\"\n");
+        assert_one(
+            &text,
+            "vip",
+            &[
+                "expected `[[vip]]` sections (double brackets",
+                "found a table",
+            ],
+        );
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column() {
+        let text = "[dataplane]\ninterface = eth0\n";
+        let problems = problems(text);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0].path, "");
+        assert!(
+            problems[0].message.starts_with("invalid TOML: "),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[0].location,
+            Some(Location {
+                line: 2,
+                column: 13
+            })
+        );
+    }
+
+    #[test]
+    fn backend_before_its_vip_is_explained() {
+        let text =
+            format!("{DATAPLANE}[[vip.backend]]\naddress = \"10.0.0.1\"\n[[vip]]\nport = 1\n");
+        let errors = errors(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].contains("after the `[[vip]]` it belongs to"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn protocol_lists_accepted_values() {
+        let vip = |p: &str| {
+            with_vip(
+                &format!("address = \"10.0.0.1\"\nport = 80\nprotocol = \"{p}\""),
+                "",
+            )
+        };
+        assert_one(
+            &vip("sctp"),
+            "vip[0].protocol",
+            &["unknown protocol \"sctp\"", "\"tcp\", \"udp\""],
+        );
+        assert_one(&vip("TCP"), "vip[0].protocol", &["lower case"]);
+    }
+
+    #[test]
+    fn duplicate_vip_names_both_places() {
+        let vip = "[[vip]]\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n";
+        let text = format!(
+            "{DATAPLANE}{vip}[[vip]]\nname = \"other\"\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        assert_one(
+            &text,
+            "vip[1]",
+            &["duplicate VIP 10.0.0.1:80/tcp", "vip[0] (line 3)"],
+        );
+        // Same address and port, other protocol: a different service.
+        ok(&format!("{DATAPLANE}{vip}{}", vip.replace("tcp", "udp")));
+    }
+
+    #[test]
+    fn duplicate_vip_name() {
+        let text = format!(
+            "{DATAPLANE}[[vip]]\nname = \"web\"\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip]]\nname = \"web\"\naddress = \"10.0.0.1\"\nport = 443\nprotocol = \"tcp\"\n"
+        );
+        assert_one(
+            &text,
+            "vip[1].name",
+            &["VIP name `web` is already used by vip[0] (line 3)"],
+        );
+        // An explicit name equal to another VIP's default name.
+        let text = format!(
+            "{DATAPLANE}[[vip]]\nname = \"10.0.0.1:443/tcp\"\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip]]\naddress = \"10.0.0.1\"\nport = 443\nprotocol = \"tcp\"\n"
+        );
+        assert_one(
+            &text,
+            "vip[1]",
+            &["default name `10.0.0.1:443/tcp` is already the name of vip[0]"],
+        );
+    }
+
+    #[test]
+    fn vip_name_must_be_one_word() {
+        let vip = |name: &str| {
+            with_vip(
+                &format!(
+                    "name = \"{name}\"\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\""
+                ),
+                "",
+            )
+        };
+        assert_one(&vip(""), "vip[0].name", &["empty"]);
+        assert_one(&vip("web server"), "vip[0].name", &["whitespace"]);
+    }
+
+    #[test]
+    fn duplicate_backend_and_backend_on_the_vip_address() {
+        let text = with_vip(
+            "address = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"",
+            "[[vip.backend]]\naddress = \"10.0.0.11\"\n\
+             [[vip.backend]]\naddress = \"10.0.0.100\"\n\
+             [[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 3\n",
+        );
+        let errors = errors(&text);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_contains(
+            &errors[0],
+            "vip[0].backend[1].address",
+            &["backend 10.0.0.100 is the VIP's own address (line 4)"],
+        );
+        assert_contains(
+            &errors[1],
+            "vip[0].backend[2].address",
+            &[
+                "backend 10.0.0.11 is listed twice",
+                "vip[0].backend[0] (line 7)",
+            ],
+        );
+        // The same backend behind two VIPs is normal.
+        ok(&format!(
+            "{DATAPLANE}[[vip]]\naddress = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"10.0.0.11\"\n\
+             [[vip]]\naddress = \"10.0.0.1\"\nport = 443\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"10.0.0.11\"\n"
+        ));
+    }
+
+    #[test]
+    fn weight_range() {
+        let path = "vip[0].backend[0].weight";
+        let backend = |w: &str| with_backend(&format!("address = \"10.0.0.11\"\nweight = {w}"));
+        assert_one(
+            &backend("-1"),
+            path,
+            &["weight -1 is negative", "0 (no new connections) to 65535"],
+        );
+        assert_one(&backend("65536"), path, &["weight 65536 is too large"]);
+        assert_one(
+            &backend("1.5"),
+            path,
+            &["expected a whole number", "found floating point"],
+        );
+        assert_eq!(
+            ok(&backend("65535")).config.vips[0].backends[0].weight,
+            MAX_WEIGHT
+        );
+    }
+
+    fn vip_with_table(table_size: &str, backends: usize) -> String {
+        let backends: String = (0..backends)
+            .map(|i| format!("[[vip.backend]]\naddress = \"10.0.1.{}\"\n", i + 1))
+            .collect();
+        with_vip(
+            &format!(
+                "address = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {table_size}"
+            ),
+            &backends,
+        )
+    }
+
+    #[test]
+    fn table_size_must_be_prime_and_in_range() {
+        let path = "vip[0].table_size";
+        assert_one(
+            &vip_with_table("65536", 1),
+            path,
+            &[
+                "table_size 65536 is not a prime number",
+                "nearest primes are 65521 and 65537",
+            ],
+        );
+        assert_one(&vip_with_table("1", 1), path, &["nearest prime is 2"]);
+        assert_one(&vip_with_table("0", 1), path, &["not a prime"]);
+        assert_one(&vip_with_table("-7", 1), path, &["negative"]);
+        assert_one(
+            &vip_with_table("16777259", 1),
+            path,
+            &["too large; the largest is 16777213"],
+        );
+        assert_one(&vip_with_table("99999999999", 1), path, &["too large"]);
+        ok(&vip_with_table("16777213", 1));
+    }
+
+    #[test]
+    fn table_size_must_fit_the_backends_with_weight() {
+        assert_one(
+            &vip_with_table("3", 5),
+            "vip[0].table_size",
+            &[
+                "table_size 3 is smaller than the 5 backends with weight above 0",
+                "such as 503",
+            ],
+        );
+        // Backends at weight 0 take no table entries.
+        let text = vip_with_table("3", 5)
+            .replace("\"10.0.1.5\"\n", "\"10.0.1.5\"\nweight = 0\n")
+            .replace("\"10.0.1.4\"\n", "\"10.0.1.4\"\nweight = 0\n");
+        assert_eq!(ok(&text).config.vips[0].table_size, 3);
+    }
+
+    #[test]
+    fn interface_name_rules() {
+        let iface = |name: &str| format!("[dataplane]\ninterface = \"{name}\"\n");
+        let path = "dataplane.interface";
+        assert_one(&iface(""), path, &["empty"]);
+        assert_one(
+            &iface("a-very-long-name0"),
+            path,
+            &["17 bytes long", "at most 15"],
+        );
+        assert_one(&iface("eth/0"), path, &["'/'"]);
+        assert_one(&iface("eth 0"), path, &["a space"]);
+        assert_one(&iface("eth\\t0"), path, &["'\\t'"]);
+        assert_one(&iface("."), path, &["not a valid interface name"]);
+        assert_one(&iface(".."), path, &["not a valid interface name"]);
+        assert_one(&iface("eth0:1"), path, &["address label", "(\"eth0\")"]);
+        assert_eq!(
+            ok(&iface("enp1s0f0np0.100")).config.dataplane.interface,
+            "enp1s0f0np0.100"
+        );
+    }
+
+    #[test]
+    fn modes_list_accepted_values() {
+        let dp = |key: &str, value: &str| format!("{DATAPLANE}{key} = \"{value}\"\n");
+        assert_one(
+            &dp("mode", "nat"),
+            "dataplane.mode",
+            &["\"nat\"", "only mode today is \"dsr-l2\""],
+        );
+        let path = "dataplane.xdp_mode";
+        assert_one(
+            &dp("xdp_mode", "fast"),
+            path,
+            &["\"driver\", \"generic\", \"auto\""],
+        );
+        assert_one(&dp("xdp_mode", "native"), path, &["called \"driver\" here"]);
+        assert_one(&dp("xdp_mode", "skb"), path, &["called \"generic\" here"]);
+        assert_one(&dp("xdp_mode", "offload"), path, &["not supported"]);
+        assert_one(&dp("xdp_mode", "Driver"), path, &["lower case"]);
+        assert_eq!(
+            ok(&dp("xdp_mode", "generic")).config.dataplane.xdp_mode,
+            XdpModeSetting::Generic
+        );
+        assert_eq!(
+            ok(&dp("xdp_mode", "driver")).config.dataplane.xdp_mode,
+            XdpModeSetting::Driver
+        );
+    }
+
+    #[test]
+    fn api_socket_must_be_an_absolute_socket_path() {
+        let api = |s: &str| format!("{DATAPLANE}[api]\nsocket = \"{s}\"\n");
+        assert_one(&api("xdplb.sock"), "api.socket", &["relative path"]);
+        assert_one(&api("/run/xdplb/"), "api.socket", &["directory"]);
+        assert_one(&api(""), "api.socket", &["empty"]);
+        assert_one(
+            &api(&format!("/{}", "x".repeat(107))),
+            "api.socket",
+            &["at most 107"],
+        );
+        assert_eq!(
+            ok(&api("/tmp/x.sock")).config.api.socket,
+            Path::new("/tmp/x.sock")
+        );
+        ok(&format!("{DATAPLANE}[api]\n"));
+    }
+
+    #[test]
+    fn warnings_do_not_stop_the_config() {
+        assert_eq!(
+            warnings(DATAPLANE),
+            ["vip: no `[[vip]]` sections: the agent will run with no services"]
+        );
+        let no_backends = warnings(&with_vip(
+            "address = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"",
+            "",
+        ));
+        assert_eq!(no_backends.len(), 1);
+        assert_contains(
+            &no_backends[0],
+            "vip[0]",
+            &["dropped until a backend is added"],
+        );
+        let all_zero = warnings(&with_backend("address = \"10.0.0.11\"\nweight = 0"));
+        assert_eq!(all_zero.len(), 1);
+        assert_contains(&all_zero[0], "vip[0]", &["all backends", "weight 0"]);
+        let small = warnings(&vip_with_table("1009", 11));
+        assert_eq!(small.len(), 1, "{small:#?}");
+        assert_contains(
+            &small[0],
+            "vip[0].table_size",
+            &["less than 100 entries per backend", "such as 1103"],
+        );
+        assert_eq!(warnings(&vip_with_table("1103", 11)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn all_problems_are_reported_in_file_order() {
+        // [dataplane] last, so file order differs from the order of the checks.
+        let text = "[[vip]]\n\
+                    address = \"10.0.0.300\"\n\
+                    port = 0\n\
+                    protocol = \"sctp\"\n\
+                    table_size = 1000\n\
+                    [[vip.backend]]\n\
+                    address = \"10.0.0.1\"\n\
+                    weight = 70000\n\
+                    [dataplane]\n\
+                    interface = \"eth0:1\"\n\
+                    xdp_mode = \"native\"\n";
+        let problems = problems(text);
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "vip[0].address",
+                "vip[0].port",
+                "vip[0].protocol",
+                "vip[0].table_size",
+                "vip[0].backend[0].weight",
+                "dataplane.interface",
+                "dataplane.xdp_mode",
+            ]
+        );
+        let lines: Vec<usize> = problems.iter().map(|p| p.location.unwrap().line).collect();
+        assert_eq!(lines, [2, 3, 4, 5, 8, 10, 11]);
+    }
+
+    #[test]
+    fn error_display_is_file_line_column_path_message() {
+        let err = parse(
+            "[dataplane]\ninterface = \"eth0\"\n[[vip]]\naddress = \"10.0.0.1\"\nport = 0\n",
+            Path::new(FILE),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/xdplb/xdplb.toml:3:1: vip[0]: VIP without `protocol` (\"tcp\" or \"udp\")\n\
+             /etc/xdplb/xdplb.toml:5:8: vip[0].port: port 0 is not a usable port; ports run from 1 to 65535"
+        );
+        let err = parse("", Path::new(FILE)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/xdplb/xdplb.toml: dataplane: missing section `[dataplane]`, which names the \
+             interface to attach to"
+        );
+    }
+
+    #[test]
+    fn load_reports_unreadable_files() {
+        let missing = Path::new("/nonexistent/xdplb.toml");
+        let err = load(missing).unwrap_err();
+        assert!(matches!(&err, ConfigError::Read { file, .. } if file == missing));
+        assert_eq!(
+            err.to_string(),
+            "/nonexistent/xdplb.toml: cannot read the config file: No such file or directory \
+             (os error 2)"
+        );
+    }
+
+    #[test]
+    fn primes() {
+        let below_100: Vec<u32> = (0..100).filter(|&n| is_prime(n)).collect();
+        assert_eq!(
+            below_100,
+            [
+                2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79,
+                83, 89, 97
+            ]
+        );
+        assert!(is_prime(DEFAULT_TABLE_SIZE));
+        assert!(is_prime(MAX_TABLE_SIZE));
+        assert_eq!(next_prime(MAX_TABLE_SIZE + 1), None);
+        assert_eq!(next_prime(1 << 24), None);
+        assert!(((MAX_TABLE_SIZE + 1)..(1 << 24)).all(|n| !is_prime(n)));
+        assert_eq!(prev_prime(2), None);
+        assert_eq!(next_prime(65536), Some(65537));
+        assert_eq!(prev_prime(65536), Some(65521));
+    }
+
+    #[test]
+    fn example_configs_validate() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs"));
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).expect("configs/ directory") {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = load(&path) {
+                    panic!("{} does not validate:\n{e}", path.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "no *.toml in {}", dir.display());
+    }
+}

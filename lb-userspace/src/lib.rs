@@ -1,5 +1,12 @@
 //! The xdplb agent as a library: the `xdplb` binary is a thin CLI over it, and the tests run it
 //! in-process.
 
+pub mod agent;
+pub mod api;
 pub mod config;
+pub mod dataplane;
+pub mod logging;
 pub mod maglev;
+pub mod net;
+pub mod reconciler;
+pub mod status;

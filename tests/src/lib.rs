@@ -1,4 +1,6 @@
 //! Test support for xdplb: network namespace topologies, packet builder and the shared fixture
 //! table.
 
+pub mod fixtures;
 pub mod netns;
+pub mod packet;

@@ -1,1 +1,146 @@
-fn main() {}
+//! Project automation for xdplb, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! xtask builds on a fresh machine with nothing but a stable Rust toolchain: it depends on no
+//! workspace crate (the agent's build script needs `bpf-linker`, which `setup` installs) and does
+//! its work by running commands. Every command it runs is printed first (`+ ...`), streams its
+//! output to the terminal, runs in the workspace root with `$CARGO_HOME/bin` on `PATH`, and a
+//! failure names the command and its exit status.
+//!
+//! Commands and what each guarantees:
+//! - `setup`: the nightly toolchain with `rust-src` and `clippy`, `clippy` and `rustfmt` on the
+//!   default toolchain, `bpf-linker` built against nightly's own libLLVM, the Debian packages the
+//!   tests use, bpffs at `/sys/fs/bpf`. Idempotent and fast when nothing is missing; one line per
+//!   item; needs root only when packages or bpffs are missing. See [`setup`].
+//! - `build`: `setup`, then `cargo build --release`: `target/release/xdplb`, with the XDP object
+//!   embedded.
+//! - `test`: the project's test command: setup, rustfmt, clippy (host and eBPF), release build,
+//!   host unit tests, kernel and namespace tests; a table of steps and times at the end; non-zero
+//!   exit on the first failure or if it ran over 30 minutes. See [`testsuite`].
+//! - `demo`: `setup`, `cargo build --release --bins`, then `xdplb-demo --config
+//!   configs/demo.toml --xdplb <target>/release/xdplb` plus any arguments after `--`.
+
+mod cmd;
+mod elf;
+mod setup;
+mod testsuite;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{Ctx, run, target_dir};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "xdplb project automation: setup, build, test, demo",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build and tests need (idempotent)
+    ///
+    /// The nightly toolchain with rust-src and clippy, bpf-linker built against nightly's own
+    /// LLVM, the Debian packages the tests use, bpffs at /sys/fs/bpf. Each item is checked first
+    /// and only changed when missing. Root is needed only when packages or bpffs are missing.
+    Setup,
+    /// Run setup, then `cargo build --release` (the agent `target/release/xdplb`)
+    Build,
+    /// The project's test command: setup, lints, release build, unit tests, kernel tests
+    ///
+    /// Steps stop at the first failure; a table of steps and durations ends the run, which must
+    /// finish within 30 minutes. The kernel and namespace tests need root.
+    Test(testsuite::TestArgs),
+    /// Run setup, build the binaries, then the demo (`xdplb-demo --config configs/demo.toml`)
+    Demo {
+        /// Extra arguments for xdplb-demo, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_command(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Printed here rather than returned: with RUST_BACKTRACE set, returning the error
+            // prints anyhow's backtrace of xtask itself, which buries the failing command.
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(command: Command) -> Result<()> {
+    let ctx = Ctx::new()?;
+    match command {
+        Command::Setup => setup::setup(&ctx),
+        Command::Build => {
+            setup::setup(&ctx)?;
+            run(ctx.cmd("cargo").args(["build", "--release"]))
+        }
+        Command::Test(args) => testsuite::test(&ctx, &args),
+        Command::Demo { args } => {
+            setup::setup(&ctx)?;
+            run(ctx.cmd("cargo").args(["build", "--release", "--bins"]))?;
+            let release = target_dir(&ctx)?.join("release");
+            let demo = release.join("xdplb-demo");
+            if !demo.is_file() {
+                anyhow::bail!(
+                    "{} was not built: the lb-tests package should provide it as \
+                     `[[bin]] name = \"xdplb-demo\"`",
+                    demo.display()
+                );
+            }
+            run(ctx
+                .cmd(demo)
+                .args(["--config", "configs/demo.toml", "--xdplb"])
+                .arg(release.join("xdplb"))
+                .args(args))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_takes_a_filter_and_options() {
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--quick", "--no-setup", "maglev"]).unwrap();
+        let Command::Test(args) = cli.command else {
+            panic!("not test: {cli:?}")
+        };
+        assert!(args.quick && args.no_setup);
+        assert_eq!(args.filter.as_deref(), Some("maglev"));
+    }
+
+    #[test]
+    fn demo_passes_arguments_after_double_dash() {
+        let cli = Cli::try_parse_from(["xtask", "demo", "--", "--duration", "5"]).unwrap();
+        let Command::Demo { args } = cli.command else {
+            panic!("not demo: {cli:?}")
+        };
+        assert_eq!(args, ["--duration", "5"]);
+    }
+}

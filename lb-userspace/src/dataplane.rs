@@ -1,0 +1,658 @@
+//! The XDP program and its maps, as the agent drives them.
+//!
+//! [`Dataplane::load`] loads the embedded object and has the kernel verify the program; nothing
+//! is attached yet, so tests can run it with `BPF_PROG_TEST_RUN` ([`Dataplane::program`]).
+//! [`Dataplane::attach`] attaches it to an interface through a BPF link.
+//!
+//! Writers: only the reconciler calls the `set_*`/`write_ring` methods (DESIGN.md, "one owner
+//! writes the maps"); anyone may read counters.
+//!
+//! Leaving and taking over: with `--keep-forwarding` the agent [`persist`](Dataplane::persist)s
+//! the link and maps under `/sys/fs/bpf/xdplb/<interface>/` and exits while the program keeps
+//! forwarding. The next agent finds that link and swaps its own freshly loaded program in with one
+//! `bpf_link_update` ([`Dataplane::attach`]); because Maglev tables are a pure function of the
+//! config, flows keep their backends across the swap.
+
+use std::{
+    fs,
+    io::{self, BufRead as _},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    ptr::NonNull,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use lb_common::{
+    Reason,
+    maps::{
+        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VipAddrKey, VipInfo,
+        VipKey,
+    },
+};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::config::XdpModeSetting;
+
+/// The XDP object built by `build.rs` from the `lb-ebpf` crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Where a persisted data path lives.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/xdplb";
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the kernel rejected program `{program}`: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is missing from the object")]
+    MissingMap { map: &'static str },
+    #[error("mmap of map {map} failed: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ring write of {len} entries at {base} is outside the ring ({capacity} entries)")]
+    RingBounds {
+        base: u32,
+        len: usize,
+        capacity: u32,
+    },
+    #[error(
+        "attaching XDP to {interface} in {mode} mode failed: {source}{hint}",
+        hint = attach_hint(source)
+    )]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("taking over the link pinned at {path}: {source}")]
+    Adopt {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("bpffs: {0}")]
+    Bpffs(io::Error),
+}
+
+fn attach_hint(e: &ProgramError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("Device or resource busy") || text.contains("File exists") {
+        " (another XDP program is attached to this interface; detach it first, e.g. \
+         `ip link set dev IFACE xdp off`)"
+    } else {
+        ""
+    }
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Sizes fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Total ring entries (all tables, including the spare copies used for atomic swaps).
+    pub ring_entries: u32,
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Driver,
+    Generic,
+    /// Took over a link left by a previous agent; it keeps the mode it was created with.
+    Adopted,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Driver => "driver",
+            AttachMode::Generic => "generic",
+            AttachMode::Adopted => "adopted",
+        }
+    }
+}
+
+/// The flat ring (all Maglev tables) mapped into our address space.
+struct Ring {
+    ptr: NonNull<u32>,
+    entries: u32,
+    len_bytes: usize,
+    // Keeps the map (and thus the mapping's backing) alive.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this struct and only accessed through &self / &mut self.
+unsafe impl Send for Ring {}
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    fn new(map: MapData, chunks: u32) -> Result<Ring, DataplaneError> {
+        let len_bytes = chunks as usize * size_of::<RingChunk>();
+        // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE; length within the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd_raw(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap {
+                map: maps::RING,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Ring {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            entries: chunks * RING_CHUNK_ENTRIES,
+            len_bytes,
+            _map: map,
+        })
+    }
+
+    fn write(&mut self, base: u32, entries: &[u32]) -> Result<(), DataplaneError> {
+        let end = base as u64 + entries.len() as u64;
+        if end > self.entries as u64 {
+            return Err(DataplaneError::RingBounds {
+                base,
+                len: entries.len(),
+                capacity: self.entries,
+            });
+        }
+        // SAFETY: bounds checked above; the region is not referenced by any VIP while it is
+        // written (the reconciler only writes free or spare regions).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                entries.as_ptr(),
+                self.ptr.as_ptr().add(base as usize),
+                entries.len(),
+            );
+        }
+        // The VIP update that publishes this region is a syscall, which orders these stores
+        // before it; the fence documents (and guarantees, on any architecture) that ordering.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn get(&self, index: u32) -> Option<u32> {
+        if index >= self.entries {
+            return None;
+        }
+        // SAFETY: in bounds; a u32 read of shared memory the kernel only reads.
+        Some(unsafe { self.ptr.as_ptr().add(index as usize).read_volatile() })
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
+trait AsFdRaw {
+    fn as_fd_raw(&self) -> i32;
+}
+impl AsFdRaw for aya::maps::MapFd {
+    fn as_fd_raw(&self) -> i32 {
+        use std::os::fd::AsFd as _;
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    ring: Ring,
+    backends: Array<MapData, BackendInfo>,
+    settings: Array<MapData, Settings>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    reason_stats: PerCpuArray<MapData, Counter>,
+    link: Option<(String, XdpLinkId)>,
+}
+
+impl Dataplane {
+    /// Loads the embedded object and has the kernel verify the load-balancing program and the
+    /// pass program.
+    pub fn load(opts: LoadOptions) -> Result<Dataplane, DataplaneError> {
+        raise_memlock_limit();
+        let chunks = opts.ring_entries.div_ceil(RING_CHUNK_ENTRIES).max(1);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::RING, chunks)
+            .load(EBPF_OBJECT)?;
+        for name in [maps::PROG_XDPLB, maps::PROG_PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Program {
+                    program: if name == maps::PROG_XDPLB {
+                        maps::PROG_XDPLB
+                    } else {
+                        maps::PROG_PASS
+                    },
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    program: maps::PROG_XDPLB,
+                    source,
+                })?;
+            prog.load().map_err(|source| DataplaneError::Program {
+                program: if name == maps::PROG_XDPLB {
+                    maps::PROG_XDPLB
+                } else {
+                    maps::PROG_PASS
+                },
+                source,
+            })?;
+        }
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::MissingMap { map: name })
+        };
+        let vips = HashMap::try_from(take(maps::VIPS)?).map_err(map_err(maps::VIPS))?;
+        let vip_addrs =
+            HashMap::try_from(take(maps::VIP_ADDRS)?).map_err(map_err(maps::VIP_ADDRS))?;
+        let ring_map = match take(maps::RING)? {
+            aya::maps::Map::Array(data) => data,
+            _ => return Err(DataplaneError::MissingMap { map: maps::RING }),
+        };
+        let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
+        let settings = Array::try_from(take(maps::SETTINGS)?).map_err(map_err(maps::SETTINGS))?;
+        let vip_stats =
+            PerCpuArray::try_from(take(maps::VIP_STATS)?).map_err(map_err(maps::VIP_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
+            .map_err(map_err(maps::BACKEND_STATS))?;
+        let reason_stats = PerCpuArray::try_from(take(maps::REASON_STATS)?)
+            .map_err(map_err(maps::REASON_STATS))?;
+        let ring = Ring::new(ring_map, chunks)?;
+        Ok(Dataplane {
+            ebpf,
+            vips,
+            vip_addrs,
+            ring,
+            backends,
+            settings,
+            vip_stats,
+            backend_stats,
+            reason_stats,
+            link: None,
+        })
+    }
+
+    /// The load-balancing program (loaded and verified), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(maps::PROG_XDPLB)
+            .and_then(|p| p.try_into().ok())
+            .expect("program loaded in Dataplane::load")
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(maps::PROG_XDPLB)
+            .and_then(|p| p.try_into().ok())
+            .expect("program loaded in Dataplane::load")
+    }
+
+    /// The pass-everything program from the same object (loaded and verified).
+    pub fn pass_program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(maps::PROG_PASS)
+            .and_then(|p| p.try_into().ok())
+            .expect("program loaded in Dataplane::load")
+    }
+
+    /// Takes the aya-log ring buffer out of the object so the caller can drain it.
+    pub fn take_logger<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, aya_log::Error> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+    }
+
+    /// Attaches the program to `interface`: if a previous agent left a pinned link for this
+    /// interface, swaps the program in atomically; otherwise creates a new link in `mode`.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        mode: XdpModeSetting,
+    ) -> Result<AttachMode, DataplaneError> {
+        let pin_dir = pin_dir(interface);
+        let link_path = pin_dir.join("link");
+        if link_path.exists() {
+            let adopt = |source| DataplaneError::Adopt {
+                path: link_path.clone(),
+                source,
+            };
+            let fd_link = PinnedLink::from_pin(&link_path)
+                .map_err(adopt)?
+                .unpin()
+                .map_err(|e| {
+                    adopt(LinkError::SyscallError(aya::sys::SyscallError {
+                        call: "unlink",
+                        io_error: e,
+                    }))
+                })?;
+            let link = XdpLink::try_from(fd_link).map_err(adopt)?;
+            let id = self.program_mut().attach_to_link(link).map_err(|source| {
+                DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: "adopted",
+                    source,
+                }
+            })?;
+            self.link = Some((interface.to_string(), id));
+            // The previous agent's maps are no longer referenced by any program once the swap
+            // is done; their pins are the last reference.
+            if let Err(e) = fs::remove_dir_all(&pin_dir) {
+                warn!(path = %pin_dir.display(), "could not remove the previous agent's pins: {e}");
+            }
+            info!(
+                interface,
+                "took over the data path a previous agent left running (atomic program swap)"
+            );
+            return Ok(AttachMode::Adopted);
+        }
+        let try_mode =
+            |dp: &mut Dataplane, m: XdpMode| dp.program_mut().attach_to_if_index(ifindex, m);
+        let (id, attached) = match mode {
+            XdpModeSetting::Driver => (
+                try_mode(self, XdpMode::Driver).map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: "driver",
+                    source,
+                })?,
+                AttachMode::Driver,
+            ),
+            XdpModeSetting::Generic => (
+                try_mode(self, XdpMode::Skb).map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: "generic",
+                    source,
+                })?,
+                AttachMode::Generic,
+            ),
+            XdpModeSetting::Auto => match try_mode(self, XdpMode::Driver) {
+                Ok(id) => (id, AttachMode::Driver),
+                Err(e) => {
+                    warn!(
+                        interface,
+                        "driver-mode XDP failed ({e}); falling back to generic mode, which is \
+                         slower (the driver may not support XDP)"
+                    );
+                    (
+                        try_mode(self, XdpMode::Skb).map_err(|source| DataplaneError::Attach {
+                            interface: interface.to_string(),
+                            mode: "generic",
+                            source,
+                        })?,
+                        AttachMode::Generic,
+                    )
+                }
+            },
+        };
+        self.link = Some((interface.to_string(), id));
+        Ok(attached)
+    }
+
+    /// Detaches the program (if attached). Dropping the `Dataplane` does the same.
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        if let Some((interface, id)) = self.link.take() {
+            self.program_mut()
+                .detach(id)
+                .map_err(|source| DataplaneError::Program {
+                    program: maps::PROG_XDPLB,
+                    source,
+                })?;
+            info!(interface, "XDP program detached");
+        }
+        Ok(())
+    }
+
+    /// Leaves the program attached after this process exits: pins the link and the maps under
+    /// `/sys/fs/bpf/xdplb/<interface>/` for the next agent to take over.
+    pub fn persist(mut self) -> Result<PathBuf, DataplaneError> {
+        let Some((interface, id)) = self.link.take() else {
+            return Err(DataplaneError::Pin {
+                path: PathBuf::from(PIN_ROOT),
+                source: "the program is not attached".into(),
+            });
+        };
+        ensure_bpffs()?;
+        let dir = pin_dir(&interface);
+        let pin_err =
+            |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Pin {
+                path: path.to_path_buf(),
+                source: e,
+            };
+        fs::create_dir_all(dir.join("maps")).map_err(|e| pin_err(&dir, e.into()))?;
+        for (name, map) in [
+            (maps::VIPS, self.vips.map()),
+            (maps::VIP_ADDRS, self.vip_addrs.map()),
+            (maps::BACKENDS, self.backends.map()),
+            (maps::SETTINGS, self.settings.map()),
+            (maps::VIP_STATS, self.vip_stats.map()),
+            (maps::BACKEND_STATS, self.backend_stats.map()),
+            (maps::REASON_STATS, self.reason_stats.map()),
+            (maps::RING, &self.ring._map),
+        ] {
+            let path = dir.join("maps").join(name);
+            map.pin(&path).map_err(|e| pin_err(&path, e.into()))?;
+        }
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program {
+                program: maps::PROG_XDPLB,
+                source,
+            })?;
+        let link_path = dir.join("link");
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(&link_path, e.into()))?;
+        fd_link
+            .pin(&link_path)
+            .map_err(|e| pin_err(&link_path, e.into()))?;
+        Ok(dir)
+    }
+
+    pub fn set_settings(&mut self, settings: &Settings) -> Result<(), DataplaneError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err(maps::SETTINGS))
+    }
+
+    pub fn settings(&self) -> Result<Settings, DataplaneError> {
+        self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))
+    }
+
+    pub fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        self.vips.insert(key, info, 0).map_err(map_err(maps::VIPS))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        self.vips.remove(key).map_err(map_err(maps::VIPS))
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        self.vips.get(key, 0).ok()
+    }
+
+    pub fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError> {
+        if count == 0 {
+            match self.vip_addrs.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(maps::VIP_ADDRS)(e)),
+            }
+        } else {
+            self.vip_addrs
+                .insert(key, count, 0)
+                .map_err(map_err(maps::VIP_ADDRS))
+        }
+    }
+
+    /// Number of ring entries available.
+    pub fn ring_capacity(&self) -> u32 {
+        self.ring.entries
+    }
+
+    /// Writes `entries` at `base` in the ring. The region must not be referenced by any VIP.
+    pub fn write_ring(&mut self, base: u32, entries: &[u32]) -> Result<(), DataplaneError> {
+        self.ring.write(base, entries)
+    }
+
+    pub fn ring_entry(&self, index: u32) -> Option<u32> {
+        self.ring.get(index)
+    }
+
+    pub fn set_backend(&mut self, id: u32, info: &BackendInfo) -> Result<(), DataplaneError> {
+        self.backends
+            .set(id, info, 0)
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    pub fn backend(&self, id: u32) -> Option<BackendInfo> {
+        self.backends.get(&id, 0).ok()
+    }
+
+    /// Clears a stats slot (when an id is given to a new VIP or backend).
+    pub fn reset_vip_stats(&mut self, index: u32) -> Result<(), DataplaneError> {
+        reset(&mut self.vip_stats, index).map_err(map_err(maps::VIP_STATS))
+    }
+
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        reset(&mut self.backend_stats, id).map_err(map_err(maps::BACKEND_STATS))
+    }
+
+    pub fn vip_counter(&self, index: u32) -> Result<Counter, DataplaneError> {
+        sum(&self.vip_stats, index).map_err(map_err(maps::VIP_STATS))
+    }
+
+    pub fn backend_counter(&self, id: u32) -> Result<Counter, DataplaneError> {
+        sum(&self.backend_stats, id).map_err(map_err(maps::BACKEND_STATS))
+    }
+
+    /// Per-reason counters, indexed by `Reason as usize`. `Forwarded` is the sum over VIPs and is
+    /// filled by the caller.
+    pub fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError> {
+        let mut out = [Counter::default(); Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = sum(&self.reason_stats, i as u32).map_err(map_err(maps::REASON_STATS))?;
+        }
+        Ok(out)
+    }
+
+    /// Kernel id of the load-balancing program.
+    pub fn program_id(&self) -> Option<u32> {
+        self.program().info().ok().map(|i| i.id())
+    }
+}
+
+fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter, MapError> {
+    let values = map.get(&index, 0)?;
+    let mut total = Counter::default();
+    for v in values.iter() {
+        total += *v;
+    }
+    Ok(total)
+}
+
+fn reset(map: &mut PerCpuArray<MapData, Counter>, index: u32) -> Result<(), MapError> {
+    let n = aya::util::nr_cpus().map_err(|(_, e)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        })
+    })?;
+    let values = aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?;
+    map.set(index, values, 0)
+}
+
+pub fn pin_dir(interface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(interface)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (fresh machines, or a process started
+/// in a mount namespace without it).
+pub fn ensure_bpffs() -> Result<(), DataplaneError> {
+    let mounts = fs::File::open("/proc/self/mounts").map_err(DataplaneError::Bpffs)?;
+    for line in io::BufReader::new(mounts).lines() {
+        let line = line.map_err(DataplaneError::Bpffs)?;
+        let mut fields = line.split_whitespace();
+        let (_, Some(target), Some(fstype)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if target == BPFFS_ROOT && fstype == "bpf" {
+            return Ok(());
+        }
+    }
+    fs::create_dir_all(BPFFS_ROOT).map_err(DataplaneError::Bpffs)?;
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DataplaneError::Bpffs(io::Error::last_os_error()));
+    }
+    info!("mounted bpffs at {BPFFS_ROOT}");
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}

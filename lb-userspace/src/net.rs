@@ -1,0 +1,417 @@
+//! The kernel's view of the network, through rtnetlink: the interface we attach to, whether a
+//! backend is on-link, and backend MAC addresses from the neighbour table.
+//!
+//! MAC resolution contract ([`watch_macs`]): for every backend address the agent asks for, the
+//! kernel is told to keep the neighbour entry resolved (a "managed" entry, `NTF_EXT_MANAGED`,
+//! Linux >= 5.16; on older kernels a datagram to the discard port triggers ARP instead), and the
+//! watcher reports the current MAC of each address (or `None` while unresolved) every time it
+//! changes, driven by neighbour events from the kernel plus a periodic resync. It never invents a
+//! MAC: an address is `Some` only while the kernel holds a valid link-layer address for it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use netlink_packet_route::{
+    AddressFamily,
+    link::{LinkAttribute, LinkFlags, LinkXdp},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
+    route::{RouteAddress, RouteAttribute, RouteType},
+};
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("netlink: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("netlink request `{what}` failed: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface `{name}` does not exist")]
+    NoSuchInterface { name: String },
+    #[error("interface `{name}` has no Ethernet MAC address (dsr-l2 needs an Ethernet device)")]
+    NoMac { name: String },
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let what = what.into();
+    move |source| NetError::Netlink { what, source }
+}
+
+/// What the agent needs to know about its interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub up: bool,
+    pub mtu: Option<u32>,
+    /// Id of the XDP program attached to it, if any.
+    pub xdp_prog_id: Option<u32>,
+}
+
+/// How the kernel would route to a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv4Addr>,
+    pub local: bool,
+}
+
+/// A neighbour table entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub addr: Ipv4Addr,
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighbourState,
+    pub managed: bool,
+}
+
+/// A handle on rtnetlink (the connection runs as a tokio task).
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn new() -> Result<Netlink, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn interface(&self, name: &str) -> Result<Interface, NetError> {
+        let mut links = self.handle.link().get().match_name(name).execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                return Err(NetError::NoSuchInterface {
+                    name: name.to_string(),
+                });
+            }
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Err(NetError::NoSuchInterface {
+                    name: name.to_string(),
+                });
+            }
+            Err(e) => return Err(nl(format!("get link {name}"))(e)),
+        };
+        let mut mac = None;
+        let mut mtu = None;
+        let mut xdp_prog_id = None;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    mac = Some(<[u8; 6]>::try_from(a.as_slice()).expect("length checked"));
+                }
+                LinkAttribute::Mtu(m) => mtu = Some(*m),
+                LinkAttribute::Xdp(xdp) => {
+                    for x in xdp {
+                        if let LinkXdp::ProgId(id) = x
+                            && *id != 0
+                        {
+                            xdp_prog_id = Some(*id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Interface {
+            name: name.to_string(),
+            index: msg.header.index,
+            mac: mac.ok_or_else(|| NetError::NoMac {
+                name: name.to_string(),
+            })?,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            mtu,
+            xdp_prog_id,
+        })
+    }
+
+    /// `ip route get ADDR`.
+    pub async fn route_to(&self, addr: Ipv4Addr) -> Result<RouteInfo, NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let mut info = RouteInfo {
+            oif: None,
+            gateway: None,
+            local: false,
+        };
+        if let Some(route) = routes
+            .try_next()
+            .await
+            .map_err(nl(format!("route get {addr}")))?
+        {
+            info.local = route.header.kind == RouteType::Local;
+            for attr in &route.attributes {
+                match attr {
+                    RouteAttribute::Oif(i) => info.oif = Some(*i),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => info.gateway = Some(*g),
+                    _ => {}
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    /// IPv4 neighbours on `ifindex`.
+    pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetError> {
+        let mut req = self.handle.neighbours().get();
+        req = req.set_address_family(AddressFamily::Inet);
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(nl("neighbour dump"))? {
+            if msg.header.ifindex != ifindex {
+                continue;
+            }
+            if let Some(n) = parse_neighbour(&msg) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the kernel to resolve `addr` and keep it resolved (`ip neigh add ADDR dev IF
+    /// managed`). An existing entry is converted in place, keeping its MAC and state, so a
+    /// resolved backend never looks unresolved in between.
+    pub async fn make_managed(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        existing: Option<&Neighbour>,
+    ) -> Result<(), NetError> {
+        let mut req = self.handle.neighbours().add(ifindex, IpAddr::V4(addr));
+        req = match existing {
+            None => req.state(NeighbourState::None),
+            Some(n) => match n.mac {
+                Some(mac) => req.state(n.state).link_layer_address(&mac).replace(),
+                None => req.state(NeighbourState::None).replace(),
+            },
+        };
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        req.execute()
+            .await
+            .map_err(nl(format!("make neighbour {addr} managed")))
+    }
+
+    pub async fn del_neighbour(&self, ifindex: u32, addr: Ipv4Addr) -> Result<(), NetError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                addr,
+            )));
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(nl(format!("delete neighbour {addr}")))
+    }
+}
+
+fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
+    let mut addr = None;
+    let mut mac = None;
+    let mut managed = false;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                mac = <[u8; 6]>::try_from(l.as_slice()).ok();
+            }
+            NeighbourAttribute::ExtFlags(f) => managed = f.contains(NeighbourExtFlags::Managed),
+            _ => {}
+        }
+    }
+    let state = msg.header.state;
+    // The kernel may report the last lladdr of an entry that is not valid any more.
+    let valid = matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    Some(Neighbour {
+        addr: addr?,
+        mac: if valid {
+            mac.filter(|m| *m != [0; 6])
+        } else {
+            None
+        },
+        state,
+        managed,
+    })
+}
+
+/// Backend MACs as last seen: `None` while unresolved.
+pub type MacTable = BTreeMap<Ipv4Addr, Option<[u8; 6]>>;
+
+/// How often the watcher re-reads the neighbour table even without events, and re-pokes
+/// resolution of addresses still unresolved.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Events come in bursts (one per state change); read the table once per burst.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Keeps the MACs of `addrs` resolved and sends the whole table on `tx` whenever any of them
+/// changes (and once at start). Runs until `tx` is closed. Managed entries it created are
+/// removed when `cleanup` is true at that point.
+pub async fn watch_macs(
+    nl: Netlink,
+    ifindex: u32,
+    mut addrs: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    tx: mpsc::Sender<MacTable>,
+    cleanup: watch::Receiver<bool>,
+) {
+    let mut events = match rtnetlink::new_multicast_connection(&[MulticastGroup::Neigh]) {
+        Ok((conn, _handle, events)) => {
+            tokio::spawn(conn);
+            Some(events)
+        }
+        Err(e) => {
+            warn!(
+                "cannot subscribe to neighbour events ({e}); relying on polling every {RESYNC_INTERVAL:?}"
+            );
+            None
+        }
+    };
+    let mut created: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut last: Option<MacTable> = None;
+    let mut tick = tokio::time::interval(RESYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let wanted = addrs.borrow_and_update().clone();
+        match sync_once(&nl, ifindex, &wanted, &mut created).await {
+            Ok(table) => {
+                if last.as_ref() != Some(&table) {
+                    if tx.send(table.clone()).await.is_err() {
+                        break;
+                    }
+                    last = Some(table);
+                }
+            }
+            Err(e) => warn!("reading the neighbour table failed: {e}"),
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = addrs.changed() => if r.is_err() { break },
+            _ = tx.closed() => break,
+            ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if ev.is_none() {
+                    events = None;
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                if let Some(rx) = events.as_mut() {
+                    // Drain the rest of the burst.
+                    while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, rx.next()).await {}
+                }
+            }
+        }
+    }
+    if *cleanup.borrow() {
+        for addr in created {
+            match nl.del_neighbour(ifindex, addr).await {
+                Ok(()) => debug!(%addr, "removed the managed neighbour entry we created"),
+                Err(e) => debug!(%addr, "could not remove managed neighbour entry: {e}"),
+            }
+        }
+    }
+}
+
+async fn sync_once(
+    nl: &Netlink,
+    ifindex: u32,
+    wanted: &BTreeSet<Ipv4Addr>,
+    created: &mut BTreeSet<Ipv4Addr>,
+) -> Result<MacTable, NetError> {
+    let present: BTreeMap<Ipv4Addr, Neighbour> = nl
+        .neighbours(ifindex)
+        .await?
+        .into_iter()
+        .map(|n| (n.addr, n))
+        .collect();
+    let mut table = MacTable::new();
+    for &addr in wanted {
+        let entry = present.get(&addr);
+        table.insert(addr, entry.and_then(|n| n.mac));
+        // Managed entries are re-resolved by the kernel itself; static ones never change.
+        let kept = entry.is_some_and(|n| {
+            n.managed || matches!(n.state, NeighbourState::Permanent | NeighbourState::Noarp)
+        });
+        if kept {
+            continue;
+        }
+        match nl.make_managed(ifindex, addr, entry).await {
+            Ok(()) => {
+                created.insert(addr);
+                debug!(%addr, "asked the kernel to keep this backend's MAC resolved");
+            }
+            Err(e) => {
+                debug!(%addr, "managed neighbour entry not possible ({e}); probing instead");
+                if entry.and_then(|n| n.mac).is_none() {
+                    poke(addr);
+                }
+            }
+        }
+    }
+    Ok(table)
+}
+
+/// Makes the kernel resolve `addr` by sending it one datagram on the discard port (9): the
+/// fallback for kernels without managed neighbour entries, and a nudge for entries that failed.
+fn poke(addr: Ipv4Addr) {
+    let sent =
+        UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"", SocketAddrV4::new(addr, 9)));
+    if let Err(e) = sent {
+        debug!(%addr, "probe datagram not sent: {e}");
+    }
+}
+
+/// Logs the differences between two MAC tables (backend MAC learned, changed, lost).
+pub fn log_mac_changes(old: &MacTable, new: &MacTable) {
+    for (addr, mac) in new {
+        let before = old.get(addr).copied().flatten();
+        match (before, mac) {
+            (None, Some(m)) => info!(backend = %addr, mac = %fmt_mac(m), "backend MAC resolved"),
+            (Some(a), Some(b)) if a != *b => {
+                info!(backend = %addr, old = %fmt_mac(&a), new = %fmt_mac(b), "backend MAC changed")
+            }
+            (Some(a), None) => {
+                warn!(backend = %addr, old = %fmt_mac(&a), "backend MAC lost (neighbour unreachable)")
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
