@@ -1,0 +1,389 @@
+//! The load-balancing topology of the end-to-end tests and the demo: a client, the load balancer
+//! and N backends on one bridge, backends set up for direct server return, identity servers on
+//! the backends, and the real `xdplb` agent process.
+//!
+//! ```text
+//!   client 10.0.0.1 ──┐
+//!   lb     10.0.0.2 ──┤ br0 (switch netns)     VIP 10.0.0.100: on the LB's eth0 (so the LB
+//!   b1     10.0.0.11 ─┤                        answers ARP for it) and on every backend's lo
+//!   b2     10.0.0.12 ─┤                        (arp_ignore=1, arp_announce=2: they never
+//!   b3     10.0.0.13 ─┘                        answer ARP for it, but accept and answer with it)
+//! ```
+//!
+//! Measured veth behaviour this topology respects (../shared/ENVIRONMENT.md):
+//! - A frame sent with `XDP_TX` by a natively attached program on a veth end is dropped unless the
+//!   other end of the pair also has an XDP program: the LB's bridge-side peer gets `xdp_pass`
+//!   (from the same object as the load balancer).
+//! - With TX checksum offload on (the veth default), TCP frames bounced by `XDP_TX` arrive with
+//!   bad checksums, because the offload metadata does not survive XDP: the client's TX checksum
+//!   offload is turned off, so it sends complete checksums.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
+use lb_userspace::{
+    api::Client,
+    dataplane::EBPF_OBJECT,
+    status::{Status, WhichBackend},
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::{ChildGuard, Host, Lan, Netns};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+/// Backend `i` (0-based) has address 10.0.0.(11 + i) and name `b{i+1}`.
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 11 + i as u8)
+}
+
+/// Path of the `xdplb` binary under test: `$XDPLB_BIN`, else next to the test executable's
+/// directory (`target/<profile>/xdplb`, built by `cargo xtask test`).
+pub fn xdplb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XDPLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("xdplb");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "xdplb binary not found next to {}; build it (`cargo build --release --bins`) or set \
+         XDPLB_BIN",
+        exe.display()
+    );
+}
+
+/// The `xdp_pass` program attached to an interface; detached on drop.
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+/// Attaches `xdp_pass` in driver mode to `ifindex` inside `ns`.
+pub fn attach_pass(ns: &Netns, ifindex: u32) -> Result<PassProgram> {
+    let ebpf = ns.run_in(move || -> Result<Ebpf> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::maps::PROG_PASS)
+            .context("xdp_pass missing from the object")?
+            .try_into()?;
+        prog.load().context("loading xdp_pass")?;
+        prog.attach_to_if_index(ifindex, XdpMode::Driver)
+            .context("attaching xdp_pass in driver mode")?;
+        Ok(ebpf)
+    })?;
+    Ok(PassProgram { _ebpf: ebpf })
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "xlb-{}-{}-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Client, load balancer and backends on one LAN, ready for `xdplb run`.
+pub struct LbTopology {
+    pub client: Host,
+    pub lb: Host,
+    pub backends: Vec<Host>,
+    pub dir: TempDir,
+    _pass: PassProgram,
+    // Last, so the hosts' namespaces go before the switch's.
+    pub lan: Lan,
+}
+
+impl LbTopology {
+    pub fn new(n_backends: usize) -> Result<LbTopology> {
+        let mut lan = Lan::new()?;
+        let client = lan.add_host("client", &format!("{CLIENT_ADDR}/24"))?;
+        let lb = lan.add_host("lb", &format!("{LB_ADDR}/24"))?;
+        let mut backends = Vec::new();
+        for i in 0..n_backends {
+            backends
+                .push(lan.add_host(&format!("b{}", i + 1), &format!("{}/24", backend_addr(i)))?);
+        }
+        // The LB owns the VIP on the wire: it answers ARP for it.
+        lb.ns
+            .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
+        for b in &backends {
+            b.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            b.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            b.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        }
+        // See the module docs for why these two.
+        client.ethtool(&["tx", "off"])?;
+        let pass = attach_pass(lan.switch(), lb.peer_ifindex)?;
+        let dir = TempDir::new("topo")?;
+        Ok(LbTopology {
+            client,
+            lb,
+            backends,
+            dir,
+            _pass: pass,
+            lan,
+        })
+    }
+
+    /// A config for this topology: `[dataplane]` on the LB's eth0 in driver mode, the API socket
+    /// in the scratch directory, then `services` (TOML `[[vip]]` tables) verbatim.
+    pub fn config(&self, services: &str) -> String {
+        format!(
+            "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
+             [api]\nsocket = \"{}\"\n\n{services}",
+            self.dir.path().join("xdplb.sock").display()
+        )
+    }
+
+    /// Starts `xdplb run` inside the LB namespace with `config` and waits until it forwards with
+    /// every backend resolved.
+    pub fn start_agent(&self, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        let cfg_path = self.dir.path().join("xdplb.toml");
+        std::fs::write(&cfg_path, config)?;
+        let log_path = self.dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = self.lb.ns.command(xdplb_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .args(extra_args)
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let guard = ChildGuard::spawn(&mut cmd)?;
+        let mut agent = Agent {
+            guard,
+            socket: self.dir.path().join("xdplb.sock"),
+            log: log_path,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        };
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+}
+
+/// A running `xdplb run` process.
+pub struct Agent {
+    pub guard: ChildGuard,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Agent {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.guard.wait_timeout(Duration::ZERO)? {
+                bail!(
+                    "xdplb exited during start-up ({st}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(s) = self.status() {
+                let ready = s.xdp_mode.is_some()
+                    && s.vips
+                        .iter()
+                        .all(|v| v.backends.iter().all(|b| b.state == "up"));
+                if ready {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "xdplb not ready within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        Ok(self.rt.block_on(Client::new(&self.socket).status())?)
+    }
+
+    pub fn which(&self, service: &str, src: SocketAddrV4) -> Result<WhichBackend> {
+        Ok(self
+            .rt
+            .block_on(Client::new(&self.socket).which_backend(service, &src.to_string()))?)
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.guard.terminate(Duration::from_secs(10))
+    }
+}
+
+/// Servers that answer every TCP connection and UDP datagram with their name, until dropped.
+pub struct IdentityServers {
+    stop: Arc<AtomicBool>,
+    tcp: Vec<(i32, JoinHandle<()>)>,
+    udp: Vec<JoinHandle<()>>,
+}
+
+impl IdentityServers {
+    pub fn new() -> IdentityServers {
+        IdentityServers {
+            stop: Arc::new(AtomicBool::new(false)),
+            tcp: Vec::new(),
+            udp: Vec::new(),
+        }
+    }
+
+    /// A TCP server in `ns` on `addr` that writes `name\n` and closes each connection.
+    pub fn tcp(&mut self, ns: &Netns, addr: SocketAddrV4, name: &str) -> Result<()> {
+        let listener = ns.run_in(move || TcpListener::bind(addr))?;
+        let fd = listener.as_raw_fd();
+        let stop = self.stop.clone();
+        let reply = format!("{name}\n");
+        let t = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(mut c) = conn {
+                    let _ = c.write_all(reply.as_bytes());
+                    let _ = c.shutdown(Shutdown::Write);
+                }
+            }
+        });
+        self.tcp.push((fd, t));
+        Ok(())
+    }
+
+    /// A UDP server in `ns` on `addr` that answers each datagram with `name`. For direct server
+    /// return it must be bound to the VIP itself, so replies leave with the VIP as source.
+    pub fn udp(&mut self, ns: &Netns, addr: SocketAddrV4, name: &str) -> Result<()> {
+        let sock = ns.run_in(move || UdpSocket::bind(addr))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = self.stop.clone();
+        let reply = name.as_bytes().to_vec();
+        self.udp.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+impl Default for IdentityServers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for IdentityServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for (fd, t) in self.tcp.drain(..) {
+            // Wakes the blocked accept(); the listener itself is closed by its thread.
+            // SAFETY: fd is the listener's, still open until its thread ends.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            let _ = t.join();
+        }
+        for t in self.udp.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from `ns` (from `src` if given) to `dst`, reads the peer's one-line answer.
+pub fn tcp_ask(ns: &Netns, src: Option<SocketAddrV4>, dst: SocketAddrV4) -> Result<String> {
+    let stream = ns.run_in(move || -> Result<TcpStream> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if let Some(src) = src {
+            s.bind(&SocketAddr::V4(src).into())?;
+        }
+        s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
+        Ok(s.into())
+    })?;
+    read_line(stream)
+}
+
+fn read_line(mut s: TcpStream) -> Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).trim().to_string())
+}
+
+/// A UDP socket in `ns` bound to `src`, for sending many datagrams of one flow.
+pub fn udp_client(ns: &Netns, src: SocketAddrV4) -> Result<UdpSocket> {
+    let s = ns.run_in(move || UdpSocket::bind(src))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+/// Sends `payload` to `dst` and returns the answer's text.
+pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4, payload: &[u8]) -> Result<String> {
+    sock.send_to(payload, dst)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    if from != SocketAddr::V4(dst) {
+        return Err(anyhow!("answer came from {from}, not {dst}"));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+/// Counts answers per backend name.
+pub fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n.to_string()).or_default() += 1;
+    }
+    m
+}
