@@ -281,7 +281,8 @@ fn probe_privileges() -> Result<(), String> {
 }
 
 /// One L2 segment: a bridge `br0` inside its own "switch" namespace. Ports forward as soon as they
-/// are up (no STP, no forward delay) and multicast floods (no snooping).
+/// are up (no STP, no forward delay), multicast floods (no snooping), and frames are not passed
+/// through netfilter (no br_netfilter), so malformed frames arrive as sent.
 #[derive(Debug)]
 pub struct Lan {
     switch: Netns,
@@ -306,6 +307,12 @@ impl Lan {
             "0",
         ])?;
         switch.ip(&["link", "set", "br0", "up"])?;
+        // A switch forwards frames, it does not firewall them. This kernel has br_netfilter
+        // built in and on, which would run bridged IPv4 through netfilter and silently drop
+        // frames with malformed IP headers, hiding them from the hosts' tests.
+        for table in ["iptables", "ip6tables", "arptables"] {
+            switch.sysctl(&format!("net.bridge.bridge-nf-call-{table}"), "0")?;
+        }
         Ok(Lan {
             switch,
             next_port: 0,

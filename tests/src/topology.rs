@@ -387,3 +387,52 @@ pub fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u
     }
     m
 }
+
+/// Sends raw Ethernet frames out of `ifindex` in `ns` (AF_PACKET), for malformed packets the
+/// kernel's sockets would never produce.
+pub fn send_frames(ns: &Netns, ifindex: u32, frames: Vec<Vec<u8>>) -> Result<()> {
+    ns.run_in(move || -> Result<()> {
+        // SAFETY: plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+        }
+        // SAFETY: fd was just created and is owned here.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        for f in &frames {
+            // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&f[..6]);
+            // SAFETY: valid buffer and address of the stated lengths.
+            let n = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error()).context("sendto on AF_PACKET");
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Waits until the agent's log contains `needle` (bounded).
+pub fn wait_for_log(agent: &Agent, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if agent.log_text().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -2,13 +2,18 @@
 //! veth, real TCP and UDP traffic from a client namespace to three backends on one bridge (see
 //! `lb_tests::topology` for the topology and why it is built that way).
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     netns::require_privileges,
+    packet::Packet,
     topology::{
-        CLIENT_ADDR, IdentityServers, LB_ADDR, LbTopology, VIP, backend_addr, tally, tcp_ask,
-        udp_ask, udp_client,
+        CLIENT_ADDR, IdentityServers, LB_ADDR, LbTopology, VIP, backend_addr, send_frames, tally,
+        tcp_ask, udp_ask, udp_client, wait_for_log,
     },
 };
 
@@ -260,4 +265,104 @@ fn load_balances_real_traffic() {
         "lb",
         "after detach, traffic to the VIP reaches the load balancer's own stack"
     );
+}
+
+/// Malformed and unusual frames sent on the wire are counted under their reason, and the data
+/// path's diagnostics reach the agent's log at the level the operator sets at run time.
+#[test]
+fn wire_drops_and_diagnostics() {
+    if !require_privileges("wire_drops_and_diagnostics") {
+        return;
+    }
+    let topo = LbTopology::new(1).expect("topology");
+    let agent = topo
+        .start_agent(
+            &topo.config(&format!(
+                "[[vip]]\naddress = \"{VIP}\"\nport = 5353\nprotocol = \"udp\"\n\n\
+                 [[vip.backend]]\naddress = \"{}\"\n",
+                backend_addr(0)
+            )),
+            &[],
+        )
+        .expect("agent starts");
+    let (lb_mac, client_mac) = (topo.lb.mac, topo.client.mac);
+    let udp = Packet::udp(
+        SocketAddrV4::new(CLIENT_ADDR, 5000),
+        SocketAddrV4::new(VIP, 5353),
+    )
+    .payload(&[7; 32])
+    .macs(lb_mac, client_mac);
+    let fragments = vec![
+        udp.clone().frags(0x2000).frame(),
+        udp.clone().frags(4).frame(),
+    ];
+    let truncated_ip = udp.frame()[..14 + 10].to_vec();
+    let reason = |n: &str| {
+        agent
+            .status()
+            .unwrap()
+            .reasons
+            .iter()
+            .find(|r| r.reason == n)
+            .unwrap()
+            .packets
+    };
+
+    // Fragments to a VIP address: dropped, counted, logged at info (the default level).
+    send_frames(&topo.client.ns, topo.client.ifindex, fragments).unwrap();
+    assert!(
+        wait_for_log(
+            &agent,
+            "fragment to vip address 10.0.0.100 dropped",
+            Duration::from_secs(5)
+        ),
+        "fragment diagnostic missing from the agent log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(reason("drop_fragment"), 2);
+
+    // Malformed IP: counted, but logged only at debug, which is off until the operator asks.
+    send_frames(
+        &topo.client.ns,
+        topo.client.ifindex,
+        vec![truncated_ip.clone()],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reason("drop_malformed_ip") < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reason("drop_malformed_ip"), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !agent.log_text().contains("malformed IPv4 header dropped"),
+        "debug diagnostic logged at info level"
+    );
+    let out = std::process::Command::new(lb_tests::topology::xdplb_bin())
+        .args([
+            "--socket",
+            agent.socket.to_str().unwrap(),
+            "log-level",
+            "debug",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent.status().unwrap().log_level, "debug");
+    send_frames(&topo.client.ns, topo.client.ifindex, vec![truncated_ip]).unwrap();
+    assert!(
+        wait_for_log(
+            &agent,
+            "malformed IPv4 header dropped",
+            Duration::from_secs(5)
+        ),
+        "debug diagnostic missing after raising the level:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(reason("drop_malformed_ip"), 2);
+    assert!(agent.stop().success());
 }
