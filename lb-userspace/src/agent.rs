@@ -110,7 +110,7 @@ pub async fn run(
     check_backends_on_link(&nl, &config, iface.index).await;
 
     // 3. Program and maps.
-    let ring_entries = ring_entries_needed(&config).max(MIN_RING_ENTRIES);
+    let ring_entries = ring_entries_needed(&config)?.max(MIN_RING_ENTRIES);
     let mut dp = Dataplane::load(LoadOptions { ring_entries })?;
     info!(
         program_id = ?dp.program_id(),

@@ -86,7 +86,11 @@ pub fn init(level: LogLevel) {
     let (filter, handle) = reload::Layer::new(filter_for(level));
     let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .try_init();
     if installed.is_ok() {
         let _ = RELOAD.set(handle);

@@ -72,7 +72,6 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::fmt;
 use std::net::IpAddr;
 
 /// Marks a table entry that has no backend (all weights zero or no backends).
@@ -95,48 +94,27 @@ pub struct MaglevBackend {
 }
 
 /// Why a table could not be built. All of them are configuration errors.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MaglevError {
     /// The permutation walk only covers every slot when the size is prime.
+    #[error("Maglev table size {size} is not prime")]
     SizeNotPrime { size: u32 },
     /// Above [`MAX_TABLE_SIZE`].
+    #[error("Maglev table size {size} is larger than the maximum {max}")]
     SizeTooLarge { size: u32, max: u32 },
     /// Fewer entries than backends with a non-zero weight.
+    #[error(
+        "Maglev table size {size} is smaller than the number of backends with a non-zero weight \
+         ({backends})"
+    )]
     SizeTooSmall { size: u32, backends: usize },
     /// The same address appears twice; entries are keyed by address, so it would be ambiguous.
+    #[error("backend {address} is listed more than once")]
     DuplicateBackend { address: IpAddr },
     /// More backends than a `u32` index below [`EMPTY`] can name.
+    #[error("{count} backends is more than a Maglev table can index")]
     TooManyBackends { count: usize },
 }
-
-impl fmt::Display for MaglevError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::SizeNotPrime { size } => {
-                write!(f, "Maglev table size {size} is not prime")
-            }
-            Self::SizeTooLarge { size, max } => {
-                write!(
-                    f,
-                    "Maglev table size {size} is larger than the maximum {max}"
-                )
-            }
-            Self::SizeTooSmall { size, backends } => write!(
-                f,
-                "Maglev table size {size} is smaller than the number of backends with a non-zero \
-                 weight ({backends})"
-            ),
-            Self::DuplicateBackend { address } => {
-                write!(f, "backend {address} is listed more than once")
-            }
-            Self::TooManyBackends { count } => {
-                write!(f, "{count} backends is more than a Maglev table can index")
-            }
-        }
-    }
-}
-
-impl std::error::Error for MaglevError {}
 
 /// Deterministic primality test by trial division over `6k ± 1`; at most ~22k divisions for any
 /// `u32`, microseconds.

@@ -124,7 +124,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::init(log_level);
             let loaded = load_config(&config)?;
             for w in &loaded.warnings {
-                tracing::warn!("{}: {}: {}", config.display(), w.path, w.message);
+                tracing::warn!("{}", w.in_file(&config));
             }
             let opts = RunOptions {
                 xdp_mode: xdp_mode.map(|m| match m {
@@ -193,13 +193,13 @@ fn check_config(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 "valid": true,
                 "vips": l.config.vips.len(),
                 "backends": l.config.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
-                "warnings": l.warnings.iter().map(|w| serde_json::json!({"path": w.path, "message": w.message})).collect::<Vec<_>>(),
+                "warnings": l.warnings.iter().map(problem_json).collect::<Vec<_>>(),
                 "errors": [],
             }),
             Err(ConfigError::Invalid { problems, .. }) => serde_json::json!({
                 "file": file,
                 "valid": false,
-                "errors": problems.iter().map(|p| serde_json::json!({"path": p.path, "message": p.message})).collect::<Vec<_>>(),
+                "errors": problems.iter().map(problem_json).collect::<Vec<_>>(),
             }),
             Err(e) => {
                 serde_json::json!({"file": file, "valid": false, "errors": [{"path": "", "message": e.to_string()}]})
@@ -210,7 +210,7 @@ fn check_config(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         match &result {
             Ok(l) => {
                 for w in &l.warnings {
-                    println!("{}: warning: {}: {}", file.display(), w.path, w.message);
+                    println!("warning: {}", w.in_file(file));
                 }
                 println!(
                     "{}: OK ({} vip(s), {} backend(s))",
@@ -230,6 +230,15 @@ fn check_config(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+fn problem_json(p: &config::Problem) -> serde_json::Value {
+    serde_json::json!({
+        "path": p.path,
+        "message": p.message,
+        "line": p.location.map(|l| l.line),
+        "column": p.location.map(|l| l.column),
     })
 }
 

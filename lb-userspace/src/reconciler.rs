@@ -48,6 +48,11 @@ pub enum ReconcileError {
         #[source]
         source: maglev::MaglevError,
     },
+    #[error(
+        "the services' tables need {needed} ring entries (two copies of each table_size), more \
+         than the maximum {max}; use smaller table_size values or fewer services per agent"
+    )]
+    RingTooLarge { needed: u64, max: u64 },
     #[error("the data path's ring is full: vip {vip} needs {needed} entries")]
     RingFull { vip: String, needed: u32 },
     #[error("too many VIPs (at most {max})")]
@@ -61,9 +66,23 @@ pub enum ReconcileError {
 /// How long a table half that stopped being live is left alone before it is rewritten.
 const HALF_REUSE_GRACE: Duration = Duration::from_millis(10);
 
+/// Largest ring the agent creates: 2^28 entries (1 GiB of tables).
+pub const MAX_RING_ENTRIES: u64 = 1 << 28;
+
 /// Ring entries to reserve for a set of VIPs: two halves per table, for atomic swaps.
-pub fn ring_entries_needed(config: &Config) -> u32 {
-    config.vips.iter().map(|v| 2 * v.table_size).sum()
+pub fn ring_entries_needed(config: &Config) -> Result<u32, ReconcileError> {
+    let needed: u64 = config
+        .vips
+        .iter()
+        .map(|v| 2 * u64::from(v.table_size))
+        .sum();
+    if needed > MAX_RING_ENTRIES {
+        return Err(ReconcileError::RingTooLarge {
+            needed,
+            max: MAX_RING_ENTRIES,
+        });
+    }
+    Ok(needed as u32)
 }
 
 /// Smallest-free-number allocator for VIP indices and backend ids.
@@ -312,8 +331,19 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Records that the program is attached, and says which services cannot forward yet (their
+    /// warnings were held back while nothing was live).
     pub fn set_attach_mode(&mut self, mode: AttachMode) {
         self.attach_mode = Some(mode);
+        for v in self.vips.iter().filter(|v| v.table.is_empty()) {
+            warn!(
+                vip = %v.cfg.name,
+                "vip {} has no usable backend ({} configured): its packets are dropped and \
+                 counted as drop_no_backend",
+                v.cfg.name,
+                v.backends.len()
+            );
+        }
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -432,14 +462,14 @@ impl Reconciler {
                 .iter()
                 .filter(|b| b.mac.is_some() && b.cfg.weight > 0)
                 .count();
-            if table.is_empty() {
+            if table.is_empty() && self.attach_mode.is_some() {
                 warn!(
                     vip = %vip.cfg.name,
                     "vip {} has no usable backend ({} configured): its packets are dropped and counted as drop_no_backend",
                     vip.cfg.name,
                     vip.backends.len()
                 );
-            } else {
+            } else if !table.is_empty() {
                 info!(
                     vip = %vip.cfg.name,
                     usable,

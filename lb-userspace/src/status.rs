@@ -73,12 +73,13 @@ pub struct WhichBackend {
     pub backend: Option<String>,
 }
 
-/// Renders the status for a terminal.
+/// Renders the status for a terminal, one line per service and per backend, like
+/// `ipvsadm -Ln --stats`.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "xdplb {}  interface {} (ifindex {}, {})  xdp {}  prog {}  up {}  log {}",
+        "xdplb {}  interface {} (ifindex {}, {})  xdp {}  prog {}  up {}  log {}  rebuilds {}",
         s.version,
         s.interface,
         s.ifindex,
@@ -87,42 +88,39 @@ pub fn render(s: &Status) -> String {
         s.program_id.map_or("-".to_string(), |i| i.to_string()),
         fmt_duration(s.uptime_secs),
         s.log_level,
+        s.table_rebuilds,
     );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<34} {:>7} {:<11} {:>6} {:>7} {:>12} {:>14}",
-        "Service / Backend", "Weight", "State", "Slots", "Share", "Packets", "Bytes"
+        "{:<4} {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
+        "Prot", "Service", "Name", "Table", "Usable", "", "Packets", "Bytes"
+    );
+    let _ = writeln!(
+        out,
+        "  -> {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
+        "Backend", "State", "Weight", "Slots", "Share", "Packets", "Bytes"
     );
     for v in &s.vips {
         let _ = writeln!(
             out,
-            "{:<34} {:>7} {:<11} {:>6} {:>7} {:>12} {:>14}",
-            format!(
-                "{} {}:{}/{}",
-                v.protocol.to_uppercase(),
-                v.address,
-                v.port,
-                v.protocol
-            )
-            .chars()
-            .take(34)
-            .collect::<String>(),
-            "",
-            format!("{}/{}", v.usable_backends, v.backends.len()),
+            "{:<4} {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
+            v.protocol.to_uppercase(),
+            format!("{}:{}", v.address, v.port),
+            v.name,
             v.table_size,
+            format!("{}/{}", v.usable_backends, v.backends.len()),
             "",
             v.packets,
             v.bytes
         );
-        let _ = writeln!(out, "  name {}", v.name);
         for b in &v.backends {
             let _ = writeln!(
                 out,
-                "  -> {:<31} {:>7} {:<11} {:>6} {:>6.1}% {:>12} {:>14}",
+                "  -> {:<22} {:<10} {:>7} {:>7} {:>7.1}% {:>12} {:>14}",
                 b.address,
-                b.weight,
                 b.state,
+                b.weight,
                 b.slots,
                 b.share * 100.0,
                 b.packets,
@@ -222,7 +220,8 @@ mod tests {
     #[test]
     fn renders_services_backends_and_reasons() {
         let text = render(&sample());
-        assert!(text.contains("TCP 10.0.0.100:80/tcp"), "{text}");
+        assert!(text.contains("TCP  10.0.0.100:80"), "{text}");
+        assert!(text.contains(" web "), "{text}");
         assert!(text.contains("-> 10.0.0.11"), "{text}");
         assert!(text.contains("100.0%"), "{text}");
         assert!(text.contains("pass_not_vip"), "{text}");

@@ -182,12 +182,23 @@ impl LbTopology {
     pub fn start_agent(&self, config: &str, extra_args: &[&str]) -> Result<Agent> {
         let cfg_path = self.dir.path().join("xdplb.toml");
         std::fs::write(&cfg_path, config)?;
+        self.start_agent_file(&cfg_path, &self.dir.path().join("xdplb.sock"), extra_args)
+    }
+
+    /// Starts `xdplb run --config cfg_path` (whose API socket is `socket`) inside the LB
+    /// namespace and waits until it forwards with every backend resolved.
+    pub fn start_agent_file(
+        &self,
+        cfg_path: &Path,
+        socket: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let log_path = self.dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = self.lb.ns.command(xdplb_bin());
         cmd.arg("run")
             .arg("--config")
-            .arg(&cfg_path)
+            .arg(cfg_path)
             .args(extra_args)
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
@@ -195,7 +206,7 @@ impl LbTopology {
         let guard = ChildGuard::spawn(&mut cmd)?;
         let mut agent = Agent {
             guard,
-            socket: self.dir.path().join("xdplb.sock"),
+            socket: socket.to_path_buf(),
             log: log_path,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
