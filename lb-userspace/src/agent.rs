@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, ApiError, Request},
     config::{Config, XdpModeSetting},
-    dataplane::{Dataplane, DataplaneError, LoadOptions, pin_dir},
+    dataplane::{AttachMode, Dataplane, DataplaneError, LoadOptions, pin_dir, remove_pins},
     logging::{self, EbpfLogBridge, LogLevel},
     net::{self, MacTable, NetError, Netlink},
     reconciler::{ReconcileError, Reconciler, ring_entries_needed},
@@ -92,6 +92,7 @@ pub async fn run(
 
     // 1. API socket first: a second agent must fail before touching the interface.
     let listener = api::bind(&socket_path).await?;
+    let _socket_file = RemoveOnDrop(socket_path.clone());
 
     // 2. The interface.
     let nl = Netlink::new()?;
@@ -99,13 +100,22 @@ pub async fn run(
     if !iface.up {
         warn!(interface = %iface_name, "interface is down: nothing will be forwarded until it is up");
     }
-    if let Some(prog_id) = iface.xdp_prog_id
-        && !pin_dir(&iface_name).join("link").exists()
-    {
-        return Err(AgentError::ForeignProgram {
-            interface: iface_name,
-            prog_id,
-        });
+    let pins = pin_dir(&iface_name);
+    let pinned = pins.join("link").exists();
+    match (iface.xdp_prog_id, pinned) {
+        (Some(prog_id), false) => {
+            return Err(AgentError::ForeignProgram {
+                interface: iface_name,
+                prog_id,
+            });
+        }
+        (None, true) => {
+            // Pins of a data path that no longer runs (the interface was recreated, or someone
+            // detached the program): nothing to take over.
+            warn!(path = %pins.display(), "removing stale pins of a data path that is no longer attached");
+            remove_pins(&pins);
+        }
+        _ => {}
     }
     check_backends_on_link(&nl, &config, iface.index).await;
 
@@ -181,7 +191,18 @@ pub async fn run(
 
     // 5. Attach and serve.
     let mode = opts.xdp_mode.unwrap_or(config.dataplane.xdp_mode);
-    let attached = rec.dataplane_mut().attach(&iface_name, iface.index, mode)?;
+    let mut attached = rec.dataplane_mut().attach(&iface_name, iface.index, mode)?;
+    if attached == AttachMode::Adopted {
+        // The adopted link kept the mode it was created with; report that one.
+        match nl.interface(&iface_name).await {
+            Ok(i) => {
+                if let Some(m) = i.xdp_mode.and_then(AttachMode::from_kernel) {
+                    attached = m;
+                }
+            }
+            Err(e) => warn!("could not read the adopted link's XDP mode: {e}"),
+        }
+    }
     rec.set_attach_mode(attached);
     info!(
         interface = %iface_name,
@@ -223,7 +244,6 @@ pub async fn run(
     // path stays), then detach or persist.
     let _ = api_stop_tx.send(());
     let _ = api_task.await;
-    let _ = std::fs::remove_file(&socket_path);
     let _ = cleanup_tx.send(!opts.keep_forwarding);
     drop(addrs_tx);
     drop(mac_rx);
@@ -244,6 +264,15 @@ pub async fn run(
         dp.detach()?;
     }
     Ok(())
+}
+
+/// Removes the API socket file however `run` ends, so no stale socket is left behind.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn handle(rec: &mut Reconciler, req: Request) {

@@ -8,7 +8,7 @@
 //! writes the maps"); anyone may read counters.
 //!
 //! Leaving and taking over: with `--keep-forwarding` the agent [`persist`](Dataplane::persist)s
-//! the link and maps under `/sys/fs/bpf/xdplb/<interface>/` and exits while the program keeps
+//! the link and maps under [`pin_dir`] and exits while the program keeps
 //! forwarding. The next agent finds that link and swaps its own freshly loaded program in with one
 //! `bpf_link_update` ([`Dataplane::attach`]); because Maglev tables are a pure function of the
 //! config, flows keep their backends across the swap.
@@ -132,7 +132,8 @@ pub struct LoadOptions {
 pub enum AttachMode {
     Driver,
     Generic,
-    /// Took over a link left by a previous agent; it keeps the mode it was created with.
+    /// Took over a link left by a previous agent; it keeps the mode it was created with, which
+    /// the kernel reports per interface (see `net::Interface::xdp_mode`).
     Adopted,
 }
 
@@ -142,6 +143,15 @@ impl AttachMode {
             AttachMode::Driver => "driver",
             AttachMode::Generic => "generic",
             AttachMode::Adopted => "adopted",
+        }
+    }
+
+    /// The mode as the kernel names it on the interface (`driver`, `generic`, ...).
+    pub fn from_kernel(name: &str) -> Option<AttachMode> {
+        match name {
+            "driver" => Some(AttachMode::Driver),
+            "generic" => Some(AttachMode::Generic),
+            _ => None,
         }
     }
 }
@@ -261,29 +271,16 @@ impl Dataplane {
             .map_max_entries(maps::RING, chunks)
             .load(EBPF_OBJECT)?;
         for name in [maps::PROG_XDPLB, maps::PROG_PASS] {
+            let program_err = |source| DataplaneError::Program {
+                program: name,
+                source,
+            };
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
-                .ok_or(DataplaneError::Program {
-                    program: if name == maps::PROG_XDPLB {
-                        maps::PROG_XDPLB
-                    } else {
-                        maps::PROG_PASS
-                    },
-                    source: ProgramError::NotLoaded,
-                })?
+                .ok_or(program_err(ProgramError::NotLoaded))?
                 .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    program: maps::PROG_XDPLB,
-                    source,
-                })?;
-            prog.load().map_err(|source| DataplaneError::Program {
-                program: if name == maps::PROG_XDPLB {
-                    maps::PROG_XDPLB
-                } else {
-                    maps::PROG_PASS
-                },
-                source,
-            })?;
+                .map_err(program_err)?;
+            prog.load().map_err(program_err)?;
         }
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
@@ -385,9 +382,7 @@ impl Dataplane {
             self.link = Some((interface.to_string(), id));
             // The previous agent's maps are no longer referenced by any program once the swap
             // is done; their pins are the last reference.
-            if let Err(e) = fs::remove_dir_all(&pin_dir) {
-                warn!(path = %pin_dir.display(), "could not remove the previous agent's pins: {e}");
-            }
+            remove_pins(&pin_dir);
             info!(
                 interface,
                 "took over the data path a previous agent left running (atomic program swap)"
@@ -607,8 +602,32 @@ fn reset(map: &mut PerCpuArray<MapData, Counter>, index: u32) -> Result<(), MapE
     map.set(index, values, 0)
 }
 
+/// Where the data path of `interface` is pinned: `/sys/fs/bpf/xdplb/<interface>` in the host's
+/// network namespace, `/sys/fs/bpf/xdplb/netns-<inode>/<interface>` in any other, since bpffs
+/// is shared by all network namespaces while interface names are not.
 pub fn pin_dir(interface: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(interface)
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    match (ns("/proc/thread-self/ns/net"), ns("/proc/1/ns/net")) {
+        (Some(me), Some(init)) if me == init => Path::new(PIN_ROOT).join(interface),
+        (Some((_, ino)), _) => Path::new(PIN_ROOT)
+            .join(format!("netns-{ino}"))
+            .join(interface),
+        (None, _) => Path::new(PIN_ROOT).join(interface),
+    }
+}
+
+/// Removes a pin directory and, if that leaves it empty, its per-namespace parent.
+pub fn remove_pins(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        warn!(path = %dir.display(), "could not remove pins: {e}");
+    }
+    if let Some(parent) = dir.parent()
+        && parent != Path::new(PIN_ROOT)
+    {
+        // Fails, harmlessly, while another interface of that namespace is still pinned.
+        let _ = fs::remove_dir(parent);
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (fresh machines, or a process started

@@ -17,7 +17,7 @@ use std::{
 use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::{
     AddressFamily,
-    link::{LinkAttribute, LinkFlags, LinkXdp},
+    link::{LinkAttribute, LinkFlags, LinkXdp, XdpAttached},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -59,6 +59,8 @@ pub struct Interface {
     pub mtu: Option<u32>,
     /// Id of the XDP program attached to it, if any.
     pub xdp_prog_id: Option<u32>,
+    /// How that program is attached: "driver", "generic", "offload" or "multiple".
+    pub xdp_mode: Option<&'static str>,
 }
 
 /// How the kernel would route to a backend.
@@ -110,6 +112,7 @@ impl Netlink {
         let mut mac = None;
         let mut mtu = None;
         let mut xdp_prog_id = None;
+        let mut xdp_mode = None;
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::Address(a) if a.len() == 6 => {
@@ -118,10 +121,18 @@ impl Netlink {
                 LinkAttribute::Mtu(m) => mtu = Some(*m),
                 LinkAttribute::Xdp(xdp) => {
                     for x in xdp {
-                        if let LinkXdp::ProgId(id) = x
-                            && *id != 0
-                        {
-                            xdp_prog_id = Some(*id);
+                        match x {
+                            LinkXdp::ProgId(id) if *id != 0 => xdp_prog_id = Some(*id),
+                            LinkXdp::Attached(a) => {
+                                xdp_mode = match a {
+                                    XdpAttached::Driver => Some("driver"),
+                                    XdpAttached::SocketBuffer => Some("generic"),
+                                    XdpAttached::Hardware => Some("offload"),
+                                    XdpAttached::Multiple => Some("multiple"),
+                                    _ => None,
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -137,6 +148,7 @@ impl Netlink {
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu,
             xdp_prog_id,
+            xdp_mode,
         })
     }
 

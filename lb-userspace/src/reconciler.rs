@@ -383,11 +383,13 @@ impl Reconciler {
         let vip = &mut self.vips[i];
         // 1. Backends that are (or stay) usable get their entry first, MAC included.
         let mut lost = Vec::new();
+        let mut changed = false;
         for b in &mut vip.backends {
             let mac = macs.get(&b.cfg.address).copied().flatten();
             if mac == b.mac {
                 continue;
             }
+            changed = true;
             match mac {
                 Some(m) => {
                     self.dp.set_backend(
@@ -403,6 +405,16 @@ impl Reconciler {
                 None => lost.push(b.id),
             }
             b.mac = mac;
+        }
+        // A MAC change alone (same set of usable backends) needs no new table.
+        let usable_changed = changed
+            && vip.backends.iter().any(|b| {
+                let in_table = b.slots > 0;
+                let usable = b.mac.is_some() && b.cfg.weight > 0;
+                in_table != usable
+            });
+        if vip.live.is_some() && !usable_changed {
+            return Ok(());
         }
         // 2. The table over the usable backends, published only if it changed.
         let inputs: Vec<MaglevBackend> = vip

@@ -177,8 +177,7 @@ impl LbTopology {
         )
     }
 
-    /// Starts `xdplb run` inside the LB namespace with `config` and waits until it forwards with
-    /// every backend resolved.
+    /// Starts `xdplb run` inside the LB namespace with `config` and waits until it forwards.
     pub fn start_agent(&self, config: &str, extra_args: &[&str]) -> Result<Agent> {
         let cfg_path = self.dir.path().join("xdplb.toml");
         std::fs::write(&cfg_path, config)?;
@@ -186,7 +185,7 @@ impl LbTopology {
     }
 
     /// Starts `xdplb run --config cfg_path` (whose API socket is `socket`) inside the LB
-    /// namespace and waits until it forwards with every backend resolved.
+    /// namespace and waits until it forwards.
     pub fn start_agent_file(
         &self,
         cfg_path: &Path,
@@ -235,14 +234,12 @@ impl Agent {
                     self.log_text()
                 );
             }
-            if let Ok(s) = self.status() {
-                let ready = s.xdp_mode.is_some()
-                    && s.vips
-                        .iter()
-                        .all(|v| v.backends.iter().all(|b| b.state == "up"));
-                if ready {
-                    return Ok(());
-                }
+            // The agent attaches once every backend MAC is known or its --mac-wait ran out, so
+            // an attached agent has resolved every backend that answers ARP.
+            if let Ok(s) = self.status()
+                && s.xdp_mode.is_some()
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
@@ -446,4 +443,13 @@ pub fn wait_for_log(agent: &Agent, needle: &str, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// Removes a directory (e.g. bpffs pins a test may leave) on drop.
+pub struct RemoveDir(pub PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

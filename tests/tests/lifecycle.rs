@@ -1,0 +1,307 @@
+//! Agent life cycle on real traffic: restart without stopping forwarding, backends whose MAC
+//! changes or never resolves.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::require_privileges,
+    topology::{
+        CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, VIP, backend_addr, tally, tcp_ask,
+        wait_for_log,
+    },
+};
+use lb_userspace::dataplane::pin_dir;
+
+fn web(backends: &[Ipv4Addr]) -> String {
+    let mut s =
+        format!("[[vip]]\nname = \"web\"\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\n");
+    for b in backends {
+        s.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
+    }
+    s
+}
+
+fn serve(topo: &LbTopology) -> IdentityServers {
+    let mut servers = IdentityServers::new();
+    for (i, b) in topo.backends.iter().enumerate() {
+        servers
+            .tcp(
+                &b.ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+                &format!("b{}", i + 1),
+            )
+            .unwrap();
+    }
+    // The LB's own stack also listens on 80: if the program were not forwarding, it would answer.
+    servers
+        .tcp(
+            &topo.lb.ns,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+            "lb",
+        )
+        .unwrap();
+    servers
+}
+
+/// `n` connections from fixed source ports; returns the answers or panics on any failure.
+fn connect_many(topo: &LbTopology, first_port: u16, n: u16) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let src = SocketAddrV4::new(CLIENT_ADDR, first_port + i);
+            tcp_ask(&topo.client.ns, Some(src), SocketAddrV4::new(VIP, 80))
+                .unwrap_or_else(|e| panic!("connection from {src} failed: {e:#}"))
+        })
+        .collect()
+}
+
+#[test]
+fn keep_forwarding_then_take_over() {
+    if !require_privileges("keep_forwarding_then_take_over") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = serve(&topo);
+    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
+    // The namespace's whole pin directory, whatever happens to the test.
+    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
+    let cfg = topo.config(&web(&[backend_addr(0), backend_addr(1), backend_addr(2)]));
+
+    let first = topo.start_agent(&cfg, &["--keep-forwarding"]).unwrap();
+    let before = connect_many(&topo, 21000, 150);
+    let st = first.stop();
+    assert!(st.success(), "first agent exited with {st}");
+    assert!(
+        pins.join("link").exists(),
+        "link not pinned at {}",
+        pins.display()
+    );
+    let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(
+        link.contains("prog/xdp"),
+        "program detached although kept:\n{link}"
+    );
+
+    // No agent: the data path keeps forwarding, flows keep their backends.
+    let alone = connect_many(&topo, 21000, 150);
+    assert_eq!(alone, before, "flows moved while no agent ran");
+    assert!(
+        !alone.iter().any(|a| a == "lb"),
+        "traffic fell through to the LB's stack"
+    );
+
+    // A new agent takes the data path over with an atomic program swap; flows stay put.
+    let second = topo.start_agent(&cfg, &[]).unwrap();
+    assert!(
+        wait_for_log(&second, "took over the data path", Duration::from_secs(5)),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(second.status().unwrap().xdp_mode.as_deref(), Some("driver"));
+    assert!(!pins.exists(), "old pins not cleaned up after the takeover");
+    assert!(
+        !pins.parent().unwrap().exists(),
+        "empty namespace pin directory left behind"
+    );
+    let after = connect_many(&topo, 21000, 150);
+    assert_eq!(after, before, "flows moved across the takeover");
+    let st = second.stop();
+    assert!(st.success());
+    let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(
+        !link.contains("prog/xdp"),
+        "still attached after a normal stop:\n{link}"
+    );
+}
+
+#[test]
+fn backend_mac_change_and_unresolvable_backend() {
+    if !require_privileges("backend_mac_change_and_unresolvable_backend") {
+        return;
+    }
+    let topo = LbTopology::new(2).expect("topology");
+    let _servers = serve(&topo);
+    let ghost = Ipv4Addr::new(10, 0, 0, 99);
+    let started = Instant::now();
+    let agent = topo
+        .start_agent(
+            &topo.config(&web(&[backend_addr(0), backend_addr(1), ghost])),
+            &["--mac-wait", "1"],
+        )
+        .unwrap();
+    eprintln!("agent forwarding after {:?}", started.elapsed());
+    assert!(
+        wait_for_log(
+            &agent,
+            "no MAC yet for backend(s) 10.0.0.99",
+            Duration::from_secs(2)
+        ),
+        "{}",
+        agent.log_text()
+    );
+
+    // The unresolvable backend is listed but holds no slot; nobody's traffic goes there.
+    let status = agent.status().unwrap();
+    let vip = &status.vips[0];
+    let g = vip
+        .backends
+        .iter()
+        .find(|b| b.address == "10.0.0.99")
+        .unwrap();
+    assert_eq!((g.state.as_str(), g.slots), ("unresolved", 0));
+    assert_eq!(vip.usable_backends, 2);
+    let answers = connect_many(&topo, 22000, 100);
+    let counts = tally(answers.iter().map(String::as_str));
+    assert_eq!(counts.len(), 2, "{counts:?}");
+
+    // b2 gets a new MAC and announces itself (its ARP request for the LB updates the LB's
+    // neighbour entry). The agent follows without dropping a connection.
+    let b2 = &topo.backends[1];
+    let new_mac = "02:00:00:00:aa:02";
+    b2.ns
+        .ip(&["link", "set", "eth0", "address", new_mac])
+        .unwrap();
+    b2.ns.ip(&["neigh", "flush", "dev", "eth0"]).unwrap();
+    b2.ns
+        .exec("ping", &["-c", "1", "-W", "1", "10.0.0.2"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = agent.status().unwrap();
+        let mac = s.vips[0].backends[1].mac.clone();
+        if mac.as_deref() == Some(new_mac) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent still has {mac:?} for b2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(wait_for_log(
+        &agent,
+        "backend MAC changed",
+        Duration::from_secs(1)
+    ));
+    let answers = connect_many(&topo, 23000, 100);
+    let counts = tally(answers.iter().map(String::as_str));
+    assert!(
+        counts.get("b2").copied().unwrap_or(0) > 20,
+        "b2 after its MAC change: {counts:?}"
+    );
+    assert!(agent.stop().success());
+}
+
+/// Starts `xdplb run` in `ns` and returns its exit status and log, for agents expected to stop
+/// on their own.
+fn run_to_exit(
+    ns: &lb_tests::netns::Netns,
+    dir: &std::path::Path,
+    config: &str,
+) -> (std::process::ExitStatus, String) {
+    let cfg = dir.join("once.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let log = dir.join("once.log");
+    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("once.err")).unwrap());
+    let mut guard = lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap();
+    let st = guard
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("xdplb should have exited");
+    let text = std::fs::read_to_string(&log).unwrap_or_default()
+        + &std::fs::read_to_string(dir.join("once.err")).unwrap_or_default();
+    (st, text)
+}
+
+#[test]
+fn refuses_a_foreign_xdp_program_and_a_second_agent() {
+    if !require_privileges("refuses_a_foreign_xdp_program_and_a_second_agent") {
+        return;
+    }
+    let topo = LbTopology::new(1).expect("topology");
+    let _servers = serve(&topo);
+    let cfg = topo.config(&web(&[backend_addr(0)]));
+
+    // Someone else's XDP program on the interface: the agent refuses and leaves it alone.
+    let foreign = lb_tests::topology::attach_pass(&topo.lb.ns, topo.lb.ifindex).unwrap();
+    let (st, log) = run_to_exit(&topo.lb.ns, topo.dir.path(), &cfg);
+    assert!(!st.success());
+    assert!(
+        log.contains("already has an XDP program attached (program id"),
+        "{log}"
+    );
+    let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(
+        link.contains("name xdp_pass"),
+        "foreign program was touched:\n{link}"
+    );
+    drop(foreign);
+
+    // A second agent with the same API socket refuses before touching anything; the first one
+    // keeps forwarding.
+    let agent = topo.start_agent(&cfg, &[]).unwrap();
+    let (st, log) = run_to_exit(&topo.lb.ns, topo.dir.path(), &cfg);
+    assert!(!st.success());
+    assert!(
+        log.contains("another xdplb agent is already running"),
+        "{log}"
+    );
+    assert_eq!(connect_many(&topo, 24000, 20), vec!["b1".to_string(); 20]);
+    assert!(agent.status().is_ok(), "first agent's API gone");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn auto_mode_falls_back_to_generic() {
+    if !require_privileges("auto_mode_falls_back_to_generic") {
+        return;
+    }
+    // A bridge has no native XDP support: driver mode fails, auto falls back to generic.
+    let ns = lb_tests::netns::Netns::new("auto").unwrap();
+    ns.ip(&["link", "add", "br-x", "type", "bridge"]).unwrap();
+    ns.ip(&["link", "set", "br-x", "up"]).unwrap();
+    let dir = lb_tests::topology::TempDir::new("auto").unwrap();
+    let sock = dir.path().join("x.sock");
+    let cfg = dir.path().join("x.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dataplane]\ninterface = \"br-x\"\nxdp_mode = \"auto\"\n[api]\nsocket = \"{}\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("x.log");
+    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut guard = lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap();
+    let client = lb_userspace::api::Client::new(&sock);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(s) = rt.block_on(client.status()) {
+            break s;
+        }
+        assert!(
+            guard.wait_timeout(Duration::ZERO).unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(Instant::now() < deadline, "agent never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.xdp_mode.as_deref(), Some("generic"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("falling back to generic mode"), "{text}");
+    assert!(guard.terminate(Duration::from_secs(10)).success());
+}
