@@ -389,41 +389,32 @@ impl Dataplane {
             );
             return Ok(AttachMode::Adopted);
         }
-        let try_mode =
-            |dp: &mut Dataplane, m: XdpMode| dp.program_mut().attach_to_if_index(ifindex, m);
+        let attempt = |dp: &mut Dataplane, m: XdpMode, name: &'static str| {
+            dp.program_mut()
+                .attach_to_if_index(ifindex, m)
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: name,
+                    source,
+                })
+        };
         let (id, attached) = match mode {
             XdpModeSetting::Driver => (
-                try_mode(self, XdpMode::Driver).map_err(|source| DataplaneError::Attach {
-                    interface: interface.to_string(),
-                    mode: "driver",
-                    source,
-                })?,
+                attempt(self, XdpMode::Driver, "driver")?,
                 AttachMode::Driver,
             ),
-            XdpModeSetting::Generic => (
-                try_mode(self, XdpMode::Skb).map_err(|source| DataplaneError::Attach {
-                    interface: interface.to_string(),
-                    mode: "generic",
-                    source,
-                })?,
-                AttachMode::Generic,
-            ),
-            XdpModeSetting::Auto => match try_mode(self, XdpMode::Driver) {
+            XdpModeSetting::Generic => {
+                (attempt(self, XdpMode::Skb, "generic")?, AttachMode::Generic)
+            }
+            XdpModeSetting::Auto => match attempt(self, XdpMode::Driver, "driver") {
                 Ok(id) => (id, AttachMode::Driver),
                 Err(e) => {
                     warn!(
                         interface,
-                        "driver-mode XDP failed ({e}); falling back to generic mode, which is \
-                         slower (the driver may not support XDP)"
+                        "{e}; falling back to generic mode, which is slower (the driver may not \
+                         support XDP)"
                     );
-                    (
-                        try_mode(self, XdpMode::Skb).map_err(|source| DataplaneError::Attach {
-                            interface: interface.to_string(),
-                            mode: "generic",
-                            source,
-                        })?,
-                        AttachMode::Generic,
-                    )
+                    (attempt(self, XdpMode::Skb, "generic")?, AttachMode::Generic)
                 }
             },
         };

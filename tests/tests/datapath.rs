@@ -30,19 +30,24 @@ fn host_decision() {
             ));
             continue;
         }
-        let expected = match &f.output {
-            Output::Unchanged => &f.input,
-            Output::Frame(out) => out,
-        };
-        if &frame != expected {
-            failures.push(format!(
-                "{}: output frame differs\n{}",
-                f.name,
-                hex_diff(expected, &frame)
-            ));
-        }
+        failures.extend(output_mismatch(&f, &frame));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The frame differs from what the fixture expects: its name and a hex diff.
+fn output_mismatch(f: &Fixture, frame: &[u8]) -> Option<String> {
+    let expected = match &f.output {
+        Output::Unchanged => &f.input,
+        Output::Frame(out) => out,
+    };
+    (frame != expected.as_slice()).then(|| {
+        format!(
+            "{}: output frame differs\n{}",
+            f.name,
+            hex_diff(expected, frame)
+        )
+    })
 }
 
 #[test]
@@ -136,17 +141,7 @@ fn kernel_program() {
             ));
             continue;
         }
-        let expected = match &f.output {
-            Output::Unchanged => &f.input,
-            Output::Frame(out) => out,
-        };
-        if &frame != expected {
-            failures.push(format!(
-                "{}: output frame differs\n{}",
-                f.name,
-                hex_diff(expected, &frame)
-            ));
-        }
+        failures.extend(output_mismatch(&f, &frame));
         // Exactly the expected counters moved, by one packet of the frame's length.
         let moved: Vec<String> = before
             .iter()

@@ -191,30 +191,38 @@ fn backend_mac_change_and_unresolvable_backend() {
     assert!(agent.stop().success());
 }
 
-/// Starts `xdplb run` in `ns` and returns its exit status and log, for agents expected to stop
-/// on their own.
+/// Starts `xdplb run` with `config` in `ns`; its output goes to `<dir>/<name>.log`.
+fn spawn_agent(
+    ns: &lb_tests::netns::Netns,
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+) -> (lb_tests::netns::ChildGuard, std::path::PathBuf) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    (lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap(), log)
+}
+
+/// Runs an agent expected to stop on its own; returns its exit status and output.
 fn run_to_exit(
     ns: &lb_tests::netns::Netns,
     dir: &std::path::Path,
     config: &str,
 ) -> (std::process::ExitStatus, String) {
-    let cfg = dir.join("once.toml");
-    std::fs::write(&cfg, config).unwrap();
-    let log = dir.join("once.log");
-    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.join("once.err")).unwrap());
-    let mut guard = lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap();
+    let (mut guard, log) = spawn_agent(ns, dir, "once", config);
     let st = guard
         .wait_timeout(Duration::from_secs(20))
         .unwrap()
         .expect("xdplb should have exited");
-    let text = std::fs::read_to_string(&log).unwrap_or_default()
-        + &std::fs::read_to_string(dir.join("once.err")).unwrap_or_default();
-    (st, text)
+    (st, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 #[test]
@@ -266,22 +274,15 @@ fn auto_mode_falls_back_to_generic() {
     ns.ip(&["link", "set", "br-x", "up"]).unwrap();
     let dir = lb_tests::topology::TempDir::new("auto").unwrap();
     let sock = dir.path().join("x.sock");
-    let cfg = dir.path().join("x.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (mut guard, log) = spawn_agent(
+        &ns,
+        dir.path(),
+        "auto",
+        &format!(
             "[dataplane]\ninterface = \"br-x\"\nxdp_mode = \"auto\"\n[api]\nsocket = \"{}\"\n",
             sock.display()
         ),
-    )
-    .unwrap();
-    let log = dir.path().join("x.log");
-    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut guard = lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap();
+    );
     let client = lb_userspace::api::Client::new(&sock);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
