@@ -58,6 +58,20 @@ pub fn flow_hash_v4(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], 
     )
 }
 
+/// The slot of a VIP's table (of `ring_size` entries, non-zero) an IPv4 flow uses. The one
+/// definition of "which slot" for the data path, the agent's `which-backend` and the tests.
+#[inline(always)]
+pub fn flow_slot_v4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+    ring_size: u32,
+) -> u32 {
+    flow_hash_v4(src, dst, sport, dport, proto) % ring_size
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

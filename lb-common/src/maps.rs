@@ -54,6 +54,8 @@ pub const RING_CHUNK_ENTRIES: u32 = 16;
 /// log2 of [`RING_CHUNK_ENTRIES`].
 pub const RING_CHUNK_SHIFT: u32 = 4;
 const _: () = assert!(1 << RING_CHUNK_SHIFT == RING_CHUNK_ENTRIES);
+/// `BPF_F_NO_PREALLOC`, from `include/uapi/linux/bpf.h`.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// `BPF_F_MMAPABLE`, from `include/uapi/linux/bpf.h`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -75,8 +77,11 @@ pub struct VipKey {
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
 
-/// Value of [`VIPS`]. Written by the agent only, always as a whole (hash-map update is atomic for
-/// readers).
+/// Value of [`VIPS`]. Written by the agent only, always as a whole. [`VIPS`] is created with
+/// [`BPF_F_NO_PREALLOC`]: an update links a new element and frees the old one only after an RCU
+/// grace period, so a program that looked up the old element keeps reading consistent values
+/// (a preallocated map recycles the old element at once, and a reader could see fields of two
+/// updates).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
@@ -103,9 +108,10 @@ const _: () = assert!(core::mem::size_of::<VipAddrKey>() == 4);
 
 /// Value of [`BACKENDS`]. Written by the agent only.
 ///
-/// On a MAC change the agent overwrites the entry in place; `mac` and `flags` share the first
-/// 8 bytes, which the kernel's array update copies with one 8-byte store on 64-bit machines, so a
-/// reader never sees half a MAC.
+/// An entry is written before any table that references it is published. On a MAC change the
+/// agent overwrites the entry in place (the kernel copies array values with `memcpy`), so a
+/// packet forwarded at the very moment of the change may leave with a mix of the old and new MAC
+/// and be lost; MAC changes are rare and TCP retransmits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendInfo {

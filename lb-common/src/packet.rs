@@ -36,7 +36,7 @@ use network_types::{
 
 use crate::{
     Reason,
-    hash::flow_hash_v4,
+    hash::flow_slot_v4,
     maps::{BACKEND_F_READY, BackendInfo, Settings, VipAddrKey, VipInfo, VipKey},
 };
 
@@ -57,7 +57,9 @@ pub trait Frame {
 /// The agent's maps, as the decision sees them.
 pub trait Tables {
     fn settings(&self) -> Option<&Settings>;
-    fn vip(&self, key: &VipKey) -> Option<&VipInfo>;
+    /// A copy of the VIP's entry: its fields must come from one version of it, so it is read
+    /// once, right after the lookup.
+    fn vip(&self, key: &VipKey) -> Option<VipInfo>;
     fn is_vip_addr(&self, key: &VipAddrKey) -> bool;
     /// Entry `index` of the ring (a backend id, 0 = none); `None` if out of range.
     fn ring(&self, index: u32) -> Option<u32>;
@@ -161,7 +163,8 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     if ip_hdr_len + l4_min > tot_len {
         return Verdict::of(Reason::DropMalformedL4);
     }
-    // TCP and UDP both start with source port, destination port.
+    // TCP and UDP both start with source port, destination port. The length checks above
+    // already guarantee these bytes are in the frame; the verifier needs to see the check.
     let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
         return Verdict::of(Reason::DropMalformedL4);
     };
@@ -187,7 +190,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     if vip.ring_size == 0 {
         return v;
     }
-    let slot = flow_hash_v4(src, dst, sport, dport, proto) % vip.ring_size;
+    let slot = flow_slot_v4(src, dst, sport, dport, proto, vip.ring_size);
     let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
         v.reason = Reason::DropInternal;
         return v;
@@ -209,7 +212,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return v;
     };
     let Some(macs) = frame.ptr_at::<[[u8; 6]; 2]>(0) else {
-        // Unreachable: the IPv4 header was read past these bytes.
+        // Unreachable (the IPv4 header was read past these bytes); the verifier needs the check.
         v.reason = Reason::DropMalformedEth;
         return v;
     };

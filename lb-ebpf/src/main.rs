@@ -19,16 +19,17 @@ use aya_log_ebpf::{debug, error, info, warn};
 use lb_common::{
     Action, Reason,
     maps::{
-        BPF_F_MMAPABLE, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, RING_CHUNK_ENTRIES,
-        RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings, VipAddrKey, VipInfo, VipKey,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS,
+        RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings, VipAddrKey,
+        VipInfo, VipKey,
     },
     packet::{self, Frame, Tables, Verdict},
 };
 
 #[map]
-static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
-static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
 static RING: Array<RingChunk> = Array::with_max_entries(RING_PLACEHOLDER, BPF_F_MMAPABLE);
 #[map]
@@ -78,9 +79,10 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn vip(&self, key: &VipKey) -> Option<&VipInfo> {
-        // SAFETY: the agent replaces values whole (hash-map update), never in place.
-        unsafe { VIPS.get(key) }
+    fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        // SAFETY: the agent replaces values whole, and the map is not preallocated, so the element
+        // stays intact until every reader is done with it (see lb_common::maps::VipInfo).
+        unsafe { VIPS.get(key).copied() }
     }
 
     #[inline(always)]

@@ -1,44 +1,56 @@
 //! `xdplb run`: the agent's life cycle.
 //!
 //! Order of start-up, each step failing with a clear error before the next touches the system:
-//! 1. bind the API socket (refuses if another agent answers on it);
-//! 2. look up the interface (exists, has a MAC; refuses if a foreign XDP program is attached);
-//! 3. load the program and have the kernel verify it; write settings and VIPs;
-//! 4. learn the backends' MACs (waiting up to `mac_wait` so the first table is complete);
-//! 5. attach (or take over a data path a previous agent left running), then serve.
+//! 1. install the SIGINT/SIGTERM handlers (a signal during start-up stops it cleanly);
+//! 2. bind the API socket (refuses if another agent answers on it);
+//! 3. look up the interface (exists, has a MAC; refuses if an XDP program xdplb did not leave
+//!    behind is attached);
+//! 4. load the program and have the kernel verify it; write settings and VIPs;
+//! 5. learn the backends' MACs (waiting up to `mac_wait` so the first table is complete);
+//! 6. attach (or take over a data path a previous agent left running), then serve.
 //!
 //! It runs until `shutdown` resolves or SIGINT/SIGTERM arrives, then detaches the program, unless
-//! `keep_forwarding` is set, in which case the data path is pinned and keeps forwarding with the
-//! last tables.
+//! `keep_forwarding` is set, in which case the data path stays attached (pinned) and keeps
+//! forwarding with the last tables. However it ends, the API socket file goes, and the neighbour
+//! entries it made are removed unless the data path stays.
 
 use std::{
     collections::BTreeSet,
     future::Future,
     net::Ipv4Addr,
     path::PathBuf,
+    pin::Pin,
     time::{Duration, Instant},
 };
 
+use futures::FutureExt as _;
 use thiserror::Error;
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, ApiError, Request},
+    api::{self, ApiError, Failure, Request},
     config::{Config, XdpModeSetting},
-    dataplane::{AttachMode, Dataplane, DataplaneError, LoadOptions, pin_dir, remove_pins},
+    dataplane::{
+        AttachMode, Attached, Dataplane, DataplaneError, LoadOptions, pin_dir, remove_pins,
+    },
     logging::{self, EbpfLogBridge, LogLevel},
     net::{self, MacTable, NetError, Netlink},
-    reconciler::{ReconcileError, Reconciler, ring_entries_needed},
+    reconciler::{ReconcileError, Reconciler},
 };
 
 /// Ring entries reserved even for a small config, so services added later fit without
 /// reloading the program (4 MiB).
 pub const MIN_RING_ENTRIES: u32 = 1 << 20;
+/// How long a failed apply waits before it is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Upper bound on each shutdown step, so a stuck peer cannot keep the agent from exiting.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -73,40 +85,126 @@ pub enum AgentError {
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
     #[error(
-        "interface {interface} already has an XDP program attached (program id {prog_id}) that \
-         xdplb did not leave behind; detach it first (`ip link set dev {interface} xdp off`)"
+        "interface {interface} already has an XDP program attached (program id {prog_id}, name \
+         `{name}`) that xdplb did not leave behind; xdplb never replaces it. Detach it first \
+         (`ip link set dev {interface} xdp off`){hint}"
     )]
-    ForeignProgram { interface: String, prog_id: u32 },
+    ForeignProgram {
+        interface: String,
+        prog_id: u32,
+        name: String,
+        hint: &'static str,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What ends the agent: the injected future, SIGINT or SIGTERM.
+struct Stop {
+    sigint: Signal,
+    sigterm: Signal,
+    shutdown: Pin<Box<dyn Future<Output = ()>>>,
+}
+
+impl Stop {
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = &mut self.shutdown => "shutdown requested",
+            _ = self.sigint.recv() => "SIGINT received",
+            _ = self.sigterm.recv() => "SIGTERM received",
+        }
+    }
+}
+
+/// The MAC watcher task and its channels; [`MacWatcher::stop`] ends it.
+struct MacWatcher {
+    addrs: watch::Sender<BTreeSet<Ipv4Addr>>,
+    tables: mpsc::Receiver<MacTable>,
+    cleanup: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl MacWatcher {
+    fn start(nl: Netlink, ifindex: u32, addrs: BTreeSet<Ipv4Addr>) -> MacWatcher {
+        let (addrs_tx, addrs_rx) = watch::channel(addrs);
+        let (tables_tx, tables) = mpsc::channel(4);
+        let (cleanup, cleanup_rx) = watch::channel(true);
+        let task = tokio::spawn(net::watch_macs(
+            nl, ifindex, addrs_rx, tables_tx, cleanup_rx,
+        ));
+        MacWatcher {
+            addrs: addrs_tx,
+            tables,
+            cleanup,
+            task,
+        }
+    }
+
+    /// Stops the watcher; it removes the neighbour entries xdplb made if `cleanup`.
+    async fn stop(self, cleanup: bool) {
+        let MacWatcher {
+            addrs,
+            tables,
+            cleanup: cleanup_tx,
+            task,
+        } = self;
+        let _ = cleanup_tx.send(cleanup);
+        drop(addrs);
+        drop(tables);
+        if tokio::time::timeout(SHUTDOWN_STEP, task).await.is_err() {
+            warn!("the MAC watcher did not stop in time; neighbour entries may remain");
+        }
+    }
+}
+
+/// Removes the API socket file however `run` ends, so no stale socket is left behind.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Runs the agent until `shutdown` resolves or a termination signal arrives.
 pub async fn run(
     config: Config,
     opts: RunOptions,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), AgentError> {
-    let iface_name = config.dataplane.interface.clone();
-    let socket_path: PathBuf = config.api.socket.clone();
+    // 1. Signals first: until they are handled, SIGTERM would kill the process mid-way.
+    let mut stop = Stop {
+        sigint: signal(SignalKind::interrupt())?,
+        sigterm: signal(SignalKind::terminate())?,
+        shutdown: Box::pin(shutdown.fuse()),
+    };
 
-    // 1. API socket first: a second agent must fail before touching the interface.
+    // 2. API socket: a second agent must fail before touching the interface.
+    let socket_path = config.api.socket.clone();
     let listener = api::bind(&socket_path).await?;
     let _socket_file = RemoveOnDrop(socket_path.clone());
 
-    // 2. The interface.
+    // 3. The interface.
+    let iface_name = config.dataplane.interface.clone();
     let nl = Netlink::new()?;
     let iface = nl.interface(&iface_name).await?;
     if !iface.up {
         warn!(interface = %iface_name, "interface is down: nothing will be forwarded until it is up");
     }
     let pins = pin_dir(&iface_name);
-    let pinned = pins.join("link").exists();
-    match (iface.xdp_prog_id, pinned) {
+    match (iface.xdp_prog_id, pins.join("link").exists()) {
         (Some(prog_id), false) => {
+            let name = program_name(prog_id).unwrap_or_else(|| "?".to_string());
+            let hint = if name == lb_common::maps::PROG_XDPLB {
+                "; it looks like another xdplb agent, running with another API socket"
+            } else {
+                ""
+            };
             return Err(AgentError::ForeignProgram {
                 interface: iface_name,
                 prog_id,
+                name,
+                hint,
             });
         }
         (None, true) => {
@@ -119,8 +217,8 @@ pub async fn run(
     }
     check_backends_on_link(&nl, &config, iface.index).await;
 
-    // 3. Program and maps.
-    let ring_entries = ring_entries_needed(&config)?.max(MIN_RING_ENTRIES);
+    // 4. Program and maps.
+    let ring_entries = config.ring_entries_needed().max(MIN_RING_ENTRIES);
     let mut dp = Dataplane::load(LoadOptions { ring_entries })?;
     info!(
         program_id = ?dp.program_id(),
@@ -143,72 +241,105 @@ pub async fn run(
         opts.log_level,
     )?;
 
-    // 4. Backend MACs.
-    let (addrs_tx, addrs_rx) = watch::channel::<BTreeSet<Ipv4Addr>>(rec.wanted_addrs());
-    let (mac_tx, mut mac_rx) = mpsc::channel::<MacTable>(4);
-    let (cleanup_tx, cleanup_rx) = watch::channel(false);
-    let watcher = tokio::spawn(net::watch_macs(
-        nl.clone(),
+    // 5 and 6. From here on neighbour entries may exist: whatever happens, the watcher is stopped
+    // and cleans up, unless the data path stays.
+    let mut watcher = MacWatcher::start(nl.clone(), iface.index, rec.wanted_addrs());
+    let outcome = serve(
+        &mut rec,
+        &mut watcher,
+        &nl,
         iface.index,
-        addrs_rx,
-        mac_tx,
-        cleanup_rx,
-    ));
+        listener,
+        &config,
+        &opts,
+        &mut stop,
+    )
+    .await;
+    let keep = opts.keep_forwarding && matches!(outcome, Ok(true));
+    watcher.stop(!keep).await;
+    if let Some(t) = logger_task {
+        t.abort();
+    }
+    let attached = outcome?;
+    let dp = rec.into_dataplane();
+    if keep {
+        let dir = dp.persist()?;
+        info!(
+            path = %dir.display(),
+            "left the data path attached and pinned; the next `xdplb run` on this interface \
+             takes it over"
+        );
+    } else if attached {
+        let mut dp = dp;
+        dp.detach()?;
+    }
+    Ok(())
+}
+
+/// Waits for MACs, attaches, serves until told to stop. Returns whether the program got attached.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pieces run() owns; one call site"
+)]
+async fn serve(
+    rec: &mut Reconciler,
+    watcher: &mut MacWatcher,
+    nl: &Netlink,
+    ifindex: u32,
+    listener: tokio::net::UnixListener,
+    config: &Config,
+    opts: &RunOptions,
+    stop: &mut Stop,
+) -> Result<bool, AgentError> {
+    let iface_name = &config.dataplane.interface;
     let deadline = Instant::now() + opts.mac_wait;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, mac_rx.recv()).await {
-            Ok(Some(table)) => {
-                let complete = table.values().all(Option::is_some);
-                rec.apply_macs(table)?;
-                if complete {
+        tokio::select! {
+            why = stop.wait() => {
+                info!("{why} during start-up; stopping before attaching");
+                return Ok(false);
+            }
+            got = tokio::time::timeout(remaining, watcher.tables.recv()) => match got {
+                Ok(Some(table)) => {
+                    let complete = table.values().all(Option::is_some);
+                    rec.apply_macs(table).await?;
+                    if complete {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    let missing = rec.unresolved();
+                    if !missing.is_empty() {
+                        let list: Vec<String> = missing.iter().map(|a| a.to_string()).collect();
+                        warn!(
+                            "no MAC yet for backend(s) {} after {:?}; starting without them, \
+                             they join as soon as they answer ARP",
+                            list.join(", "),
+                            opts.mac_wait
+                        );
+                    }
                     break;
                 }
-            }
-            Ok(None) | Err(_) => {
-                let status = rec.status()?;
-                let missing: Vec<String> = status
-                    .vips
-                    .iter()
-                    .flat_map(|v| v.backends.iter())
-                    .filter(|b| b.mac.is_none())
-                    .map(|b| b.address.clone())
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
-                if !missing.is_empty() {
-                    warn!(
-                        "no MAC yet for backend(s) {} after {:?}; starting without them, they \
-                         join as soon as they answer ARP",
-                        missing.join(", "),
-                        opts.mac_wait
-                    );
-                }
-                break;
-            }
+            },
         }
     }
 
-    // 5. Attach and serve.
     let mode = opts.xdp_mode.unwrap_or(config.dataplane.xdp_mode);
-    let mut attached = rec.dataplane_mut().attach(&iface_name, iface.index, mode)?;
-    if attached == AttachMode::Adopted {
-        // The adopted link kept the mode it was created with; report that one.
-        match nl.interface(&iface_name).await {
-            Ok(i) => {
-                if let Some(m) = i.xdp_mode.and_then(AttachMode::from_kernel) {
-                    attached = m;
-                }
-            }
-            Err(e) => warn!("could not read the adopted link's XDP mode: {e}"),
+    let attached = match rec.dataplane_mut().attach(iface_name, ifindex, mode)? {
+        Attached::New(m) => m,
+        Attached::TookOver => {
+            // The link kept the mode it was created with; the kernel knows which.
+            let kernel = nl.interface(iface_name).await.ok().and_then(|i| i.xdp_mode);
+            AttachMode::from_kernel(kernel)
         }
-    }
+    };
     rec.set_attach_mode(attached);
     info!(
         interface = %iface_name,
         mode = attached.as_str(),
         vips = config.vips.len(),
-        api = %socket_path.display(),
+        api = %config.api.socket.display(),
         "xdplb is forwarding"
     );
 
@@ -217,68 +348,47 @@ pub async fn run(
     let api_task = tokio::spawn(api::serve(listener, req_tx, async move {
         let _ = api_stop_rx.await;
     }));
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    tokio::pin!(shutdown);
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = &mut shutdown => { info!("shutdown requested"); break }
-            _ = sigint.recv() => { info!("SIGINT received, stopping"); break }
-            _ = sigterm.recv() => { info!("SIGTERM received, stopping"); break }
+            why = stop.wait() => { info!("{why}, stopping"); break }
             _ = sighup.recv() => {
                 warn!("SIGHUP received: configuration reload is not supported yet; restart the \
                        agent to apply a changed config (forwarding continues unchanged)");
             }
-            Some(table) = mac_rx.recv() => {
-                if let Err(e) = rec.apply_macs(table) {
-                    error!("applying backend MAC changes failed: {e}");
+            Some(table) = watcher.tables.recv() => {
+                if let Err(e) = rec.apply_macs(table).await {
+                    error!("applying backend MAC changes failed (retrying every {RETRY_INTERVAL:?}): {e}");
                 }
             }
-            Some(req) = req_rx.recv() => handle(&mut rec, req),
+            _ = retry.tick(), if rec.needs_retry() => {
+                if rec.resync().await.is_ok() {
+                    info!("changes applied after retrying");
+                }
+            }
+            Some(req) = req_rx.recv() => handle(rec, req),
         }
     }
-
-    // Shutdown: stop the API, stop watching MACs (removing our neighbour entries unless the data
-    // path stays), then detach or persist.
+    // Requests still queued or arriving now are answered "shutting down" rather than left
+    // waiting, which would keep the server's graceful shutdown from finishing.
+    drop(req_rx);
     let _ = api_stop_tx.send(());
-    let _ = api_task.await;
-    let _ = cleanup_tx.send(!opts.keep_forwarding);
-    drop(addrs_tx);
-    drop(mac_rx);
-    let _ = watcher.await;
-    if let Some(t) = logger_task {
-        t.abort();
+    if tokio::time::timeout(SHUTDOWN_STEP, api_task).await.is_err() {
+        warn!("the API did not stop in time");
     }
-    let dp = rec.into_dataplane();
-    if opts.keep_forwarding {
-        let dir = dp.persist()?;
-        info!(
-            path = %dir.display(),
-            "left the data path attached and pinned; the next `xdplb run` on this interface \
-             takes it over"
-        );
-    } else {
-        let mut dp = dp;
-        dp.detach()?;
-    }
-    Ok(())
-}
-
-/// Removes the API socket file however `run` ends, so no stale socket is left behind.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    Ok(true)
 }
 
 fn handle(rec: &mut Reconciler, req: Request) {
+    let internal = |e: ReconcileError| match e {
+        ReconcileError::NoSuchVip(_) => Failure::not_found(e.to_string()),
+        e => Failure::internal(e.to_string()),
+    };
     match req {
         Request::Status(reply) => {
-            let _ = reply.send(rec.status().map_err(|e| e.to_string()));
+            let _ = reply.send(rec.status().map_err(internal));
         }
         Request::WhichBackend {
             vip,
@@ -286,13 +396,10 @@ fn handle(rec: &mut Reconciler, req: Request) {
             src,
             reply,
         } => {
-            let _ = reply.send(
-                rec.which_backend(vip, proto, src)
-                    .map_err(|e| e.to_string()),
-            );
+            let _ = reply.send(rec.which_backend(vip, proto, src).map_err(internal));
         }
         Request::SetLogLevel { level, reply } => {
-            let r = rec.set_log_level(level).map_err(|e| e.to_string());
+            let r = rec.set_log_level(level).map_err(internal);
             if r.is_ok() {
                 logging::set_level(level);
                 info!(%level, "log level changed (agent and data path)");
@@ -300,6 +407,14 @@ fn handle(rec: &mut Reconciler, req: Request) {
             let _ = reply.send(r);
         }
     }
+}
+
+/// The name of a loaded BPF program, for messages.
+fn program_name(id: u32) -> Option<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
 }
 
 /// dsr-l2 only works for backends on the interface's L2 segment; say so early for the others.

@@ -19,7 +19,10 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{
+        Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, put},
@@ -40,18 +43,43 @@ use crate::{
     status::{Status, WhichBackend},
 };
 
+/// Why the agent could not answer a request: the HTTP status and the message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Failure {
+    /// The request names something that does not exist (404).
+    pub fn not_found(message: impl Into<String>) -> Failure {
+        Failure {
+            status: 404,
+            message: message.into(),
+        }
+    }
+
+    /// The agent failed to do what was asked (500).
+    pub fn internal(message: impl Into<String>) -> Failure {
+        Failure {
+            status: 500,
+            message: message.into(),
+        }
+    }
+}
+
 /// A question or command for the agent's reconciler task.
 pub enum Request {
-    Status(oneshot::Sender<Result<Status, String>>),
+    Status(oneshot::Sender<Result<Status, Failure>>),
     WhichBackend {
         vip: SocketAddrV4,
         proto: Protocol,
         src: SocketAddrV4,
-        reply: oneshot::Sender<Result<WhichBackend, String>>,
+        reply: oneshot::Sender<Result<WhichBackend, Failure>>,
     },
     SetLogLevel {
         level: LogLevel,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), Failure>>,
     },
 }
 
@@ -105,6 +133,7 @@ pub async fn serve(
         .route("/v1/status", get(status))
         .route("/v1/which-backend", get(which_backend))
         .route("/v1/log-level", put(log_level))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(tx);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -122,22 +151,23 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 
 async fn ask<T>(
     tx: &mpsc::Sender<Request>,
-    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Request,
+    make: impl FnOnce(oneshot::Sender<Result<T, Failure>>) -> Request,
 ) -> Result<T, Response> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(make(reply)).await.map_err(|_| {
+    let shutting_down = || {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is shutting down",
         )
-    })?;
+    };
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply)).await.map_err(|_| shutting_down())?;
     match rx.await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, e)),
-        Err(_) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is shutting down",
+        Ok(Err(f)) => Err(error(
+            StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            f.message,
         )),
+        Err(_) => Err(shutting_down()),
     }
 }
 
@@ -156,8 +186,12 @@ struct WhichQuery {
 
 async fn which_backend(
     State(tx): State<mpsc::Sender<Request>>,
-    Query(q): Query<WhichQuery>,
+    q: Result<Query<WhichQuery>, QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let (vip, proto) = match parse_service(&q.vip) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("vip: {e}")),
@@ -191,8 +225,12 @@ struct LogLevelBody {
 
 async fn log_level(
     State(tx): State<mpsc::Sender<Request>>,
-    Json(body): Json<LogLevelBody>,
+    body: Result<Json<LogLevelBody>, JsonRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     let level: LogLevel = match body.level.parse() {
         Ok(l) => l,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),

@@ -36,11 +36,15 @@ use toml::Spanned;
 pub const MAX_WEIGHT: u32 = 65535;
 /// Weight of a backend that does not set one.
 pub const DEFAULT_WEIGHT: u32 = 1;
-/// Maglev table size of a VIP that does not set one: a prime, well above 100 times the backends
-/// of a typical service.
-pub const DEFAULT_TABLE_SIZE: u32 = 65537;
-/// Largest accepted Maglev table size: the largest prime below 2^24.
-pub const MAX_TABLE_SIZE: u32 = 16_777_213;
+/// The Maglev table size of a VIP that does not set one, and the largest accepted.
+pub use crate::maglev::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE};
+/// Most services one agent serves (the capacity of the data path's VIP maps).
+pub const MAX_VIPS: u32 = lb_common::maps::MAX_VIPS;
+/// Most (service, backend) pairs one agent serves (backend ids 1 to 65535).
+pub const MAX_BACKEND_PAIRS: u32 = lb_common::maps::MAX_BACKENDS - 1;
+/// Most table entries one agent holds: two copies of every service's table (for atomic swaps),
+/// 4 bytes each; 2^28 entries is 1 GiB.
+pub const MAX_RING_ENTRIES: u64 = 1 << 28;
 /// Below this many table entries per backend, Maglev's spread of load degrades (the Maglev paper,
 /// section 3.4, picks M > 100 N to keep backends within about 1% of each other).
 pub const TABLE_ENTRIES_PER_BACKEND: u32 = 100;
@@ -306,6 +310,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     let raw = deserialize(text).map_err(invalid)?;
     let mut checker = Checker {
         text,
+        line_starts: std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect(),
         errors: Vec::new(),
         warnings: Vec::new(),
     };
@@ -563,16 +570,32 @@ struct SeenVips {
 /// why, and carries on so that one run finds every problem.
 struct Checker<'a> {
     text: &'a str,
+    /// Byte offset of the start of every line, so a location costs a binary search rather than a
+    /// scan of the file (configs with tens of thousands of backends record one per backend).
+    line_starts: Vec<usize>,
     errors: Vec<Problem>,
     warnings: Vec<Problem>,
 }
 
 impl Checker<'_> {
+    fn location(&self, offset: usize) -> Location {
+        let mut offset = offset.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line - 1];
+        Location {
+            line,
+            column: self.text[start..offset].chars().count() + 1,
+        }
+    }
+
     fn problem(&self, path: &str, span: Option<Range<usize>>, message: String) -> Problem {
         Problem {
             path: path.to_owned(),
             message,
-            location: span.map(|s| location(self.text, s.start)),
+            location: span.map(|s| self.location(s.start)),
         }
     }
 
@@ -589,7 +612,7 @@ impl Checker<'_> {
     fn first_seen(&self, path: &str, span: Range<usize>) -> FirstSeen {
         FirstSeen {
             path: path.to_owned(),
-            line: Some(location(self.text, span.start).line),
+            line: Some(self.location(span.start).line),
         }
     }
 
@@ -682,7 +705,50 @@ impl Checker<'_> {
                 vips
             });
         }
-        vips
+        let vips = vips?;
+        self.capacity(&vips).then_some(vips)
+    }
+
+    /// The data path's fixed capacities, so that a config `check-config` accepts also loads.
+    fn capacity(&mut self, vips: &[Vip]) -> bool {
+        let mut ok = true;
+        if vips.len() > MAX_VIPS as usize {
+            self.error(
+                "vip",
+                None,
+                format!(
+                    "{} services; one agent serves at most {MAX_VIPS}",
+                    vips.len()
+                ),
+            );
+            ok = false;
+        }
+        let pairs: usize = vips.iter().map(|v| v.backends.len()).sum();
+        if pairs > MAX_BACKEND_PAIRS as usize {
+            self.error(
+                "vip",
+                None,
+                format!(
+                    "{pairs} backends over all services; one agent serves at most \
+                     {MAX_BACKEND_PAIRS} (a backend in two services counts twice)"
+                ),
+            );
+            ok = false;
+        }
+        let ring = ring_entries(vips);
+        if ring > MAX_RING_ENTRIES {
+            self.error(
+                "vip",
+                None,
+                format!(
+                    "the services' tables need {ring} entries (two copies of every table_size, \
+                     for atomic updates), more than the {MAX_RING_ENTRIES} one agent holds; use \
+                     smaller table_size values"
+                ),
+            );
+            ok = false;
+        }
+        ok
     }
 
     fn vip(&mut self, path: &str, raw: Spanned<RawVip>, seen: &mut SeenVips) -> Option<Vip> {
@@ -830,7 +896,7 @@ impl Checker<'_> {
                     let address = self.value(v, &address_path, |s| ipv4(s, Role::Backend));
                     match (address, &vip_address) {
                         (Some(a), Some((vip, vip_span))) if a == *vip => {
-                            let vip_line = location(self.text, vip_span.start).line;
+                            let vip_line = self.location(vip_span.start).line;
                             let message = format!(
                                 "backend {a} is the VIP's own address (line {vip_line}); a \
                                  backend must be another host"
@@ -1104,22 +1170,7 @@ fn table_size(n: i64) -> Result<u32, String> {
     ))
 }
 
-fn is_prime(n: u32) -> bool {
-    if n < 4 {
-        return n >= 2;
-    }
-    if n.is_multiple_of(2) || n.is_multiple_of(3) {
-        return false;
-    }
-    let mut d = 5u32;
-    while d.saturating_mul(d) <= n {
-        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
-            return false;
-        }
-        d += 6;
-    }
-    true
-}
+use crate::maglev::is_prime;
 
 /// Largest prime below `n`.
 fn prev_prime(n: u32) -> Option<u32> {
@@ -1129,6 +1180,18 @@ fn prev_prime(n: u32) -> Option<u32> {
 /// Smallest prime at or above `n`, up to [`MAX_TABLE_SIZE`].
 fn next_prime(n: u32) -> Option<u32> {
     (n..=MAX_TABLE_SIZE).find(|&k| is_prime(k))
+}
+
+fn ring_entries(vips: &[Vip]) -> u64 {
+    vips.iter().map(|v| 2 * u64::from(v.table_size)).sum()
+}
+
+impl Config {
+    /// Ring entries the data path needs for these services: two copies of every table. At most
+    /// [`MAX_RING_ENTRIES`] in a validated config.
+    pub fn ring_entries_needed(&self) -> u32 {
+        u32::try_from(ring_entries(&self.vips)).expect("validated against MAX_RING_ENTRIES")
+    }
 }
 
 fn interface_name(name: &str) -> Result<String, String> {
@@ -1595,6 +1658,52 @@ address = "10.0.0.21"
                 line: 2,
                 column: 13
             })
+        );
+    }
+
+    /// `n` TCP services on ports 1..=n of one address, each with `backends` backends and the
+    /// given table size.
+    fn many(n: usize, backends: usize, table_size: u32) -> String {
+        let mut t = DATAPLANE.to_string();
+        for i in 0..n {
+            t.push_str(&format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = {}\nprotocol = \"tcp\"\n\
+                 table_size = {table_size}\n",
+                i + 1
+            ));
+            for b in 0..backends {
+                t.push_str(&format!(
+                    "[[vip.backend]]\naddress = \"10.1.{}.{}\"\n",
+                    b / 250,
+                    b % 250 + 1
+                ));
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn capacities_of_the_data_path_are_checked() {
+        // 8 services at the largest table size fit; 9 do not (2 copies each, 2^28 entries).
+        let loaded = ok(&many(8, 1, MAX_TABLE_SIZE));
+        assert_eq!(
+            u64::from(loaded.config.ring_entries_needed()),
+            16 * u64::from(MAX_TABLE_SIZE)
+        );
+        assert_one(
+            &many(9, 1, MAX_TABLE_SIZE),
+            "vip",
+            &["need 301989834 entries", "more than the 268435456"],
+        );
+        assert_one(
+            &many(MAX_VIPS as usize + 1, 1, 13),
+            "vip",
+            &["4097 services; one agent serves at most 4096"],
+        );
+        assert_one(
+            &many(2, 32768, 65537),
+            "vip",
+            &["65536 backends over all services", "at most 65535"],
         );
     }
 

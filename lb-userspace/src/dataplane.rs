@@ -16,17 +16,17 @@
 use std::{
     fs,
     io::{self, BufRead as _},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     ptr::NonNull,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
+        links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -89,11 +89,14 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("taking over the link pinned at {path}: {source}")]
+    #[error(
+        "taking over the data path pinned at {path} failed ({source}); the previous program is \
+         still attached and forwarding"
+    )]
     Adopt {
         path: PathBuf,
         #[source]
-        source: LinkError,
+        source: io::Error,
     },
     #[error("pinning under {path}: {source}")]
     Pin {
@@ -126,15 +129,14 @@ pub struct LoadOptions {
     pub ring_entries: u32,
 }
 
-/// How the program ended up attached.
+/// How the program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Driver,
     Generic,
-    /// Took over a link left by a previous agent; it keeps the mode it was created with, which
-    /// the kernel reports per interface (see `net::Interface::xdp_mode`).
-    Adopted,
+    /// Attached, but the kernel did not say how (only after taking over a link).
+    Unknown,
 }
 
 impl AttachMode {
@@ -142,18 +144,28 @@ impl AttachMode {
         match self {
             AttachMode::Driver => "driver",
             AttachMode::Generic => "generic",
-            AttachMode::Adopted => "adopted",
+            AttachMode::Unknown => "unknown",
         }
     }
 
-    /// The mode as the kernel names it on the interface (`driver`, `generic`, ...).
-    pub fn from_kernel(name: &str) -> Option<AttachMode> {
+    /// The mode as the kernel reports it for an interface (see `net::Interface::xdp_mode`).
+    pub fn from_kernel(name: Option<&str>) -> AttachMode {
         match name {
-            "driver" => Some(AttachMode::Driver),
-            "generic" => Some(AttachMode::Generic),
-            _ => None,
+            Some("driver") => AttachMode::Driver,
+            Some("generic") => AttachMode::Generic,
+            _ => AttachMode::Unknown,
         }
     }
+}
+
+/// What [`Dataplane::attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link in this mode.
+    New(AttachMode),
+    /// Swapped this program into the link a previous agent left pinned; the link keeps the mode
+    /// it was created with.
+    TookOver,
 }
 
 /// The flat ring (all Maglev tables) mapped into our address space.
@@ -179,7 +191,7 @@ impl Ring {
                 len_bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.fd().as_fd_raw(),
+                map.fd().as_fd().as_raw_fd(),
                 0,
             )
         };
@@ -234,16 +246,6 @@ impl Drop for Ring {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
-    }
-}
-
-trait AsFdRaw {
-    fn as_fd_raw(&self) -> i32;
-}
-impl AsFdRaw for aya::maps::MapFd {
-    fn as_fd_raw(&self) -> i32 {
-        use std::os::fd::AsFd as _;
-        self.as_fd().as_raw_fd()
     }
 }
 
@@ -354,40 +356,47 @@ impl Dataplane {
         interface: &str,
         ifindex: u32,
         mode: XdpModeSetting,
-    ) -> Result<AttachMode, DataplaneError> {
+    ) -> Result<Attached, DataplaneError> {
         let pin_dir = pin_dir(interface);
         let link_path = pin_dir.join("link");
         if link_path.exists() {
-            let adopt = |source| DataplaneError::Adopt {
+            let adopt_err = |source: io::Error| DataplaneError::Adopt {
                 path: link_path.clone(),
                 source,
             };
-            let fd_link = PinnedLink::from_pin(&link_path)
-                .map_err(adopt)?
-                .unpin()
-                .map_err(|e| {
-                    adopt(LinkError::SyscallError(aya::sys::SyscallError {
-                        call: "unlink",
-                        io_error: e,
-                    }))
+            // Swap through the pinned link first: if the kernel refuses (say, the new program's
+            // attach flags differ), the pin stays and the old program keeps forwarding.
+            let prog_fd = self
+                .program()
+                .fd()
+                .map_err(|source| DataplaneError::Program {
+                    program: maps::PROG_XDPLB,
+                    source,
                 })?;
-            let link = XdpLink::try_from(fd_link).map_err(adopt)?;
+            let link_fd = bpf_obj_get(&link_path).map_err(adopt_err)?;
+            bpf_link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(adopt_err)?;
+            // The link runs this program now; take it over from the pin. Re-pointing it at the
+            // same program is how aya learns about the link, and changes nothing in the kernel.
+            let fd_link = PinnedLink::from_pin(&link_path)
+                .map_err(|e| adopt_err(io::Error::other(e)))?
+                .unpin()
+                .map_err(adopt_err)?;
+            let link = XdpLink::try_from(fd_link).map_err(|e| adopt_err(io::Error::other(e)))?;
             let id = self.program_mut().attach_to_link(link).map_err(|source| {
                 DataplaneError::Attach {
                     interface: interface.to_string(),
-                    mode: "adopted",
+                    mode: "existing link",
                     source,
                 }
             })?;
+            drop(link_fd);
             self.link = Some((interface.to_string(), id));
-            // The previous agent's maps are no longer referenced by any program once the swap
-            // is done; their pins are the last reference.
             remove_pins(&pin_dir);
             info!(
                 interface,
                 "took over the data path a previous agent left running (atomic program swap)"
             );
-            return Ok(AttachMode::Adopted);
+            return Ok(Attached::TookOver);
         }
         let attempt = |dp: &mut Dataplane, m: XdpMode, name: &'static str| {
             dp.program_mut()
@@ -419,7 +428,7 @@ impl Dataplane {
             },
         };
         self.link = Some((interface.to_string(), id));
-        Ok(attached)
+        Ok(Attached::New(attached))
     }
 
     /// Detaches the program (if attached). Dropping the `Dataplane` does the same.
@@ -436,8 +445,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Leaves the program attached after this process exits: pins the link and the maps under
-    /// `/sys/fs/bpf/xdplb/<interface>/` for the next agent to take over.
+    /// Leaves the program attached after this process exits: pins the link under [`pin_dir`] for
+    /// the next agent to take over. The link keeps the program, and the program its maps.
     pub fn persist(mut self) -> Result<PathBuf, DataplaneError> {
         let Some((interface, id)) = self.link.take() else {
             return Err(DataplaneError::Pin {
@@ -447,25 +456,16 @@ impl Dataplane {
         };
         ensure_bpffs()?;
         let dir = pin_dir(&interface);
-        let pin_err =
-            |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Pin {
-                path: path.to_path_buf(),
-                source: e,
-            };
-        fs::create_dir_all(dir.join("maps")).map_err(|e| pin_err(&dir, e.into()))?;
-        for (name, map) in [
-            (maps::VIPS, self.vips.map()),
-            (maps::VIP_ADDRS, self.vip_addrs.map()),
-            (maps::BACKENDS, self.backends.map()),
-            (maps::SETTINGS, self.settings.map()),
-            (maps::VIP_STATS, self.vip_stats.map()),
-            (maps::BACKEND_STATS, self.backend_stats.map()),
-            (maps::REASON_STATS, self.reason_stats.map()),
-            (maps::RING, &self.ring._map),
-        ] {
-            let path = dir.join("maps").join(name);
-            map.pin(&path).map_err(|e| pin_err(&path, e.into()))?;
+        let link_path = dir.join("link");
+        let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Pin {
+            path: link_path.clone(),
+            source: e,
+        };
+        // Whatever an earlier failed attempt left there would make the pin fail.
+        if dir.exists() {
+            remove_pins(&dir);
         }
+        fs::create_dir_all(&dir).map_err(|e| pin_err(e.into()))?;
         let link = self
             .program_mut()
             .take_link(id)
@@ -473,11 +473,8 @@ impl Dataplane {
                 program: maps::PROG_XDPLB,
                 source,
             })?;
-        let link_path = dir.join("link");
-        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(&link_path, e.into()))?;
-        fd_link
-            .pin(&link_path)
-            .map_err(|e| pin_err(&link_path, e.into()))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+        fd_link.pin(&link_path).map_err(|e| pin_err(e.into()))?;
         Ok(dir)
     }
 
@@ -606,6 +603,43 @@ pub fn pin_dir(interface: &str) -> PathBuf {
             .join(interface),
         (None, _) => Path::new(PIN_ROOT).join(interface),
     }
+}
+
+/// `BPF_OBJ_GET`: opens a pinned BPF object.
+fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // union bpf_attr, obj_get: pathname (u64), bpf_fd (u32), file_flags (u32), path_fd (s32).
+    let mut attr = [0u64; 3];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, 7 /* BPF_OBJ_GET */, attr.as_ptr(), 24)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: points a link at another program, atomically for the traffic.
+fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // union bpf_attr, link_update: link_fd, new_prog_fd, flags, old_prog_fd (all u32).
+    let attr: [u32; 4] = [link.as_raw_fd() as u32, prog.as_raw_fd() as u32, 0, 0];
+    // SAFETY: attr is a valid bpf_attr prefix; the fds are open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            29, /* BPF_LINK_UPDATE */
+            attr.as_ptr(),
+            16,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Removes a pin directory and, if that leaves it empty, its per-namespace parent.

@@ -5,8 +5,13 @@
 //! kernel is told to keep the neighbour entry resolved (a "managed" entry, `NTF_EXT_MANAGED`,
 //! Linux >= 5.16; on older kernels a datagram to the discard port triggers ARP instead), and the
 //! watcher reports the current MAC of each address (or `None` while unresolved) every time it
-//! changes, driven by neighbour events from the kernel plus a periodic resync. It never invents a
-//! MAC: an address is `Some` only while the kernel holds a valid link-layer address for it.
+//! changes, driven by neighbour events for those addresses plus a periodic resync. It never
+//! invents a MAC: an address is `Some` only while the kernel holds a valid link-layer address for
+//! it.
+//!
+//! Entries xdplb creates or converts carry the protocol number [`NEIGH_PROTO_XDPLB`], so whichever
+//! xdplb instance stops last on an interface (without `--keep-forwarding`) can remove them, and
+//! entries an administrator made are never touched.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,13 +20,14 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::{
     AddressFamily,
     link::{LinkAttribute, LinkFlags, LinkXdp, XdpAttached},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
-    route::{RouteAddress, RouteAttribute, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType},
 };
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 use thiserror::Error;
@@ -78,7 +84,13 @@ pub struct Neighbour {
     pub mac: Option<[u8; 6]>,
     pub state: NeighbourState,
     pub managed: bool,
+    /// Created or converted by xdplb (marked with [`NEIGH_PROTO_XDPLB`]).
+    pub ours: bool,
 }
+
+/// Protocol number (`NDA_PROTOCOL`, `ip neigh ... proto 213`) marking neighbour entries xdplb
+/// made; any unassigned value below 256 would do.
+pub const NEIGH_PROTO_XDPLB: u8 = 213;
 
 /// A handle on rtnetlink (the connection runs as a tokio task).
 #[derive(Clone)]
@@ -214,9 +226,11 @@ impl Netlink {
                 None => req.state(NeighbourState::None).replace(),
             },
         };
-        req.message_mut()
-            .attributes
-            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        let attrs = &mut req.message_mut().attributes;
+        attrs.push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        attrs.push(NeighbourAttribute::Protocol(RouteProtocol::from(
+            NEIGH_PROTO_XDPLB,
+        )));
         req.execute()
             .await
             .map_err(nl(format!("make neighbour {addr} managed")))
@@ -243,6 +257,7 @@ fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
     let mut addr = None;
     let mut mac = None;
     let mut managed = false;
+    let mut ours = false;
     for attr in &msg.attributes {
         match attr {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
@@ -250,6 +265,7 @@ fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
                 mac = <[u8; 6]>::try_from(l.as_slice()).ok();
             }
             NeighbourAttribute::ExtFlags(f) => managed = f.contains(NeighbourExtFlags::Managed),
+            NeighbourAttribute::Protocol(p) => ours = u8::from(*p) == NEIGH_PROTO_XDPLB,
             _ => {}
         }
     }
@@ -273,6 +289,7 @@ fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
         },
         state,
         managed,
+        ours,
     })
 }
 
@@ -286,8 +303,8 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// Keeps the MACs of `addrs` resolved and sends the whole table on `tx` whenever any of them
-/// changes (and once at start). Runs until `tx` is closed. Managed entries it created are
-/// removed when `cleanup` is true at that point.
+/// changes (and once at start). Runs until `addrs`' sender is dropped or `tx` is closed; then,
+/// if `cleanup` is true, removes the neighbour entries xdplb made for those addresses.
 pub async fn watch_macs(
     nl: Netlink,
     ifindex: u32,
@@ -302,55 +319,91 @@ pub async fn watch_macs(
         }
         Err(e) => {
             warn!(
-                "cannot subscribe to neighbour events ({e}); relying on polling every {RESYNC_INTERVAL:?}"
+                "cannot subscribe to neighbour events ({e}); relying on polling every \
+                 {RESYNC_INTERVAL:?}"
             );
             None
         }
     };
-    let mut created: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut wanted = addrs.borrow_and_update().clone();
     let mut last: Option<MacTable> = None;
     let mut tick = tokio::time::interval(RESYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = true;
     loop {
-        let wanted = addrs.borrow_and_update().clone();
-        match sync_once(&nl, ifindex, &wanted, &mut created).await {
-            Ok(table) => {
-                if last.as_ref() != Some(&table) {
-                    if tx.send(table.clone()).await.is_err() {
-                        break;
+        if dirty {
+            dirty = false;
+            match sync_once(&nl, ifindex, &wanted).await {
+                Ok(table) => {
+                    if last.as_ref() != Some(&table) {
+                        if tx.send(table.clone()).await.is_err() {
+                            break;
+                        }
+                        last = Some(table);
                     }
-                    last = Some(table);
                 }
+                Err(e) => warn!("reading the neighbour table failed: {e}"),
             }
-            Err(e) => warn!("reading the neighbour table failed: {e}"),
         }
         tokio::select! {
-            _ = tick.tick() => {}
-            r = addrs.changed() => if r.is_err() { break },
+            _ = tick.tick() => dirty = true,
+            r = addrs.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                wanted = addrs.borrow_and_update().clone();
+                dirty = true;
+            }
             _ = tx.closed() => break,
             ev = async {
                 match events.as_mut() {
                     Some(rx) => rx.next().await,
                     None => std::future::pending().await,
                 }
-            } => {
-                if ev.is_none() {
-                    events = None;
+            } => match ev {
+                None => events = None,
+                Some((msg, _)) if concerns(&msg, ifindex, &wanted) => {
+                    // Events come in bursts (one per state change): read the table once.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    dirty = true;
                 }
-                tokio::time::sleep(DEBOUNCE).await;
-                if let Some(rx) = events.as_mut() {
-                    // Drain the rest of the burst.
-                    while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, rx.next()).await {}
-                }
-            }
+                Some(_) => {}
+            },
         }
     }
     if *cleanup.borrow() {
-        for addr in created {
-            match nl.del_neighbour(ifindex, addr).await {
-                Ok(()) => debug!(%addr, "removed the managed neighbour entry we created"),
-                Err(e) => debug!(%addr, "could not remove managed neighbour entry: {e}"),
-            }
+        remove_ours(&nl, ifindex, &wanted).await;
+    }
+}
+
+/// Whether a neighbour event is about one of `wanted` on `ifindex`.
+fn concerns(
+    msg: &netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    ifindex: u32,
+    wanted: &BTreeSet<Ipv4Addr>,
+) -> bool {
+    let n = match &msg.payload {
+        netlink_packet_core::NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n),
+        ) => n,
+        _ => return false,
+    };
+    n.header.ifindex == ifindex && parse_neighbour(n).is_some_and(|n| wanted.contains(&n.addr))
+}
+
+/// Removes the neighbour entries for `addrs` that xdplb made (this instance or an earlier one).
+async fn remove_ours(nl: &Netlink, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) {
+    let present = match nl.neighbours(ifindex).await {
+        Ok(p) => p,
+        Err(e) => {
+            debug!("cannot list neighbours to clean up: {e}");
+            return;
+        }
+    };
+    for n in present.iter().filter(|n| n.ours && addrs.contains(&n.addr)) {
+        match nl.del_neighbour(ifindex, n.addr).await {
+            Ok(()) => debug!(addr = %n.addr, "removed the neighbour entry xdplb made"),
+            Err(e) => debug!(addr = %n.addr, "could not remove neighbour entry: {e}"),
         }
     }
 }
@@ -359,7 +412,6 @@ async fn sync_once(
     nl: &Netlink,
     ifindex: u32,
     wanted: &BTreeSet<Ipv4Addr>,
-    created: &mut BTreeSet<Ipv4Addr>,
 ) -> Result<MacTable, NetError> {
     let present: BTreeMap<Ipv4Addr, Neighbour> = nl
         .neighbours(ifindex)
@@ -370,22 +422,25 @@ async fn sync_once(
     let mut table = MacTable::new();
     for &addr in wanted {
         let entry = present.get(&addr);
-        table.insert(addr, entry.and_then(|n| n.mac));
+        let mac = entry.and_then(|n| n.mac);
+        table.insert(addr, mac);
         // Managed entries are re-resolved by the kernel itself; static ones never change.
         let kept = entry.is_some_and(|n| {
             n.managed || matches!(n.state, NeighbourState::Permanent | NeighbourState::Noarp)
         });
         if kept {
+            if mac.is_none() {
+                // A managed entry that failed is retried by the kernel every few seconds; a
+                // datagram makes it try now.
+                poke(addr);
+            }
             continue;
         }
         match nl.make_managed(ifindex, addr, entry).await {
-            Ok(()) => {
-                created.insert(addr);
-                debug!(%addr, "asked the kernel to keep this backend's MAC resolved");
-            }
+            Ok(()) => debug!(%addr, "asked the kernel to keep this backend's MAC resolved"),
             Err(e) => {
                 debug!(%addr, "managed neighbour entry not possible ({e}); probing instead");
-                if entry.and_then(|n| n.mac).is_none() {
+                if mac.is_none() {
                     poke(addr);
                 }
             }

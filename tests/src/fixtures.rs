@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
     Reason,
-    hash::flow_hash_v4,
+    hash::flow_slot_v4,
     maps::{BACKEND_F_READY, BackendInfo, Settings, VipAddrKey, VipInfo, VipKey},
     packet::Tables,
 };
@@ -21,8 +21,9 @@ use crate::packet::{self, ETH_P_8021AD, ETH_P_8021Q, LB_MAC, Packet, TCP_ACK, TC
 pub const M: u32 = 13;
 
 pub const MAC_B1: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
-pub const MAC_B2: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
-pub const MAC_B3: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0d];
+/// The UDP VIP's table has a different backend in every slot (ids from this one on), so a flow
+/// that the kernel and the host hash to different slots cannot end at the same MAC.
+pub const UDP_FIRST_ID: u32 = 10;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 /// A VIP whose table is empty (ring_size 0).
@@ -57,7 +58,7 @@ pub fn key(addr: Ipv4Addr, port: u16, proto: u8) -> VipKey {
 
 impl World {
     /// - 10.0.0.100:80/tcp (vip 0): every slot -> backend 1 (MAC_B1).
-    /// - 10.0.0.100:53/udp (vip 1): slots alternate backends 2 and 3.
+    /// - 10.0.0.100:53/udp (vip 1): slot i -> backend UDP_FIRST_ID + i (M distinct backends).
     /// - 10.0.0.101:80/tcp (vip 2): ring_size 0.
     /// - 10.0.0.102:80/tcp (vip 3): every slot -> backend 4, which is not ready.
     /// - 10.0.0.103:80/tcp (vip 4): all slots 0.
@@ -87,7 +88,7 @@ impl World {
         add(
             key(VIP, 53, 17),
             1,
-            Some((0..M).map(|i| 2 + i % 2).collect()),
+            Some((0..M).map(|i| UDP_FIRST_ID + i).collect()),
         );
         add(key(VIP_EMPTY, 80, 6), 2, None);
         add(key(VIP_BROKEN, 80, 6), 3, Some(vec![4; M as usize]));
@@ -98,10 +99,8 @@ impl World {
             addr,
             vip_index,
         };
-        let backends = BTreeMap::from([
+        let mut backends = BTreeMap::from([
             (1, ready(MAC_B1, [10, 0, 0, 11], 0)),
-            (2, ready(MAC_B2, [10, 0, 0, 12], 1)),
-            (3, ready(MAC_B3, [10, 0, 0, 13], 1)),
             (
                 4,
                 BackendInfo {
@@ -110,6 +109,13 @@ impl World {
                 },
             ),
         ]);
+        for i in 0..M {
+            let n = i as u8;
+            backends.insert(
+                UDP_FIRST_ID + i,
+                ready([0x02, 0, 0, 0, 0x01, n], [10, 0, 1, n], 1),
+            );
+        }
         let vip_addrs = [VIP, VIP_EMPTY, VIP_BROKEN, VIP_ZEROS]
             .into_iter()
             .map(|a| (VipAddrKey { addr: a.octets() }, 1))
@@ -130,14 +136,15 @@ impl World {
     /// The backend MAC the world sends a flow to, computed from the ring as the data path does.
     pub fn expected_mac(&self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> [u8; 6] {
         let info = self.vips[&key(dst.0, dst.1, proto)];
-        let h = flow_hash_v4(
+        let slot = flow_slot_v4(
             src.0.octets(),
             dst.0.octets(),
             src.1.to_be_bytes(),
             dst.1.to_be_bytes(),
             proto,
+            info.ring_size,
         );
-        let id = self.ring[(info.ring_base + h % info.ring_size) as usize];
+        let id = self.ring[(info.ring_base + slot) as usize];
         self.backends[&id].mac
     }
 }
@@ -149,8 +156,8 @@ impl Tables for HostTables<'_> {
     fn settings(&self) -> Option<&Settings> {
         Some(&self.0.settings)
     }
-    fn vip(&self, key: &VipKey) -> Option<&VipInfo> {
-        self.0.vips.get(key)
+    fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        self.0.vips.get(key).copied()
     }
     fn is_vip_addr(&self, key: &VipAddrKey) -> bool {
         self.0.vip_addrs.contains_key(key)
@@ -220,6 +227,10 @@ pub fn all() -> Vec<Fixture> {
         (5001, "udp_to_vip_flow_b"),
         (5002, "udp_to_vip_flow_c"),
         (5003, "udp_to_vip_flow_d"),
+        (5004, "udp_to_vip_flow_e"),
+        (5005, "udp_to_vip_flow_f"),
+        (61000, "udp_to_vip_flow_g"),
+        (65535, "udp_to_vip_flow_h"),
     ]
     .into_iter()
     .map(|(port, name)| {
@@ -362,13 +373,13 @@ pub fn all() -> Vec<Fixture> {
             Reason::DropMalformedIp,
         ),
         same(
-            "ipv4_options_beyond_frame",
-            // IHL 15 claims 60 header bytes; the frame ends after 40.
+            "ipv4_ihl_15_beyond_total_length",
+            // IHL 15 claims 60 header bytes; the packet is 40 bytes long.
             syn.clone().ihl(15).tot_len(40).frame(),
             Reason::DropMalformedIp,
         ),
         same(
-            "tcp_header_truncated_by_frame",
+            "tcp_header_truncated",
             {
                 let f = syn.clone().tot_len(20 + 10).frame();
                 f[..14 + 20 + 10].to_vec()

@@ -350,16 +350,23 @@ impl Drop for IdentityServers {
 
 /// Connects from `ns` (from `src` if given) to `dst`, reads the peer's one-line answer.
 pub fn tcp_ask(ns: &Netns, src: Option<SocketAddrV4>, dst: SocketAddrV4) -> Result<String> {
-    let stream = ns.run_in(move || -> Result<TcpStream> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        if let Some(src) = src {
-            s.bind(&SocketAddr::V4(src).into())?;
-        }
-        s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
-        Ok(s.into())
-    })?;
+    let stream = ns.run_in(move || connect(src, dst))?;
     read_line(stream)
+}
+
+/// Connects from the calling thread's namespace, within 3 s.
+fn connect(src: Option<SocketAddrV4>, dst: SocketAddrV4) -> Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if let Some(src) = src {
+        s.bind(&SocketAddr::V4(src).into())?;
+    }
+    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
+    Ok(s.into())
+}
+
+fn connect_and_read(src: Option<SocketAddrV4>, dst: SocketAddrV4) -> Result<String> {
+    read_line(connect(src, dst)?)
 }
 
 fn read_line(mut s: TcpStream) -> Result<String> {
@@ -451,5 +458,74 @@ pub struct RemoveDir(pub PathBuf);
 impl Drop for RemoveDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Connections opened one after another from `ns` to `dst` on a thread, until stopped; for
+/// checking that an event in the middle does not break any.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<TrafficReport>>,
+}
+
+#[derive(Debug, Default)]
+pub struct TrafficReport {
+    /// Answers, in order.
+    pub answers: Vec<String>,
+    /// Failed connections: source and error.
+    pub failures: Vec<String>,
+}
+
+impl Traffic {
+    /// Starts connecting from source ports `first_port`, `first_port + 1`, ... (wrapping within
+    /// 10000 ports), each connection a new flow.
+    pub fn start(ns: &Netns, src: Ipv4Addr, first_port: u16, dst: SocketAddrV4) -> Result<Traffic> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // The thread only creates sockets inside `ns` through a namespace handle of its own.
+        let fd = ns.run_in(|| std::fs::File::open("/proc/thread-self/ns/net"))?;
+        let thread = std::thread::spawn(move || {
+            // SAFETY: entering the network namespace of an fd we own, on this thread only.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return TrafficReport {
+                    failures: vec![format!("setns: {}", std::io::Error::last_os_error())],
+                    ..Default::default()
+                };
+            }
+            let mut report = TrafficReport::default();
+            let mut i = 0u16;
+            while !flag.load(Ordering::Relaxed) {
+                let port = first_port + i % 10000;
+                i = i.wrapping_add(1);
+                let s = SocketAddrV4::new(src, port);
+                match connect_and_read(Some(s), dst) {
+                    Ok(a) => report.answers.push(a),
+                    Err(e) => report.failures.push(format!("{s}: {e:#}")),
+                }
+            }
+            report
+        });
+        Ok(Traffic {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn finish(mut self) -> TrafficReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("traffic thread panicked")
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

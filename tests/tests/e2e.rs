@@ -319,6 +319,10 @@ fn wire_drops_and_diagnostics() {
         "fragment diagnostic missing from the agent log:\n{}",
         agent.log_text()
     );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reason("drop_fragment") < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(reason("drop_fragment"), 2);
 
     // Malformed IP: counted, but logged only at debug, which is off until the operator asks.

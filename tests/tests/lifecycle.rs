@@ -9,8 +9,8 @@ use std::{
 use lb_tests::{
     netns::require_privileges,
     topology::{
-        CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, VIP, backend_addr, tally, tcp_ask,
-        wait_for_log,
+        Agent, CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, Traffic, VIP, backend_addr,
+        tally, tcp_ask, wait_for_log,
     },
 };
 use lb_userspace::dataplane::pin_dir;
@@ -71,6 +71,15 @@ fn keep_forwarding_then_take_over() {
 
     let first = topo.start_agent(&cfg, &["--keep-forwarding"]).unwrap();
     let before = connect_many(&topo, 21000, 150);
+    // New connections keep flowing through the stop, the time without agent and the takeover.
+    let traffic = Traffic::start(
+        &topo.client.ns,
+        CLIENT_ADDR,
+        40000,
+        SocketAddrV4::new(VIP, 80),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let st = first.stop();
     assert!(st.success(), "first agent exited with {st}");
     assert!(
@@ -107,6 +116,21 @@ fn keep_forwarding_then_take_over() {
     );
     let after = connect_many(&topo, 21000, 150);
     assert_eq!(after, before, "flows moved across the takeover");
+    let during = traffic.finish();
+    eprintln!(
+        "{} connections during stop, no-agent time and takeover, {} failed",
+        during.answers.len(),
+        during.failures.len()
+    );
+    assert!(during.failures.is_empty(), "{:?}", during.failures);
+    assert!(
+        during.answers.len() > 50,
+        "too little traffic to mean anything"
+    );
+    assert!(
+        !during.answers.iter().any(|a| a == "lb"),
+        "fell through to the LB's stack"
+    );
     let st = second.stop();
     assert!(st.success());
     let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
@@ -157,7 +181,16 @@ fn backend_mac_change_and_unresolvable_backend() {
     assert_eq!(counts.len(), 2, "{counts:?}");
 
     // b2 gets a new MAC and announces itself (its ARP request for the LB updates the LB's
-    // neighbour entry). The agent follows without dropping a connection.
+    // neighbour entry). The agent follows; no connection fails (one sent to the old MAC in
+    // between is retransmitted).
+    let traffic = Traffic::start(
+        &topo.client.ns,
+        CLIENT_ADDR,
+        40000,
+        SocketAddrV4::new(VIP, 80),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     let b2 = &topo.backends[1];
     let new_mac = "02:00:00:00:aa:02";
     b2.ns
@@ -182,6 +215,12 @@ fn backend_mac_change_and_unresolvable_backend() {
         "backend MAC changed",
         Duration::from_secs(1)
     ));
+    let during = traffic.finish();
+    assert!(during.failures.is_empty(), "{:?}", during.failures);
+    assert!(
+        during.answers.iter().any(|a| a == "b2"),
+        "no connection reached b2 around its MAC change"
+    );
     let answers = connect_many(&topo, 23000, 100);
     let counts = tally(answers.iter().map(String::as_str));
     assert!(
@@ -305,4 +344,87 @@ fn auto_mode_falls_back_to_generic() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("falling back to generic mode"), "{text}");
     assert!(guard.terminate(Duration::from_secs(10)).success());
+}
+
+/// Polls the agent's status until `pred` holds for the service's backends.
+fn wait_backends(
+    agent: &Agent,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&[lb_userspace::status::BackendStatus]) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = agent.status().unwrap();
+        if pred(&s.vips[0].backends) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not within {timeout:?}: {:#?}\n{}",
+            s.vips[0].backends,
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn backend_lost_and_back_rebuilds_the_table() {
+    if !require_privileges("backend_lost_and_back_rebuilds_the_table") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = serve(&topo);
+    let agent = topo
+        .start_agent(
+            &topo.config(&web(&[backend_addr(0), backend_addr(1), backend_addr(2)])),
+            &[],
+        )
+        .unwrap();
+    let all = tally(connect_many(&topo, 25000, 150).iter().map(String::as_str));
+    assert_eq!(all.len(), 3, "{all:?}");
+
+    // b2 disappears from the network; once its neighbour entry fails, the table is rebuilt
+    // without it and every new connection goes to b1 or b3.
+    let b2 = &topo.backends[1];
+    b2.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    topo.lb
+        .ns
+        .ip(&["neigh", "del", &backend_addr(1).to_string(), "dev", "eth0"])
+        .unwrap();
+    let t = Instant::now();
+    wait_backends(
+        &agent,
+        "b2 out of the table",
+        Duration::from_secs(15),
+        |b| b[1].state == "unresolved" && b[1].slots == 0,
+    );
+    eprintln!("b2 out of the table after {:?}", t.elapsed());
+    assert!(wait_for_log(
+        &agent,
+        "backend MAC lost",
+        Duration::from_secs(1)
+    ));
+    let without = tally(connect_many(&topo, 26000, 150).iter().map(String::as_str));
+    assert_eq!(without.get("b2"), None, "{without:?}");
+    assert_eq!(without.len(), 2, "{without:?}");
+
+    // Back on the network: it rejoins without operator action.
+    b2.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let t = Instant::now();
+    wait_backends(
+        &agent,
+        "b2 back in the table",
+        Duration::from_secs(20),
+        |b| b[1].state == "up" && b[1].slots > 0,
+    );
+    eprintln!("b2 back in the table after {:?}", t.elapsed());
+    let again = tally(connect_many(&topo, 25000, 150).iter().map(String::as_str));
+    assert_eq!(
+        again, all,
+        "same flows, same backends once the same backends are up"
+    );
+    assert!(agent.status().unwrap().table_rebuilds >= 3);
+    assert!(agent.stop().success());
 }
