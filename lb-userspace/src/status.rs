@@ -11,7 +11,8 @@ pub struct Status {
     pub interface: String,
     pub ifindex: u32,
     pub interface_mac: String,
-    /// driver | generic | adopted; absent while not attached.
+    /// driver | generic (or unknown, after taking over a link the kernel does not describe);
+    /// absent while not attached.
     pub xdp_mode: Option<String>,
     pub program_id: Option<u32>,
     pub uptime_secs: u64,
