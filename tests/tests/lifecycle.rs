@@ -46,6 +46,17 @@ fn serve(topo: &LbTopology) -> IdentityServers {
     servers
 }
 
+/// New connections to the web service, one after another, until finished.
+fn web_traffic(topo: &LbTopology) -> Traffic {
+    Traffic::start(
+        &topo.client.ns,
+        CLIENT_ADDR,
+        40000,
+        SocketAddrV4::new(VIP, 80),
+    )
+    .unwrap()
+}
+
 /// `n` connections from fixed source ports; returns the answers or panics on any failure.
 fn connect_many(topo: &LbTopology, first_port: u16, n: u16) -> Vec<String> {
     (0..n)
@@ -72,13 +83,7 @@ fn keep_forwarding_then_take_over() {
     let first = topo.start_agent(&cfg, &["--keep-forwarding"]).unwrap();
     let before = connect_many(&topo, 21000, 150);
     // New connections keep flowing through the stop, the time without agent and the takeover.
-    let traffic = Traffic::start(
-        &topo.client.ns,
-        CLIENT_ADDR,
-        40000,
-        SocketAddrV4::new(VIP, 80),
-    )
-    .unwrap();
+    let traffic = web_traffic(&topo);
     std::thread::sleep(Duration::from_millis(300));
     let st = first.stop();
     assert!(st.success(), "first agent exited with {st}");
@@ -183,13 +188,7 @@ fn backend_mac_change_and_unresolvable_backend() {
     // b2 gets a new MAC and announces itself (its ARP request for the LB updates the LB's
     // neighbour entry). The agent follows; no connection fails (one sent to the old MAC in
     // between is retransmitted).
-    let traffic = Traffic::start(
-        &topo.client.ns,
-        CLIENT_ADDR,
-        40000,
-        SocketAddrV4::new(VIP, 80),
-    )
-    .unwrap();
+    let traffic = web_traffic(&topo);
     std::thread::sleep(Duration::from_millis(200));
     let b2 = &topo.backends[1];
     let new_mac = "02:00:00:00:aa:02";
