@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::{
     AddressFamily,
@@ -363,8 +363,12 @@ pub async fn watch_macs(
             } => match ev {
                 None => events = None,
                 Some((msg, _)) if concerns(&msg, ifindex, &wanted) => {
-                    // Events come in bursts (one per state change): read the table once.
+                    // Events come in bursts (one per state change): read the table once for
+                    // the whole burst, not once per event.
                     tokio::time::sleep(DEBOUNCE).await;
+                    if let Some(rx) = events.as_mut() {
+                        while let Some(Some(_)) = rx.next().now_or_never() {}
+                    }
                     dirty = true;
                 }
                 Some(_) => {}
