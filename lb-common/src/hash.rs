@@ -5,8 +5,10 @@
 //! moves every flow, so treat it like a wire format.
 //!
 //! It is the final mix of Bob Jenkins' lookup3 (`jhash_3words` in the kernel): adds, xors and
-//! rotates only, cheap in BPF, and mixes well enough that `hash % M` spreads flows evenly over a
-//! prime-sized table (checked by `flows_spread_evenly` below).
+//! rotates only, cheap in BPF, and mixes well enough that the slot spreads flows evenly over a
+//! prime-sized table (checked by `flows_spread_evenly` below). The slot is `hash * M / 2^32`
+//! (Lemire's multiply-shift reduction) rather than `hash % M`: as uniform for a well-mixed hash,
+//! and a multiplication instead of a division on the per-packet path.
 
 /// Seed of the flow hash. Part of the hash's definition (see the module docs).
 pub const FLOW_HASH_SEED: u32 = 0x5844_504c; // "XDPL"
@@ -69,7 +71,13 @@ pub fn flow_slot_v4(
     proto: u8,
     ring_size: u32,
 ) -> u32 {
-    flow_hash_v4(src, dst, sport, dport, proto) % ring_size
+    reduce(flow_hash_v4(src, dst, sport, dport, proto), ring_size)
+}
+
+/// Maps a uniformly distributed `hash` onto `0..n` without a division.
+#[inline(always)]
+pub fn reduce(hash: u32, n: u32) -> u32 {
+    ((hash as u64 * n as u64) >> 32) as u32
 }
 
 #[cfg(test)]
@@ -97,6 +105,26 @@ mod tests {
             17,
         );
         assert_ne!(h, udp, "the protocol is part of the flow");
+        // (0xb819_fe92 * 65537) >> 32 = 47130.
+        assert_eq!(
+            flow_slot_v4(
+                [10, 0, 0, 1],
+                [10, 0, 0, 100],
+                40000u16.to_be_bytes(),
+                80u16.to_be_bytes(),
+                6,
+                65537
+            ),
+            47130
+        );
+    }
+
+    #[test]
+    fn reduce_covers_the_range() {
+        assert_eq!(reduce(0, 7), 0);
+        assert_eq!(reduce(u32::MAX, 7), 6);
+        assert_eq!(reduce(u32::MAX, 1), 0);
+        assert_eq!(reduce(1 << 31, 65537), 32768);
     }
 
     #[test]
@@ -116,7 +144,7 @@ mod tests {
                     80u16.to_be_bytes(),
                     6,
                 );
-                buckets[(h % M) as usize] += 1;
+                buckets[reduce(h, M) as usize] += 1;
                 n += 1;
             }
         }

@@ -15,6 +15,11 @@ pub const VIPS: &str = "VIPS";
 /// `HashMap<VipAddrKey, u32>`: every address that has at least one VIP (value: number of VIPs on
 /// it). Used to decide about fragments, which carry no ports.
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
+/// `Array<VipFilter>`, one entry: a bitmap with the bit [`vip_filter_bit`] of every VIP address
+/// set. The data path tests it before anything else, so a frame for an address that has no VIP
+/// (most traffic of a host) costs one array read instead of a hash lookup. A set bit is only a
+/// "maybe": the [`VIPS`] lookup decides.
+pub const VIP_FILTER: &str = "VIP_FILTER";
 /// `Array<RingChunk>` (created `BPF_F_MMAPABLE`): all Maglev tables, as one flat array of
 /// backend ids (0 = no backend) cut into chunks of [`RING_CHUNK_ENTRIES`]. Entry `i` is
 /// `RING[i / 16][i % 16]`. Chunks rather than one id per element because the kernel pads array
@@ -40,6 +45,38 @@ pub const PROG_XDPLB: &str = "xdplb";
 /// Name of a program that passes everything (used on veth peers so `XDP_TX` works, see tests).
 pub const PROG_PASS: &str = "xdp_pass";
 
+/// Names of the benchmark programs and maps in the object (see `lb-ebpf/src/bench.rs`). They
+/// live in the same object as [`PROG_XDPLB`] so the floors are built by the same compiler with
+/// the same flags; the agent never loads the programs, and the two maps cost a few hundred bytes.
+pub const PROG_BENCH_RESTORE: &str = "xdp_bench_restore";
+/// `return XDP_TX`: the floor of any XDP program.
+pub const PROG_FLOOR_TX: &str = "xdp_floor_tx";
+/// Parse Ethernet and IPv4, swap the MACs, `XDP_TX`: the floor of a forwarder.
+pub const PROG_FLOOR_SWAP: &str = "xdp_floor_swap";
+/// `ProgramArray` with one entry: the program [`PROG_BENCH_RESTORE`] tail-calls.
+pub const BENCH_PROGS: &str = "BENCH_PROGS";
+/// `Array<BenchFrame>` with one entry: the frame [`PROG_BENCH_RESTORE`] restores.
+pub const BENCH_FRAME: &str = "BENCH_FRAME";
+/// Largest frame [`BenchFrame`] holds.
+pub const BENCH_FRAME_MAX: usize = 256;
+
+/// Value of [`BENCH_FRAME`]. Written by the bench before each test run (with `data` = 0), then by
+/// the restore program on its first iteration (`data`) and on every iteration (`scratch`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    /// Packet data pointer on the first iteration of the run; 0 until then.
+    pub data: u64,
+    /// Where the restore program turns the current data pointer into a plain number.
+    pub scratch: u64,
+    /// Length of the original frame, 1..=[`BENCH_FRAME_MAX`].
+    pub len: u32,
+    pub _pad: u32,
+    /// The original frame.
+    pub bytes: [u8; BENCH_FRAME_MAX],
+}
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 24 + BENCH_FRAME_MAX);
+
 /// Capacity of [`VIPS`], [`VIP_ADDRS`] and [`VIP_STATS`] (the object's default; the agent may
 /// override it at load time).
 pub const MAX_VIPS: u32 = 4096;
@@ -62,6 +99,36 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Value of [`RING`]: 16 consecutive entries of the flat ring.
 pub type RingChunk = [u32; RING_CHUNK_ENTRIES as usize];
 const _: () = assert!(core::mem::size_of::<RingChunk>() == 64);
+
+/// Bits in [`VipFilter`]. With at most [`MAX_VIPS`] addresses, at most 1 in 16 other addresses
+/// shares a bit with a VIP address (and then takes the hash lookup).
+pub const VIP_FILTER_BITS: u32 = 1 << 16;
+/// Value of [`VIP_FILTER`]. Written whole by the agent: bits of new addresses are set before
+/// their VIPs are published; a reader sees each 64-bit word either before or after an update.
+pub type VipFilter = [u64; (VIP_FILTER_BITS / 64) as usize];
+const _: () = assert!(core::mem::size_of::<VipFilter>() == 8192);
+
+/// The bit of [`VipFilter`] for an IPv4 address (network byte order): the top 16 bits of a
+/// multiplicative (Fibonacci) hash, so addresses that differ only in a few bits spread out.
+#[inline(always)]
+pub fn vip_filter_bit(addr: [u8; 4]) -> u32 {
+    u32::from_le_bytes(addr).wrapping_mul(0x9e37_79b1) >> 16
+}
+
+/// Whether the bit of `addr` is set in `filter`.
+#[inline(always)]
+pub fn vip_filter_test(filter: &VipFilter, addr: [u8; 4]) -> bool {
+    let bit = vip_filter_bit(addr);
+    // The mask is a no-op (bit < 2^16) that shows the verifier the index is in bounds.
+    let word = filter[(bit >> 6) as usize & (filter.len() - 1)];
+    word >> (bit & 63) & 1 != 0
+}
+
+/// Sets the bit of `addr` in `filter`.
+pub fn vip_filter_set(filter: &mut VipFilter, addr: [u8; 4]) {
+    let bit = vip_filter_bit(addr);
+    filter[(bit >> 6) as usize] |= 1 << (bit & 63);
+}
 
 /// Key of [`VIPS`]. Zero-initialise in the kernel, padding included, or lookups miss.
 #[repr(C)]
@@ -167,6 +234,30 @@ impl core::ops::AddAssign for Counter {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_has_no_false_negatives_and_few_false_positives() {
+        let mut f: VipFilter = [0; 1024];
+        let vips: [[u8; 4]; 3] = [[10, 0, 0, 100], [10, 0, 0, 101], [192, 0, 2, 1]];
+        for v in vips {
+            vip_filter_set(&mut f, v);
+        }
+        assert!(vips.iter().all(|v| vip_filter_test(&f, *v)));
+        let hits = (0..=255u8)
+            .flat_map(|c| (0..=255u8).map(move |d| [10, 0, c, d]))
+            .filter(|a| !vips.contains(a) && vip_filter_test(&f, *a))
+            .count();
+        // 3 bits of 65536 set: about 3 of 65536 other addresses share one.
+        assert!(hits <= 16, "{hits} false positives in 10.0/16");
+        // Neighbours of a VIP (the host's own address, the next VIP) do not share its bit.
+        assert!(!vip_filter_test(&f, [10, 0, 0, 2]));
+        assert!(!vip_filter_test(&f, [10, 0, 0, 99]));
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), made of integers and byte arrays only, with explicit
@@ -177,4 +268,5 @@ mod pod {
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::BenchFrame {}
 }

@@ -13,12 +13,16 @@
 //! Defined outcomes for unusual frames:
 //! - shorter than 14 bytes: `DropMalformedEth`; ARP and other non-IP: `PassNotIp`; IPv6:
 //!   `PassIpv6`; 802.1Q/802.1ad tagged: `PassVlan`.
-//! - IPv4 with a truncated header, version != 4, IHL < 5, total length shorter than the header or
+//! - IPv4 shorter than 20 bytes: `DropMalformedIp`.
+//! - IPv4 to an address that has no VIP: `PassNotVip`, whatever else is in it, decided by the
+//!   VIP address filter before any other check (the kernel's stack validates what it receives;
+//!   the load balancer only polices traffic for its VIPs, and most of a host's traffic is not).
+//! - IPv4 to a VIP address with version != 4, IHL < 5, total length shorter than the header or
 //!   longer than the frame: `DropMalformedIp`. Frames longer than the total length (Ethernet
 //!   padding) are fine.
 //! - IP options (IHL > 5) are skipped: the L4 header is found at `IHL * 4`, the frame forwarded
 //!   unchanged.
-//! - not TCP/UDP (ICMP, ...): `PassIpProto`.
+//! - not TCP/UDP (ICMP, ...) to a VIP address: `PassIpProto`.
 //! - fragments (MF set or offset != 0): `DropFragment` when the destination is a VIP address,
 //!   otherwise `PassNotVip`.
 //! - TCP header shorter than 20 bytes or UDP shorter than 8 (in the frame or within the IP total
@@ -57,6 +61,8 @@ pub trait Frame {
 /// The agent's maps, as the decision sees them.
 pub trait Tables {
     fn settings(&self) -> Option<&Settings>;
+    /// The VIP address filter: `false` means `addr` has no VIP; `true` means it may have one.
+    fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool;
     /// A copy of the VIP's entry: its fields must come from one version of it, so it is read
     /// once, right after the lookup.
     fn vip(&self, key: &VipKey) -> Option<VipInfo>;
@@ -76,6 +82,9 @@ pub struct Verdict {
     pub backend_id: u32,
     pub dst: [u8; 4],
     pub dport: [u8; 2],
+    /// Makes the fields after `reason` a multiple of 4 bytes, which BPF zeroes with plain stores
+    /// instead of a call to `memset`.
+    pub _pad: [u8; 2],
 }
 
 impl Verdict {
@@ -87,6 +96,7 @@ impl Verdict {
             backend_id: 0,
             dst: [0; 4],
             dport: [0; 2],
+            _pad: [0; 2],
         }
     }
 }
@@ -123,6 +133,10 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     };
     // SAFETY: in bounds (checked above); Ipv4Hdr is made of bytes, alignment 1.
     let ip = unsafe { &*ip };
+    let dst = ip.dst_addr;
+    if !tables.maybe_vip_addr(dst) {
+        return Verdict::of(Reason::PassNotVip);
+    }
     if ip.vihl >> 4 != 4 {
         return Verdict::of(Reason::DropMalformedIp);
     }
@@ -140,7 +154,6 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     if proto != TCP && proto != UDP {
         return Verdict::of(Reason::PassIpProto);
     }
-    let dst = ip.dst_addr;
     let src = ip.src_addr;
 
     if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET_MASK != 0 {
@@ -186,6 +199,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         backend_id: 0,
         dst,
         dport,
+        _pad: [0; 2],
     };
     if vip.ring_size == 0 {
         return v;
@@ -217,7 +231,18 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return v;
     };
     // SAFETY: in bounds; alignment 1; nothing else refers to the frame's bytes.
-    unsafe { *macs = [backend.mac, settings.iface_mac] };
+    unsafe {
+        let macs = &mut *macs;
+        #[expect(
+            clippy::needless_range_loop,
+            reason = "byte by byte on purpose: an aggregate or iterator copy compiles to a call to \
+                      memcpy in BPF, which costs a function call per packet"
+        )]
+        for i in 0..6 {
+            macs[0][i] = backend.mac[i];
+            macs[1][i] = settings.iface_mac[i];
+        }
+    }
     v.reason = Reason::Forwarded;
     v
 }

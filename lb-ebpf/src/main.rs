@@ -8,6 +8,8 @@
 
 use core::net::Ipv4Addr;
 
+mod bench;
+
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
@@ -21,7 +23,7 @@ use lb_common::{
     maps::{
         BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS,
         RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings, VipAddrKey,
-        VipInfo, VipKey,
+        VipFilter, VipInfo, VipKey, vip_filter_test,
     },
     packet::{self, Frame, Tables, Verdict},
 };
@@ -30,6 +32,8 @@ use lb_common::{
 static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
 static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+#[map]
+static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 #[map]
 static RING: Array<RingChunk> = Array::with_max_entries(RING_PLACEHOLDER, BPF_F_MMAPABLE);
 #[map]
@@ -79,6 +83,11 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool {
+        VIP_FILTER.get(0).is_some_and(|f| vip_filter_test(f, addr))
+    }
+
+    #[inline(always)]
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
         // SAFETY: the agent replaces values whole, and the map is not preallocated, so the element
         // stays intact until every reader is done with it (see lb_common::maps::VipInfo).
@@ -110,13 +119,26 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
     };
     let verdict = packet::process(&mut frame, &Maps);
     count(&verdict, frame.len() as u64);
-    if verdict.reason != Reason::Forwarded {
-        diagnose(&ctx, &verdict);
-    }
     match verdict.reason.action() {
         Action::Tx => xdp_action::XDP_TX,
         Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
+        Action::Drop => {
+            // Checked here, the call only made when a line may be logged: a call costs on every
+            // packet that makes it, and passing the verdict by reference would keep it on the
+            // stack on every path.
+            if SETTINGS
+                .get(0)
+                .is_some_and(|s| s.log_level >= log_level(verdict.reason))
+            {
+                diagnose(
+                    &ctx,
+                    verdict.reason as u64 | (u16::from_be_bytes(verdict.dport) as u64) << 32,
+                    verdict.vip_index as u64 | (verdict.backend_id as u64) << 32,
+                    u32::from_be_bytes(verdict.dst),
+                );
+            }
+            xdp_action::XDP_DROP
+        }
         Action::Aborted => xdp_action::XDP_ABORTED,
     }
 }
@@ -139,23 +161,30 @@ fn count(v: &Verdict, bytes: u64) {
     }
 }
 
-/// Logs unusual outcomes (never forwarded or passed packets), if the agent's level allows it,
-/// rate-limited per CPU and reason.
-#[inline(never)]
-fn diagnose(ctx: &XdpContext, v: &Verdict) {
-    // Levels are aya_log_common::Level's numbering (1 error .. 5 trace).
-    let level: u32 = match v.reason {
+/// The level at which a drop is logged, in aya_log_common::Level's numbering (1 error ..
+/// 5 trace); above every level for reasons that are never logged.
+#[inline(always)]
+fn log_level(reason: Reason) -> u32 {
+    match reason {
         Reason::DropBackendInvalid | Reason::DropInternal => 1,
         Reason::DropNoBackend => 2,
         Reason::DropFragment => 3,
         Reason::DropMalformedEth | Reason::DropMalformedIp | Reason::DropMalformedL4 => 4,
-        _ => return,
-    };
-    match SETTINGS.get(0) {
-        Some(s) if s.log_level >= level => {}
-        _ => return,
+        _ => u32::MAX,
     }
-    let Some(last) = LOG_RATE.get_ptr_mut(v.reason as u32) else {
+}
+
+/// Logs a dropped packet, rate-limited per CPU and reason. The verdict comes packed into three
+/// scalars (BPF functions take at most five arguments): reason | dport << 32 (host order),
+/// vip_index | backend_id << 32, and the destination address (host order).
+#[inline(never)]
+fn diagnose(ctx: &XdpContext, reason_port: u64, ids: u64, dst: u32) {
+    let reason = reason_port as u32;
+    let Some(reason) = Reason::ALL.get(reason as usize).copied() else {
+        return;
+    };
+    let (vip_index, backend_id) = (ids as u32, (ids >> 32) as u32);
+    let Some(last) = LOG_RATE.get_ptr_mut(reason as u32) else {
         return;
     };
     // SAFETY: helper without arguments.
@@ -167,27 +196,27 @@ fn diagnose(ctx: &XdpContext, v: &Verdict) {
         }
         *last = now;
     }
-    let dst = Ipv4Addr::from(v.dst);
-    let dport = u16::from_be_bytes(v.dport);
-    match v.reason {
+    let dst = Ipv4Addr::from(dst);
+    let dport = (reason_port >> 32) as u16;
+    match reason {
         Reason::DropNoBackend => warn!(
             ctx,
-            "vip {:i}:{} (index {}) has no backend: dropping its packets", dst, dport, v.vip_index
+            "vip {:i}:{} (index {}) has no backend: dropping its packets", dst, dport, vip_index
         ),
         Reason::DropBackendInvalid => error!(
             ctx,
             "vip {:i}:{} table points at backend id {} which is not ready: dropping",
             dst,
             dport,
-            v.backend_id
+            backend_id
         ),
         Reason::DropInternal => error!(
             ctx,
             "internal error for vip {:i}:{} (index {}, backend id {}): dropping",
             dst,
             dport,
-            v.vip_index,
-            v.backend_id
+            vip_index,
+            backend_id
         ),
         Reason::DropFragment => info!(
             ctx,

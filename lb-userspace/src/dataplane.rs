@@ -33,8 +33,8 @@ use aya::{
 use lb_common::{
     Reason,
     maps::{
-        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VipAddrKey, VipInfo,
-        VipKey,
+        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VipAddrKey, VipFilter,
+        VipInfo, VipKey, vip_filter_set,
     },
 };
 use thiserror::Error;
@@ -254,6 +254,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipInfo>,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
+    vip_filter: Array<MapData, VipFilter>,
+    /// The addresses in `vip_addrs`, to rebuild the filter when one goes.
+    vip_addr_set: std::collections::BTreeSet<[u8; 4]>,
     ring: Ring,
     backends: Array<MapData, BackendInfo>,
     settings: Array<MapData, Settings>,
@@ -291,6 +294,8 @@ impl Dataplane {
         let vips = HashMap::try_from(take(maps::VIPS)?).map_err(map_err(maps::VIPS))?;
         let vip_addrs =
             HashMap::try_from(take(maps::VIP_ADDRS)?).map_err(map_err(maps::VIP_ADDRS))?;
+        let vip_filter =
+            Array::try_from(take(maps::VIP_FILTER)?).map_err(map_err(maps::VIP_FILTER))?;
         let ring_map = match take(maps::RING)? {
             aya::maps::Map::Array(data) => data,
             _ => return Err(DataplaneError::MissingMap { map: maps::RING }),
@@ -308,6 +313,8 @@ impl Dataplane {
             ebpf,
             vips,
             vip_addrs,
+            vip_filter,
+            vip_addr_set: Default::default(),
             ring,
             backends,
             settings,
@@ -331,6 +338,12 @@ impl Dataplane {
             .program_mut(maps::PROG_XDPLB)
             .and_then(|p| p.try_into().ok())
             .expect("program loaded in Dataplane::load")
+    }
+
+    /// The loaded object, for programs and maps the agent itself does not use (the benchmark
+    /// programs); the agent's own maps have been taken out of it.
+    pub fn object_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The pass-everything program from the same object (loaded and verified).
@@ -500,7 +513,26 @@ impl Dataplane {
         self.vips.get(key, 0).ok()
     }
 
+    /// Records how many VIPs `key` has (0: none), and keeps the VIP address filter in step. Call
+    /// it before publishing the first VIP of an address and after removing the last one: the
+    /// data path passes frames for addresses outside the filter without looking at [`VIPS`].
+    ///
+    /// [`VIPS`]: lb_common::maps::VIPS
     pub fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError> {
+        let changed = if count == 0 {
+            self.vip_addr_set.remove(&key.addr)
+        } else {
+            self.vip_addr_set.insert(key.addr)
+        };
+        if changed {
+            let mut filter: VipFilter = [0; (maps::VIP_FILTER_BITS / 64) as usize];
+            for a in &self.vip_addr_set {
+                vip_filter_set(&mut filter, *a);
+            }
+            self.vip_filter
+                .set(0, filter, 0)
+                .map_err(map_err(maps::VIP_FILTER))?;
+        }
         if count == 0 {
             match self.vip_addrs.remove(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => Ok(()),

@@ -2,7 +2,7 @@
 //! Network Load Balancer", NSDI 2016), with integer weights.
 //!
 //! The agent builds one table of `M` entries per vip; the datapath only indexes it with
-//! `table[flow_hash % M]`. [`build_table`] returns, for every entry, an index into the caller's
+//! `table[flow_slot_v4(..)]` (see `lb_common::hash`). [`build_table`] returns, for every entry, an index into the caller's
 //! backend slice (or [`EMPTY`]).
 //!
 //! # Algorithm

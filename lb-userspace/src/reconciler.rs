@@ -384,6 +384,15 @@ impl<M: Maps> Reconciler<M> {
             retired_at: None,
             cfg,
         };
+        // The address first: the data path looks up VIPS only for addresses it knows.
+        let count = self.vip_addrs.get(&slot.cfg.address).copied().unwrap_or(0) + 1;
+        self.dp.set_vip_addr(
+            &VipAddrKey {
+                addr: slot.cfg.address.octets(),
+            },
+            count,
+        )?;
+        self.vip_addrs.insert(slot.cfg.address, count);
         // Published with an empty table (dropped, counted as no_backend) until MACs are known,
         // rather than passed to the kernel stack, which has no listener for the service.
         self.dp.set_vip(
@@ -395,14 +404,6 @@ impl<M: Maps> Reconciler<M> {
                 flags: 0,
             },
         )?;
-        let count = self.vip_addrs.get(&slot.cfg.address).copied().unwrap_or(0) + 1;
-        self.dp.set_vip_addr(
-            &VipAddrKey {
-                addr: slot.cfg.address.octets(),
-            },
-            count,
-        )?;
-        self.vip_addrs.insert(slot.cfg.address, count);
         self.vips.push(slot);
         Ok(())
     }

@@ -11,7 +11,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use lb_common::{
     Reason,
     hash::flow_slot_v4,
-    maps::{BACKEND_F_READY, BackendInfo, Settings, VipAddrKey, VipInfo, VipKey},
+    maps::{
+        BACKEND_F_READY, BackendInfo, Settings, VIP_FILTER_BITS, VipAddrKey, VipFilter, VipInfo,
+        VipKey, vip_filter_bit, vip_filter_set, vip_filter_test,
+    },
     packet::Tables,
 };
 
@@ -159,6 +162,15 @@ impl Tables for HostTables<'_> {
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
         self.0.vips.get(key).copied()
     }
+    fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool {
+        // The kernel's filter, built the way the agent builds it (false positives included).
+        let mut filter: VipFilter = [0; (VIP_FILTER_BITS / 64) as usize];
+        for k in self.0.vip_addrs.keys() {
+            vip_filter_set(&mut filter, k.addr);
+        }
+        vip_filter_test(&filter, addr)
+    }
+
     fn is_vip_addr(&self, key: &VipAddrKey) -> bool {
         self.0.vip_addrs.contains_key(key)
     }
@@ -214,6 +226,16 @@ fn same(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
 
 fn sa(ip: Ipv4Addr, port: u16) -> std::net::SocketAddrV4 {
     std::net::SocketAddrV4::new(ip, port)
+}
+
+/// An address that is not a VIP address but has the same bit in the VIP address filter as
+/// `vip`: the filter lets its frames through to the exact lookups, which must pass them.
+fn filter_twin(vip: Ipv4Addr) -> Ipv4Addr {
+    let bit = vip_filter_bit(vip.octets());
+    (1..=u32::MAX)
+        .map(|n| Ipv4Addr::from(0xc0a8_0000 + n))
+        .find(|a| *a != vip && vip_filter_bit(a.octets()) == bit)
+        .expect("a 16-bit filter has twins")
 }
 
 /// The fixture table.
@@ -301,6 +323,28 @@ pub fn all() -> Vec<Fixture> {
         same(
             "ssh_to_lb_host",
             Packet::tcp(client, sa(OTHER, 22), TCP_SYN).frame(),
+            Reason::PassNotVip,
+        ),
+        same(
+            "malformed_ipv4_to_lb_host_is_left_to_the_kernel",
+            Packet::tcp(client, sa(OTHER, 80), TCP_SYN).ihl(4).frame(),
+            Reason::PassNotVip,
+        ),
+        same(
+            "icmp_echo_to_lb_host",
+            Packet::icmp_echo(CLIENT, OTHER).frame(),
+            Reason::PassNotVip,
+        ),
+        same(
+            "tcp_to_address_sharing_the_vip_filter_bit",
+            Packet::tcp(client, sa(filter_twin(VIP), 80), TCP_SYN).frame(),
+            Reason::PassNotVip,
+        ),
+        same(
+            "fragment_to_address_sharing_the_vip_filter_bit",
+            Packet::tcp(client, sa(filter_twin(VIP), 80), TCP_SYN)
+                .frags(0x2000)
+                .frame(),
             Reason::PassNotVip,
         ),
         same(

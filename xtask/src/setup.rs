@@ -29,7 +29,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::{Ctx, capture, fmt_duration, is_root, probe, run};
 
-/// Debian packages the tests and the demo use; extend this list, not the code.
+/// Debian packages the tests, the demo and the bench use; extend this list, not the code.
 pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip, ip netns, ss: namespace topologies"),
     ("ethtool", "turning offloads off on veth"),
@@ -37,6 +37,12 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl, ps"),
     ("tcpdump", "packet captures when a test fails"),
     ("binutils", "readelf, objdump: inspecting the eBPF object"),
+    ("nftables", "nft: the kernel DNAT peer of the bench"),
+    ("haproxy", "the user-space peer of the bench"),
+    (
+        "bpftool",
+        "inspecting loaded programs (run-time stats, instructions) when profiling",
+    ),
 ];
 
 /// The toolchain that builds the eBPF object.
