@@ -516,6 +516,11 @@ impl<M: Maps> Reconciler<M> {
                 source,
             }
         })?;
+        // One pass: counting per backend over the table would cost N x M.
+        let mut slots = vec![0u32; vip.backends.len()];
+        for &ix in built.iter().filter(|&&ix| ix != maglev::EMPTY) {
+            slots[ix as usize] += 1;
+        }
         let table: Vec<u32> = if built.first() == Some(&maglev::EMPTY) {
             Vec::new()
         } else {
@@ -554,9 +559,9 @@ impl<M: Maps> Reconciler<M> {
             vip.retired_at = Some(Instant::now());
         }
         vip.live = Some(half);
-        for b in &mut vip.backends {
+        for (b, n) in vip.backends.iter_mut().zip(slots) {
             b.in_table = b.usable();
-            b.slots = table.iter().filter(|&&id| id == b.id).count() as u32;
+            b.slots = n;
         }
         vip.table = table;
         self.rebuilds += 1;

@@ -1,6 +1,7 @@
 //! Test support for xdplb: network namespace topologies, packet builder and the shared fixture
 //! table.
 
+pub mod bench;
 pub mod fixtures;
 pub mod netns;
 pub mod packet;

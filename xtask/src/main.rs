@@ -19,6 +19,9 @@
 //!   exit on the first failure or if it ran over 30 minutes. See [`testsuite`].
 //! - `demo`: `setup`, `cargo build --release --bins`, then `xdplb-demo --config
 //!   configs/demo.toml --xdplb <target>/release/xdplb` plus any arguments after `--`.
+//! - `bench`: `setup`, `cargo build --release --bins`, then `xdplb-bench --xdplb
+//!   <target>/release/xdplb --out <target>/bench` (with `--quick`, `--only`) plus any arguments
+//!   after `--`. Exit status 2 means the bench ran and a target was missed.
 
 mod cmd;
 mod elf;
@@ -36,7 +39,7 @@ use crate::cmd::{Ctx, run, target_dir};
 #[command(
     name = "xtask",
     bin_name = "cargo xtask",
-    about = "xdplb project automation: setup, build, test, demo",
+    about = "xdplb project automation: setup, build, test, bench, demo",
     disable_help_subcommand = true
 )]
 struct Cli {
@@ -62,6 +65,23 @@ enum Command {
     /// Run setup, build the binaries, then the demo (`xdplb-demo --config configs/demo.toml`)
     Demo {
         /// Extra arguments for xdplb-demo, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run setup, build the binaries, then the benchmarks (needs root)
+    ///
+    /// Data path (BPF_PROG_TEST_RUN against two floor programs), control plane (Maglev, change
+    /// latency) and end to end in namespaces (xdplb, nftables DNAT, HAProxy, no load balancer).
+    /// Prints tables and whether each target holds; writes bench.json and bench.svg into
+    /// <target>/bench/. Exits with 2 if a target was missed.
+    Bench {
+        /// A reduced run of a few minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Only these sections: datapath, control, e2e (comma-separated).
+        #[arg(long)]
+        only: Option<String>,
+        /// Extra arguments for xdplb-bench, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -93,24 +113,48 @@ fn run_command(command: Command) -> Result<()> {
         }
         Command::Test(args) => testsuite::test(&ctx, &args),
         Command::Demo { args } => {
-            setup::setup(&ctx)?;
-            run(ctx.cmd("cargo").args(["build", "--release", "--bins"]))?;
-            let release = target_dir(&ctx)?.join("release");
-            let demo = release.join("xdplb-demo");
-            if !demo.is_file() {
-                anyhow::bail!(
-                    "{} was not built: the lb-tests package should provide it as \
-                     `[[bin]] name = \"xdplb-demo\"`",
-                    demo.display()
-                );
-            }
+            let release = build_bins(&ctx)?;
             run(ctx
-                .cmd(demo)
+                .cmd(tool(&release, "xdplb-demo")?)
                 .args(["--config", "configs/demo.toml", "--xdplb"])
                 .arg(release.join("xdplb"))
                 .args(args))
         }
+        Command::Bench { quick, only, args } => {
+            let release = build_bins(&ctx)?;
+            let mut cmd = ctx.cmd(tool(&release, "xdplb-bench")?);
+            cmd.arg("--xdplb")
+                .arg(release.join("xdplb"))
+                .arg("--out")
+                .arg(target_dir(&ctx)?.join("bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            if let Some(only) = only {
+                cmd.args(["--only", &only]);
+            }
+            run(cmd.args(args))
+        }
     }
+}
+
+/// `setup`, then `cargo build --release --bins`; returns the release directory.
+fn build_bins(ctx: &Ctx) -> Result<std::path::PathBuf> {
+    setup::setup(ctx)?;
+    run(ctx.cmd("cargo").args(["build", "--release", "--bins"]))?;
+    Ok(target_dir(ctx)?.join("release"))
+}
+
+/// A binary of the lb-tests package in the release directory.
+fn tool(release: &std::path::Path, name: &str) -> Result<std::path::PathBuf> {
+    let path = release.join(name);
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} was not built: the lb-tests package should provide it as `[[bin]] name = \"{name}\"`",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -133,6 +177,20 @@ mod tests {
         };
         assert!(args.quick && args.no_setup);
         assert_eq!(args.filter.as_deref(), Some("maglev"));
+    }
+
+    #[test]
+    fn bench_takes_quick_only_and_extra_arguments() {
+        let cli = Cli::try_parse_from([
+            "xtask", "bench", "--quick", "--only", "datapath", "--", "--cpu", "0",
+        ])
+        .unwrap();
+        let Command::Bench { quick, only, args } = cli.command else {
+            panic!("not bench: {cli:?}")
+        };
+        assert!(quick);
+        assert_eq!(only.as_deref(), Some("datapath"));
+        assert_eq!(args, ["--cpu", "0"]);
     }
 
     #[test]
