@@ -53,12 +53,30 @@ pub const PROG_BENCH_RESTORE: &str = "xdp_bench_restore";
 pub const PROG_FLOOR_TX: &str = "xdp_floor_tx";
 /// Parse Ethernet and IPv4, swap the MACs, `XDP_TX`: the floor of a forwarder.
 pub const PROG_FLOOR_SWAP: &str = "xdp_floor_swap";
+/// The floor of an inline L2 hop: frames to one address get fixed MACs and `XDP_TX`, everything
+/// else is passed (end-to-end bench: what the hop itself costs, whatever the load balancer does).
+pub const PROG_FLOOR_FWD: &str = "xdp_floor_fwd";
+/// `Array<BenchFwd>` with one entry: what [`PROG_FLOOR_FWD`] forwards, and where.
+pub const BENCH_FWD: &str = "BENCH_FWD";
 /// `ProgramArray` with one entry: the program [`PROG_BENCH_RESTORE`] tail-calls.
 pub const BENCH_PROGS: &str = "BENCH_PROGS";
 /// `Array<BenchFrame>` with one entry: the frame [`PROG_BENCH_RESTORE`] restores.
 pub const BENCH_FRAME: &str = "BENCH_FRAME";
 /// Largest frame [`BenchFrame`] holds.
 pub const BENCH_FRAME_MAX: usize = 256;
+
+/// Value of [`BENCH_FWD`]. Written by the bench before attaching [`PROG_FLOOR_FWD`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchFwd {
+    /// IPv4 destination to forward, network byte order.
+    pub addr: [u8; 4],
+    /// Destination MAC written into forwarded frames.
+    pub dst_mac: [u8; 6],
+    /// Source MAC written into forwarded frames.
+    pub src_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<BenchFwd>() == 16);
 
 /// Value of [`BENCH_FRAME`]. Written by the bench before each test run (with `data` = 0), then by
 /// the restore program on its first iteration (`data`) and on every iteration (`scratch`).
@@ -186,12 +204,17 @@ pub struct BackendInfo {
     pub mac: [u8; 6],
     /// `BACKEND_F_*` bits, native byte order.
     pub flags: u16,
+    /// Source MAC to write into forwarded frames: the MAC of the interface the program is
+    /// attached to. Here rather than only in [`Settings`] so forwarding reads one map entry
+    /// fewer per packet.
+    pub src_mac: [u8; 6],
+    pub _pad: [u8; 2],
     /// IPv4 address, network byte order (for diagnostics; the data path does not route by it).
     pub addr: [u8; 4],
     /// The VIP this backend id belongs to (ids are per (VIP, backend) pair).
     pub vip_index: u32,
 }
-const _: () = assert!(core::mem::size_of::<BackendInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 24);
 
 /// The entry is filled and its MAC is known: packets may be sent to it.
 pub const BACKEND_F_READY: u16 = 1;
@@ -200,7 +223,8 @@ pub const BACKEND_F_READY: u16 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// MAC of the interface the program is attached to; source MAC of forwarded frames.
+    /// MAC of the interface the program is attached to (forwarded frames take theirs from
+    /// [`BackendInfo::src_mac`]).
     pub iface_mac: [u8; 6],
     pub _pad: [u8; 2],
     /// Highest diagnostic level the program emits: 0 off, 1 error, 2 warn, 3 info, 4 debug,
@@ -269,4 +293,5 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::BenchFrame {}
+    unsafe impl aya::Pod for super::BenchFwd {}
 }

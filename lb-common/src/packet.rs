@@ -41,7 +41,7 @@ use network_types::{
 use crate::{
     Reason,
     hash::flow_slot_v4,
-    maps::{BACKEND_F_READY, BackendInfo, Settings, VipAddrKey, VipInfo, VipKey},
+    maps::{BACKEND_F_READY, BackendInfo, VipAddrKey, VipInfo, VipKey},
 };
 
 /// A frame the decision can read and rewrite.
@@ -60,7 +60,6 @@ pub trait Frame {
 
 /// The agent's maps, as the decision sees them.
 pub trait Tables {
-    fn settings(&self) -> Option<&Settings>;
     /// The VIP address filter: `false` means `addr` has no VIP; `true` means it may have one.
     fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool;
     /// A copy of the VIP's entry: its fields must come from one version of it, so it is read
@@ -221,10 +220,6 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         v.reason = Reason::DropBackendInvalid;
         return v;
     }
-    let Some(settings) = tables.settings() else {
-        v.reason = Reason::DropInternal;
-        return v;
-    };
     let Some(macs) = frame.ptr_at::<[[u8; 6]; 2]>(0) else {
         // Unreachable (the IPv4 header was read past these bytes); the verifier needs the check.
         v.reason = Reason::DropMalformedEth;
@@ -240,7 +235,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         )]
         for i in 0..6 {
             macs[0][i] = backend.mac[i];
-            macs[1][i] = settings.iface_mac[i];
+            macs[1][i] = backend.src_mac[i];
         }
     }
     v.reason = Reason::Forwarded;

@@ -14,12 +14,14 @@ use aya_ebpf::{
     maps::{Array, ProgramArray},
     programs::XdpContext,
 };
-use lb_common::maps::{BENCH_FRAME_MAX, BenchFrame};
+use lb_common::maps::{BENCH_FRAME_MAX, BenchFrame, BenchFwd};
 
 #[map]
 static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+#[map]
+static BENCH_FWD: Array<BenchFwd> = Array::with_max_entries(1, 0);
 
 #[xdp]
 pub fn xdp_bench_restore(ctx: XdpContext) -> u32 {
@@ -98,6 +100,42 @@ pub fn xdp_floor_swap(ctx: XdpContext) -> u32 {
     unsafe {
         let [dst, src] = *macs;
         *macs = [src, dst];
+    }
+    xdp_action::XDP_TX
+}
+
+/// The floor of an inline L2 hop (end-to-end bench): IPv4 frames to `BENCH_FWD.addr` leave with
+/// its MACs through `XDP_TX`; everything else (ARP included) is passed.
+#[xdp]
+pub fn xdp_floor_fwd(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + 34 > end {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(fwd) = BENCH_FWD.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: 34 bytes are in bounds (checked above); byte arrays have alignment 1.
+    let (ethertype, dst) = unsafe {
+        (
+            *((start + 12) as *const [u8; 2]),
+            *((start + 30) as *const [u8; 4]),
+        )
+    };
+    if ethertype != [0x08, 0x00] || dst != fwd.addr {
+        return xdp_action::XDP_PASS;
+    }
+    let macs = start as *mut [[u8; 6]; 2];
+    // SAFETY: in bounds; nothing else refers to the frame. Byte by byte, as in the real program
+    // (an aggregate copy would be a call to memcpy).
+    unsafe {
+        let macs = &mut *macs;
+        #[expect(clippy::needless_range_loop, reason = "see lb_common::packet::process")]
+        for i in 0..6 {
+            macs[0][i] = fwd.dst_mac[i];
+            macs[1][i] = fwd.src_mac[i];
+        }
     }
     xdp_action::XDP_TX
 }

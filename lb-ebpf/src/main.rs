@@ -78,11 +78,6 @@ struct Maps;
 
 impl Tables for Maps {
     #[inline(always)]
-    fn settings(&self) -> Option<&Settings> {
-        SETTINGS.get(0)
-    }
-
-    #[inline(always)]
     fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool {
         VIP_FILTER.get(0).is_some_and(|f| vip_filter_test(f, addr))
     }

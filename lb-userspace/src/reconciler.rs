@@ -486,6 +486,8 @@ impl<M: Maps> Reconciler<M> {
                     b.id,
                     &BackendInfo {
                         mac: m,
+                        src_mac: self.iface_mac,
+                        _pad: [0; 2],
                         flags: BACKEND_F_READY,
                         addr: b.cfg.address.octets(),
                         vip_index,

@@ -98,6 +98,8 @@ impl World {
         add(key(VIP_ZEROS, 80, 6), 4, Some(vec![0; M as usize]));
         let ready = |mac, addr: [u8; 4], vip_index| BackendInfo {
             mac,
+            src_mac: LB_MAC,
+            _pad: [0; 2],
             flags: BACKEND_F_READY,
             addr,
             vip_index,
@@ -156,9 +158,6 @@ impl World {
 pub struct HostTables<'a>(pub &'a World);
 
 impl Tables for HostTables<'_> {
-    fn settings(&self) -> Option<&Settings> {
-        Some(&self.0.settings)
-    }
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
         self.0.vips.get(key).copied()
     }

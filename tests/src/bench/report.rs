@@ -253,6 +253,14 @@ fn e2e_text(out: &mut String, e: &E2eReport) {
         ("xdplb conn/s / nftables DNAT conn/s", &e.cps_vs_nftables),
         ("xdplb conn/s / HAProxy conn/s", &e.cps_vs_haproxy),
         ("xdplb RTT p50 / direct RTT p50", &e.rtt_p50_vs_direct),
+        (
+            "xdplb RTT p50 / XDP forwarder floor RTT p50",
+            &e.rtt_p50_vs_forwarder,
+        ),
+        (
+            "XDP forwarder floor RTT p50 / direct RTT p50",
+            &e.forwarder_rtt_p50_vs_direct,
+        ),
     ];
     for (name, s) in ratios {
         let _ = writeln!(out, "  {name:<38} {}", stats_or_na(s, 2));
@@ -262,6 +270,12 @@ fn e2e_text(out: &mut String, e: &E2eReport) {
         "  {:<38} {}",
         "xdplb program, ns/packet (bpf_stats)",
         stats_or_na(&e.xdp_ns_per_packet, 1)
+    );
+    let _ = writeln!(
+        out,
+        "  {:<38} {}",
+        "forwarder floor, ns/packet (bpf_stats)",
+        stats_or_na(&e.forwarder_ns_per_packet, 1)
     );
 
     for p in e.peers.iter().filter(|p| !p.cps_error_kinds.is_empty()) {
