@@ -127,6 +127,16 @@ impl Vip {
     pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
         (self.address, self.port, self.protocol)
     }
+
+    /// The service's key in the data path's `VIPS` map.
+    pub fn map_key(&self) -> lb_common::maps::VipKey {
+        lb_common::maps::VipKey {
+            addr: self.address.octets(),
+            port: self.port.to_be_bytes(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
 }
 
 /// The transport protocol of a VIP.

@@ -272,15 +272,6 @@ impl VipSlot {
     }
 }
 
-fn vip_key(v: &config::Vip) -> VipKey {
-    VipKey {
-        addr: v.address.octets(),
-        port: v.port.to_be_bytes(),
-        proto: v.protocol.number(),
-        _pad: 0,
-    }
-}
-
 /// Owns the data path's maps and is their only writer.
 pub struct Reconciler<M: Maps = Dataplane> {
     dp: M,
@@ -375,7 +366,7 @@ impl<M: Maps> Reconciler<M> {
             });
         }
         let slot = VipSlot {
-            key: vip_key(&cfg),
+            key: cfg.map_key(),
             index,
             base,
             live: None,

@@ -192,9 +192,22 @@ impl LbTopology {
         socket: &Path,
         extra_args: &[&str],
     ) -> Result<Agent> {
-        let log_path = self.dir.path().join("agent.log");
+        self.start_agent_bin(&xdplb_bin(), cfg_path, socket, extra_args, "agent.log")
+    }
+
+    /// [`start_agent_file`](Self::start_agent_file) with the agent binary `bin`, its output
+    /// going to `log_name` in the scratch directory.
+    pub fn start_agent_bin(
+        &self,
+        bin: &Path,
+        cfg_path: &Path,
+        socket: &Path,
+        extra_args: &[&str],
+        log_name: &str,
+    ) -> Result<Agent> {
+        let log_path = self.dir.path().join(log_name);
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = self.lb.ns.command(xdplb_bin());
+        let mut cmd = self.lb.ns.command(bin);
         cmd.arg("run")
             .arg("--config")
             .arg(cfg_path)

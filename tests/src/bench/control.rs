@@ -19,7 +19,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_common::maps::VipKey;
 use lb_userspace::{
     agent::MIN_RING_ENTRIES,
     config::{self, Config},
@@ -501,20 +500,11 @@ fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
     [0x02, 0xb0, o[0], o[1], o[2], o[3]]
 }
 
-fn vip_key(v: &config::Vip) -> VipKey {
-    VipKey {
-        addr: v.address.octets(),
-        port: v.port.to_be_bytes(),
-        proto: v.protocol.number(),
-        _pad: 0,
-    }
-}
-
 /// What the kernel's maps say a VIP forwards to: the live half's base and the backend addresses
 /// its table names.
 fn live_in_kernel(dp: &Dataplane, v: &config::Vip) -> Result<(u32, BTreeSet<Ipv4Addr>)> {
     let info = dp
-        .vip(&vip_key(v))
+        .vip(&v.map_key())
         .with_context(|| format!("{}: no entry in the VIPS map", v.name))?;
     ensure!(
         info.ring_size == v.table_size,

@@ -40,14 +40,14 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::maps::BenchFwd;
-use lb_userspace::{api::Client, dataplane::EBPF_OBJECT, status::Status};
+use lb_userspace::dataplane::EBPF_OBJECT;
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::{Check, Stats, quantile};
 use crate::{
     netns::{ChildGuard, Netns},
-    topology::{CLIENT_ADDR, LB_ADDR, LbTopology, TempDir, VIP, backend_addr},
+    topology::{Agent, CLIENT_ADDR, LB_ADDR, LbTopology, TempDir, VIP, backend_addr},
 };
 
 #[derive(Clone, Debug)]
@@ -825,7 +825,7 @@ impl<'a> PeerSetup<'a> {
     fn check_alive(&mut self) -> Result<()> {
         match &mut self.state {
             PeerState::Xdplb(agent) => {
-                if let Some(st) = agent.guard.wait_timeout(Duration::ZERO)? {
+                if let Some(st) = agent.agent.guard.wait_timeout(Duration::ZERO)? {
                     bail!("xdplb exited ({st}); log:\n{}", agent.log_text());
                 }
             }
@@ -1043,81 +1043,45 @@ fn haproxy_config(threads: usize, backends: usize) -> String {
     cfg
 }
 
-/// `xdplb run` in the LB namespace, from the binary the bench was given.
+/// `xdplb run` in the LB namespace, from the binary the bench was given, attached in driver
+/// mode.
 struct XdplbAgent {
-    guard: ChildGuard,
-    socket: PathBuf,
-    log: PathBuf,
+    agent: Agent,
     program_id: Option<u32>,
-    rt: tokio::runtime::Runtime,
 }
 
 impl XdplbAgent {
     fn start(topo: &LbTopology, xdplb: &Path, round: usize) -> Result<XdplbAgent> {
         let dir = topo.dir.path();
-        let socket = dir.join("xdplb.sock");
         let cfg_path = dir.join("xdplb-bench.toml");
         std::fs::write(&cfg_path, topo.config(&xdplb_services(BACKENDS)))?;
-        let log = dir.join(format!("xdplb-round{}.log", round + 1));
-        let out = std::fs::File::create(&log)?;
-        let mut cmd = topo.lb.ns.command(xdplb);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("NO_COLOR", "1")
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let guard = ChildGuard::spawn(&mut cmd)?;
-        let mut agent = XdplbAgent {
-            guard,
-            socket,
-            log,
-            program_id: None,
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = agent.guard.wait_timeout(Duration::ZERO)? {
-                bail!(
-                    "xdplb exited during start-up ({st}); log:\n{}",
-                    agent.log_text()
-                );
-            }
-            if let Ok(s) = agent.status()
-                && s.xdp_mode.is_some()
-            {
-                ensure!(
-                    s.xdp_mode.as_deref() == Some("driver"),
-                    "xdplb attached in {:?} mode, not driver",
-                    s.xdp_mode
-                );
-                agent.program_id = s.program_id;
-                return Ok(agent);
-            }
-            if Instant::now() > deadline {
-                bail!("xdplb not ready within 30 s; log:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn status(&self) -> Result<Status> {
-        Ok(self.rt.block_on(Client::new(&self.socket).status())?)
+        let agent = topo.start_agent_bin(
+            xdplb,
+            &cfg_path,
+            &dir.join("xdplb.sock"),
+            &[],
+            &format!("xdplb-round{}.log", round + 1),
+        )?;
+        let status = agent.status()?;
+        ensure!(
+            status.xdp_mode.as_deref() == Some("driver"),
+            "xdplb attached in {:?} mode, not driver",
+            status.xdp_mode
+        );
+        Ok(XdplbAgent {
+            program_id: status.program_id,
+            agent,
+        })
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.agent.log_text()
     }
 
-    fn stop(mut self) -> Result<()> {
-        let status = self.guard.terminate(Duration::from_secs(10));
-        ensure!(
-            status.success(),
-            "xdplb exited with {status}; log:\n{}",
-            self.log_text()
-        );
+    fn stop(self) -> Result<()> {
+        let log = self.agent.log_text();
+        let status = self.agent.stop();
+        ensure!(status.success(), "xdplb exited with {status}; log:\n{log}");
         Ok(())
     }
 }
