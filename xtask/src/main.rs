@@ -30,7 +30,7 @@ mod testsuite;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::cmd::{Ctx, run, target_dir};
@@ -133,7 +133,20 @@ fn run_command(command: Command) -> Result<()> {
             if let Some(only) = only {
                 cmd.args(["--only", &only]);
             }
-            run(cmd.args(args))
+            cmd.args(args);
+            println!("+ {}", cmd::describe(&cmd));
+            let status = cmd
+                .status()
+                .with_context(|| format!("could not run `{}`", cmd::describe(&cmd)))?;
+            match status.code() {
+                Some(0) => Ok(()),
+                // A result, not a failure of the tool: the table above says which target.
+                Some(2) => {
+                    eprintln!("bench: finished, and at least one target was missed (MISSED above)");
+                    std::process::exit(2)
+                }
+                _ => anyhow::bail!("command `{}` failed: {status}", cmd::describe(&cmd)),
+            }
         }
     }
 }

@@ -10,11 +10,11 @@
 //!   iteration (whole ns).
 //! - The thread is pinned to one CPU (the kernel runs the test on the calling CPU).
 //! - The floors, `return XDP_TX` and parse + MAC swap + `XDP_TX`, come from the same object and
-//!   are measured through the same wrapper. In every round each case runs as 10 runs of a tenth
-//!   of the iterations, each right after a run of the `return XDP_TX` floor, and the fastest of
-//!   each is kept: "above floor" is the case's minus its floor's, so the wrapper's constant cost
-//!   cancels, and a burst of noise from the shared machine (which only ever adds time) spoils
-//!   neither.
+//!   are measured through the same wrapper. In every round each case runs as 10 slices of a
+//!   tenth of the iterations, spread over the round, each right after a slice of the
+//!   `return XDP_TX` floor, and the fastest of each is kept: "above floor" is the case's minus
+//!   its floor's, so the wrapper's constant cost cancels, and a burst of noise from the shared
+//!   machine (which only ever adds time) spoils neither.
 //! - After every run the path is verified: the action of the last iteration, the output frame
 //!   (the expected backend's MAC for forwarded frames, unchanged otherwise) and the counters:
 //!   exactly the expected counter moved, by exactly `iterations`.
@@ -579,10 +579,12 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
     let split = (opts.iterations / SPLITS).max(1);
     let floor_frame = cases[0].frame.clone();
     for round in 0..opts.rounds {
-        for case in &mut cases {
-            let bed = &mut beds[case.bed];
-            let (mut best, mut best_floor) = (u32::MAX, u32::MAX);
-            for _ in 0..SPLITS {
+        // Slices outermost: a case's slices are spread over the whole round, so a burst of
+        // noise lasting a second or two spoils some slices of every case, not all of one.
+        let mut best = vec![(u32::MAX, u32::MAX); cases.len()];
+        for _ in 0..SPLITS {
+            for (case, best) in cases.iter().zip(&mut best) {
+                let bed = &mut beds[case.bed];
                 bed.arm(PROG_FLOOR_TX, &floor_frame)?;
                 let (ns, action, _) = bed.run(&floor_frame, split)?;
                 ensure!(
@@ -590,7 +592,7 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
                     "the XDP_TX floor returned {}",
                     action_name(action)
                 );
-                best_floor = best_floor.min(ns);
+                best.1 = best.1.min(ns);
 
                 bed.arm(case.program, &case.frame)?;
                 let before = bed.counters(&case.expect)?;
@@ -598,8 +600,10 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
                 let after = bed.counters(&case.expect)?;
                 verify(case, split, action, &out, &before, &after)
                     .with_context(|| format!("{} / {}: wrong path", case.config, case.path))?;
-                best = best.min(ns);
+                best.0 = best.0.min(ns);
             }
+        }
+        for (case, (best, best_floor)) in cases.iter_mut().zip(best) {
             case.samples.push(f64::from(best));
             case.floor_samples.push(f64::from(best_floor));
         }
