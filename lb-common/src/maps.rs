@@ -7,18 +7,25 @@
 //!
 //! The Maglev tables of all VIPs live in one big array, [`RING`]: a VIP's table is the
 //! `ring_size` entries starting at `ring_base`. The agent writes a new table into a free region and
-//! then replaces the VIP's [`VipInfo`] in one hash-map update, so the data path sees either the
-//! whole old table or the whole new one, never a half-written one.
+//! then points the VIP's slot in [`VIP_TABLE`] at it with one 8-byte store, so the data path sees
+//! either the whole old table or the whole new one, never a half-written one.
 
-/// `HashMap<VipKey, VipInfo>`: the virtual services.
-pub const VIPS: &str = "VIPS";
+/// `Array<VipSlot>` (created `BPF_F_MMAPABLE`), two halves of [`VIP_TABLE_SLOTS`] slots: the
+/// virtual services, an open-addressing hash table the agent lays out and the data path probes
+/// (see [`vip_table_find`]). An array read instead of a BPF hash-map lookup: the lookup was more
+/// than half of the cost of forwarding a packet. [`VIP_TABLE_CTL`] says which half is live and
+/// with which seed it was laid out.
+pub const VIP_TABLE: &str = "VIP_TABLE";
+/// `Array<u64>` (created `BPF_F_MMAPABLE`), one entry: `half | seed << 32` of [`VIP_TABLE`],
+/// written by the agent with one atomic store.
+pub const VIP_TABLE_CTL: &str = "VIP_TABLE_CTL";
 /// `HashMap<VipAddrKey, u32>`: every address that has at least one VIP (value: number of VIPs on
 /// it). Used to decide about fragments, which carry no ports.
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// `Array<VipFilter>`, one entry: a bitmap with the bit [`vip_filter_bit`] of every VIP address
 /// set. The data path tests it before anything else, so a frame for an address that has no VIP
 /// (most traffic of a host) costs one array read instead of a hash lookup. A set bit is only a
-/// "maybe": the [`VIPS`] lookup decides.
+/// "maybe": the [`VIP_TABLE`] lookup decides.
 pub const VIP_FILTER: &str = "VIP_FILTER";
 /// `Array<RingChunk>` (created `BPF_F_MMAPABLE`): all Maglev tables, as one flat array of
 /// backend ids (0 = no backend) cut into chunks of [`RING_CHUNK_ENTRIES`]. Entry `i` is
@@ -95,7 +102,7 @@ pub struct BenchFrame {
 }
 const _: () = assert!(core::mem::size_of::<BenchFrame>() == 24 + BENCH_FRAME_MAX);
 
-/// Capacity of [`VIPS`], [`VIP_ADDRS`] and [`VIP_STATS`] (the object's default; the agent may
+/// Most VIPs: capacity of [`VIP_ADDRS`] and [`VIP_STATS`] (the object's default; the agent may
 /// override it at load time).
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`BACKENDS`] and [`BACKEND_STATS`]: one id per (VIP, backend) pair.
@@ -148,7 +155,8 @@ pub fn vip_filter_set(filter: &mut VipFilter, addr: [u8; 4]) {
     filter[(bit >> 6) as usize] |= 1 << (bit & 63);
 }
 
-/// Key of [`VIPS`]. Zero-initialise in the kernel, padding included, or lookups miss.
+/// Key of a VIP. Zero-initialise in the kernel, padding included, or lookups miss. Never all
+/// zero (the protocol is 6 or 17): an all-zero key marks an empty [`VipSlot`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
@@ -162,11 +170,7 @@ pub struct VipKey {
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
 
-/// Value of [`VIPS`]. Written by the agent only, always as a whole. [`VIPS`] is created with
-/// [`BPF_F_NO_PREALLOC`]: an update links a new element and frees the old one only after an RCU
-/// grace period, so a program that looked up the old element keeps reading consistent values
-/// (a preallocated map recycles the old element at once, and a reader could see fields of two
-/// updates).
+/// What the data path knows about a VIP, as [`vip_table_find`] returns it from a [`VipSlot`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
@@ -181,6 +185,92 @@ pub struct VipInfo {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// Slots per half of [`VIP_TABLE`]: a power of two, four times [`MAX_VIPS`], so the table is at
+/// most a quarter full and probes are short.
+pub const VIP_TABLE_SLOTS: u32 = 4 * MAX_VIPS;
+const _: () = assert!(VIP_TABLE_SLOTS.is_power_of_two());
+/// A key is always within this many slots of its home slot (the agent changes the seed until
+/// every key is); the data path probes no further.
+pub const VIP_TABLE_PROBES: u32 = 16;
+
+/// Element of [`VIP_TABLE`]. The agent fills an empty slot's fields and then its key (each an
+/// aligned atomic store through the mmap), and changes a live VIP's table with one 8-byte store
+/// of `table`, which the data path reads with one load: a reader never sees a table's base from
+/// one version and its size from another. Slots are never emptied in a live half: a VIP is
+/// removed by laying out the other half without it and switching [`VIP_TABLE_CTL`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    pub key: VipKey,
+    /// `ring_base | ring_size << 32` (see [`VipInfo`]).
+    pub table: u64,
+    pub vip_index: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 24);
+
+/// A key as one 64-bit word (how slots are compared; 0 = empty slot).
+#[inline(always)]
+pub fn vip_key_word(key: &VipKey) -> u64 {
+    u64::from_le_bytes([
+        key.addr[0],
+        key.addr[1],
+        key.addr[2],
+        key.addr[3],
+        key.port[0],
+        key.port[1],
+        key.proto,
+        key._pad,
+    ])
+}
+
+/// The first slot (within a half) probed for a key: multiplicative hashing of the key word,
+/// with `seed` mixed in so the agent can pick another layout.
+#[inline(always)]
+pub fn vip_home(word: u64, seed: u32) -> u32 {
+    ((word ^ seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & (VIP_TABLE_SLOTS - 1)
+}
+
+/// `table` of a [`VipSlot`].
+#[inline(always)]
+pub fn vip_table_word(ring_base: u32, ring_size: u32) -> u64 {
+    ring_base as u64 | (ring_size as u64) << 32
+}
+
+/// The value of [`VIP_TABLE_CTL`].
+#[inline(always)]
+pub fn vip_table_ctl(half: u32, seed: u32) -> u64 {
+    (half & 1) as u64 | (seed as u64) << 32
+}
+
+/// Looks `key` up in the live half of the VIP table: `ctl` is [`VIP_TABLE_CTL`]'s value and
+/// `slot` reads element `i` of [`VIP_TABLE`] (`table` with a single load). The one definition of
+/// the probe, for the data path and the agent's tests.
+#[inline(always)]
+pub fn vip_table_find<F>(ctl: u64, key: &VipKey, slot: F) -> Option<VipInfo>
+where
+    F: Fn(u32) -> Option<(u64, u64, u32, u32)>,
+{
+    let word = vip_key_word(key);
+    let base = (ctl as u32 & 1) * VIP_TABLE_SLOTS;
+    let home = vip_home(word, (ctl >> 32) as u32);
+    for i in 0..VIP_TABLE_PROBES {
+        let (k, table, vip_index, flags) = slot(base + ((home + i) & (VIP_TABLE_SLOTS - 1)))?;
+        if k == word {
+            return Some(VipInfo {
+                vip_index,
+                ring_base: table as u32,
+                ring_size: (table >> 32) as u32,
+                flags,
+            });
+        }
+        if k == 0 {
+            return None;
+        }
+    }
+    None
+}
 
 /// Key of [`VIP_ADDRS`].
 #[repr(C)]
@@ -294,4 +384,5 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::BenchFwd {}
+    unsafe impl aya::Pod for super::VipSlot {}
 }

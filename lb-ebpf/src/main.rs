@@ -22,14 +22,17 @@ use lb_common::{
     Action, Reason,
     maps::{
         BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS,
-        RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings, VipAddrKey,
-        VipFilter, VipInfo, VipKey, vip_filter_test,
+        RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings,
+        VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot, vip_filter_test,
+        vip_table_find,
     },
     packet::{self, Frame, Tables, Verdict},
 };
 
 #[map]
-static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+static VIP_TABLE: Array<VipSlot> = Array::with_max_entries(2 * VIP_TABLE_SLOTS, BPF_F_MMAPABLE);
+#[map]
+static VIP_TABLE_CTL: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
@@ -84,9 +87,20 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
-        // SAFETY: the agent replaces values whole, and the map is not preallocated, so the element
-        // stays intact until every reader is done with it (see lb_common::maps::VipInfo).
-        unsafe { VIPS.get(key).copied() }
+        // SAFETY: reads of map values; the agent writes these words with aligned atomic stores
+        // (see lb_common::maps::VipSlot), and each is read here with one load.
+        unsafe {
+            let ctl = core::ptr::read_volatile(VIP_TABLE_CTL.get_ptr(0)?);
+            vip_table_find(ctl, key, |i| {
+                let s = VIP_TABLE.get_ptr(i)?;
+                Some((
+                    core::ptr::read_volatile(s.cast::<u64>()),
+                    core::ptr::read_volatile(&raw const (*s).table),
+                    (*s).vip_index,
+                    (*s).flags,
+                ))
+            })
+        }
     }
 
     #[inline(always)]

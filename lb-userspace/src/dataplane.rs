@@ -19,6 +19,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::{
@@ -33,8 +34,9 @@ use aya::{
 use lb_common::{
     Reason,
     maps::{
-        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VipAddrKey, VipFilter,
-        VipInfo, VipKey, vip_filter_set,
+        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VIP_TABLE_PROBES,
+        VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot, vip_filter_set, vip_home,
+        vip_key_word, vip_table_ctl, vip_table_find, vip_table_word,
     },
 };
 use thiserror::Error;
@@ -73,6 +75,8 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot lay out {vips} VIPs in the VIP table (no seed places them all within reach)")]
+    VipLayout { vips: usize },
     #[error("ring write of {len} entries at {base} is outside the ring ({capacity} entries)")]
     RingBounds {
         base: u32,
@@ -168,22 +172,20 @@ pub enum Attached {
     TookOver,
 }
 
-/// The flat ring (all Maglev tables) mapped into our address space.
-struct Ring {
-    ptr: NonNull<u32>,
-    entries: u32,
+/// A shared mapping of a whole `BPF_F_MMAPABLE` array; unmapped on drop.
+struct Mapping {
+    ptr: NonNull<u8>,
     len_bytes: usize,
     // Keeps the map (and thus the mapping's backing) alive.
     _map: MapData,
 }
 
 // SAFETY: the mapping is owned by this struct and only accessed through &self / &mut self.
-unsafe impl Send for Ring {}
-unsafe impl Sync for Ring {}
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
 
-impl Ring {
-    fn new(map: MapData, chunks: u32) -> Result<Ring, DataplaneError> {
-        let len_bytes = chunks as usize * size_of::<RingChunk>();
+impl Mapping {
+    fn new(map: MapData, len_bytes: usize, name: &'static str) -> Result<Mapping, DataplaneError> {
         // SAFETY: mapping a BPF array created with BPF_F_MMAPABLE; length within the map.
         let ptr = unsafe {
             libc::mmap(
@@ -197,16 +199,41 @@ impl Ring {
         };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap {
-                map: maps::RING,
+                map: name,
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(Ring {
+        Ok(Mapping {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
-            entries: chunks * RING_CHUNK_ENTRIES,
             len_bytes,
             _map: map,
         })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
+/// The `RING` array, mapped.
+struct Ring {
+    map: Mapping,
+    entries: u32,
+}
+
+impl Ring {
+    fn new(map: MapData, chunks: u32) -> Result<Ring, DataplaneError> {
+        Ok(Ring {
+            map: Mapping::new(map, chunks as usize * size_of::<RingChunk>(), maps::RING)?,
+            entries: chunks * RING_CHUNK_ENTRIES,
+        })
+    }
+
+    fn ptr(&self) -> *mut u32 {
+        self.map.ptr.as_ptr().cast()
     }
 
     fn write(&mut self, base: u32, entries: &[u32]) -> Result<(), DataplaneError> {
@@ -223,12 +250,12 @@ impl Ring {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 entries.as_ptr(),
-                self.ptr.as_ptr().add(base as usize),
+                self.ptr().add(base as usize),
                 entries.len(),
             );
         }
-        // The VIP update that publishes this region is a syscall, which orders these stores
-        // before it; the fence documents (and guarantees, on any architecture) that ordering.
+        // The VIP update that publishes this region comes after these stores; the fence
+        // guarantees that ordering on any architecture.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -238,21 +265,188 @@ impl Ring {
             return None;
         }
         // SAFETY: in bounds; a u32 read of shared memory the kernel only reads.
-        Some(unsafe { self.ptr.as_ptr().add(index as usize).read_volatile() })
+        Some(unsafe { self.ptr().add(index as usize).read_volatile() })
     }
 }
 
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+/// The `VIP_TABLE` and `VIP_TABLE_CTL` arrays, mapped, and the agent's copy of what is in them
+/// (see [`lb_common::maps::VipSlot`] for the rules of writing them).
+struct VipTable {
+    slots: Mapping,
+    ctl: Mapping,
+    /// Every VIP, as last set: what a new layout is made of.
+    vips: std::collections::BTreeMap<VipKey, VipInfo>,
+    /// Slot (within the live half) of every VIP in it.
+    placed: std::collections::HashMap<VipKey, u32>,
+    half: u32,
+    seed: u32,
+    /// When the last switch of halves happened: the half that stopped being live is not
+    /// rewritten before [`VIP_HALF_GRACE`] has passed.
+    switched: Option<std::time::Instant>,
+}
+
+/// How long the VIP table half that stopped being live is left alone before it is rewritten:
+/// XDP programs run to completion within microseconds; this is a wide margin.
+const VIP_HALF_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl VipTable {
+    fn new(slots: MapData, ctl: MapData) -> Result<VipTable, DataplaneError> {
+        let t = VipTable {
+            slots: Mapping::new(
+                slots,
+                2 * VIP_TABLE_SLOTS as usize * size_of::<VipSlot>(),
+                maps::VIP_TABLE,
+            )?,
+            ctl: Mapping::new(ctl, size_of::<u64>(), maps::VIP_TABLE_CTL)?,
+            vips: Default::default(),
+            placed: Default::default(),
+            half: 0,
+            seed: 0,
+            switched: None,
+        };
+        t.store_ctl();
+        Ok(t)
     }
+
+    fn slot(&self, half: u32, index: u32) -> *mut VipSlot {
+        let i = (half * VIP_TABLE_SLOTS + index) as usize;
+        debug_assert!(i < 2 * VIP_TABLE_SLOTS as usize);
+        // SAFETY: in bounds of the mapping (checked by the callers' arithmetic).
+        unsafe { self.slots.ptr.as_ptr().cast::<VipSlot>().add(i) }
+    }
+
+    fn store_ctl(&self) {
+        // SAFETY: the mapping holds one aligned u64 (page-aligned).
+        let ctl = unsafe { AtomicU64::from_ptr(self.ctl.ptr.as_ptr().cast()) };
+        ctl.store(vip_table_ctl(self.half, self.seed), Ordering::Release);
+    }
+
+    /// Fills an empty slot: fields first, the key last, each with an atomic store.
+    fn fill(&self, half: u32, index: u32, key: &VipKey, info: &VipInfo) {
+        let s = self.slot(half, index);
+        // SAFETY: `s` is an aligned slot of the mapping (24-byte elements, 8-aligned fields).
+        unsafe {
+            AtomicU32::from_ptr(&raw mut (*s).vip_index).store(info.vip_index, Ordering::Relaxed);
+            AtomicU32::from_ptr(&raw mut (*s).flags).store(info.flags, Ordering::Relaxed);
+            AtomicU64::from_ptr(&raw mut (*s).table).store(
+                vip_table_word(info.ring_base, info.ring_size),
+                Ordering::Relaxed,
+            );
+            AtomicU64::from_ptr(s.cast::<u64>()).store(vip_key_word(key), Ordering::Release);
+        }
+    }
+
+    fn set(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        if let Some(&index) = self.placed.get(key) {
+            let s = self.slot(self.half, index);
+            // SAFETY: as in fill(). vip_index and flags of a VIP do not change in practice;
+            // the table word, which does, is one store.
+            unsafe {
+                AtomicU32::from_ptr(&raw mut (*s).vip_index)
+                    .store(info.vip_index, Ordering::Relaxed);
+                AtomicU32::from_ptr(&raw mut (*s).flags).store(info.flags, Ordering::Relaxed);
+                AtomicU64::from_ptr(&raw mut (*s).table).store(
+                    vip_table_word(info.ring_base, info.ring_size),
+                    Ordering::Release,
+                );
+            }
+            self.vips.insert(*key, *info);
+            return Ok(());
+        }
+        self.vips.insert(*key, *info);
+        // A new VIP: into a free slot of the live half if one is within reach of its home
+        // (readers probing past it see an empty slot until the key lands last), else a new
+        // layout of every VIP in the other half.
+        let word = vip_key_word(key);
+        let home = vip_home(word, self.seed);
+        let free = (0..VIP_TABLE_PROBES)
+            .map(|i| (home + i) & (VIP_TABLE_SLOTS - 1))
+            // SAFETY: reading a slot key the agent alone writes.
+            .find(|&i| unsafe { (*self.slot(self.half, i).cast::<u64>()) == 0 });
+        match free {
+            Some(index) => {
+                self.fill(self.half, index, key, info);
+                self.placed.insert(*key, index);
+                Ok(())
+            }
+            None => self.relayout(),
+        }
+    }
+
+    fn remove(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        if self.vips.remove(key).is_some() {
+            self.relayout()?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &VipKey) -> Option<VipInfo> {
+        // SAFETY: reads of the mapping; see lb_common::maps::VipSlot.
+        let ctl =
+            unsafe { AtomicU64::from_ptr(self.ctl.ptr.as_ptr().cast()).load(Ordering::Acquire) };
+        vip_table_find(ctl, key, |i| {
+            let s = self.slot(i / VIP_TABLE_SLOTS, i % VIP_TABLE_SLOTS);
+            // SAFETY: as above.
+            unsafe {
+                Some((
+                    AtomicU64::from_ptr(s.cast::<u64>()).load(Ordering::Acquire),
+                    AtomicU64::from_ptr(&raw mut (*s).table).load(Ordering::Acquire),
+                    (*s).vip_index,
+                    (*s).flags,
+                ))
+            }
+        })
+    }
+
+    /// Lays every VIP out in the half that is not live, then makes it live.
+    fn relayout(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<VipKey> = self.vips.keys().copied().collect();
+        let (seed, placed) = (0..64u32)
+            .find_map(|seed| place_vips(&keys, seed).map(|p| (seed, p)))
+            .ok_or(DataplaneError::VipLayout { vips: keys.len() })?;
+        if let Some(t) = self.switched
+            && t.elapsed() < VIP_HALF_GRACE
+        {
+            std::thread::sleep(VIP_HALF_GRACE - t.elapsed());
+        }
+        let half = 1 - self.half;
+        // SAFETY: the half is not live (and has not been for VIP_HALF_GRACE): no reader.
+        unsafe {
+            std::ptr::write_bytes(self.slot(half, 0), 0, VIP_TABLE_SLOTS as usize);
+        }
+        for (key, index) in &placed {
+            self.fill(half, *index, key, &self.vips[key]);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.half = half;
+        self.seed = seed;
+        self.store_ctl();
+        self.switched = Some(std::time::Instant::now());
+        self.placed = placed.into_iter().collect();
+        Ok(())
+    }
+}
+
+/// Places `keys` in one half of the VIP table with `seed`, each within [`VIP_TABLE_PROBES`] of
+/// its home slot (linear probing in key order); `None` if one does not fit.
+fn place_vips(keys: &[VipKey], seed: u32) -> Option<Vec<(VipKey, u32)>> {
+    let mut used = vec![false; VIP_TABLE_SLOTS as usize];
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let home = vip_home(vip_key_word(key), seed);
+        let index = (0..VIP_TABLE_PROBES)
+            .map(|i| (home + i) & (VIP_TABLE_SLOTS - 1))
+            .find(|&i| !used[i as usize])?;
+        used[index as usize] = true;
+        out.push((*key, index));
+    }
+    Some(out)
 }
 
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    vips: HashMap<MapData, VipKey, VipInfo>,
+    vips: VipTable,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
     vip_filter: Array<MapData, VipFilter>,
     /// The addresses in `vip_addrs`, to rebuild the filter when one goes.
@@ -291,7 +485,11 @@ impl Dataplane {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::MissingMap { map: name })
         };
-        let vips = HashMap::try_from(take(maps::VIPS)?).map_err(map_err(maps::VIPS))?;
+        let mut array = |name: &'static str| match take(name)? {
+            aya::maps::Map::Array(data) => Ok(data),
+            _ => Err(DataplaneError::MissingMap { map: name }),
+        };
+        let vips = VipTable::new(array(maps::VIP_TABLE)?, array(maps::VIP_TABLE_CTL)?)?;
         let vip_addrs =
             HashMap::try_from(take(maps::VIP_ADDRS)?).map_err(map_err(maps::VIP_ADDRS))?;
         let vip_filter =
@@ -501,23 +699,28 @@ impl Dataplane {
         self.settings.get(&0, 0).map_err(map_err(maps::SETTINGS))
     }
 
+    /// Publishes or changes a VIP. A change of an existing VIP's table is one atomic store; a
+    /// new VIP goes into a free slot or, if none is within reach, into a new layout of the
+    /// other half of the table (which may wait out the previous switch's grace period).
     pub fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
-        self.vips.insert(key, info, 0).map_err(map_err(maps::VIPS))
+        self.vips.set(key, info)
     }
 
+    /// Removes a VIP: a new layout without it, in the other half of the table.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        self.vips.remove(key).map_err(map_err(maps::VIPS))
+        self.vips.remove(key)
     }
 
+    /// A VIP as the data path sees it, read from the kernel's table.
     pub fn vip(&self, key: &VipKey) -> Option<VipInfo> {
-        self.vips.get(key, 0).ok()
+        self.vips.get(key)
     }
 
     /// Records how many VIPs `key` has (0: none), and keeps the VIP address filter in step. Call
     /// it before publishing the first VIP of an address and after removing the last one: the
-    /// data path passes frames for addresses outside the filter without looking at [`VIPS`].
+    /// data path passes frames for addresses outside the filter without looking at [`VIP_TABLE`].
     ///
-    /// [`VIPS`]: lb_common::maps::VIPS
+    /// [`VIP_TABLE`]: lb_common::maps::VIP_TABLE
     pub fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError> {
         let changed = if count == 0 {
             self.vip_addr_set.remove(&key.addr)
@@ -730,5 +933,72 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK: {}",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32, port: u16, proto: u8) -> VipKey {
+        VipKey {
+            addr: (0x0a00_0000 + i).to_be_bytes(),
+            port: port.to_be_bytes(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    /// A half laid out by `place_vips`, probed by the data path's `vip_table_find`.
+    fn lay_out(keys: &[VipKey], half: u32) -> Option<(u64, Vec<VipSlot>)> {
+        let (seed, placed) = (0..64).find_map(|s| place_vips(keys, s).map(|p| (s, p)))?;
+        let mut slots = vec![VipSlot::default(); 2 * VIP_TABLE_SLOTS as usize];
+        for (n, (k, index)) in placed.iter().enumerate() {
+            slots[(half * VIP_TABLE_SLOTS + index) as usize] = VipSlot {
+                key: *k,
+                table: vip_table_word(1000 + n as u32, 65537),
+                vip_index: n as u32,
+                flags: 0,
+            };
+        }
+        Some((vip_table_ctl(half, seed), slots))
+    }
+
+    fn find(ctl: u64, slots: &[VipSlot], k: &VipKey) -> Option<VipInfo> {
+        vip_table_find(ctl, k, |i| {
+            let s = slots.get(i as usize)?;
+            Some((vip_key_word(&s.key), s.table, s.vip_index, s.flags))
+        })
+    }
+
+    #[test]
+    fn every_placed_vip_is_found_and_others_are_not() {
+        let keys: Vec<VipKey> = (0..300)
+            .flat_map(|i| [key(i, 80, 6), key(i, 443, 6), key(i, 53, 17)])
+            .collect();
+        for half in [0, 1] {
+            let (ctl, slots) = lay_out(&keys, half).expect("300 x 3 VIPs fit");
+            for (n, k) in keys.iter().enumerate() {
+                let info = find(ctl, &slots, k).unwrap_or_else(|| panic!("{k:?} not found"));
+                assert_eq!(info.vip_index, n as u32);
+                assert_eq!((info.ring_base, info.ring_size), (1000 + n as u32, 65537));
+            }
+            for k in [key(0, 80, 17), key(0, 81, 6), key(5000, 80, 6)] {
+                assert_eq!(find(ctl, &slots, &k), None, "{k:?}");
+            }
+            // The other half is empty: a control word pointing at it finds nothing.
+            assert_eq!(find(ctl ^ 1, &slots, &keys[0]), None);
+        }
+    }
+
+    #[test]
+    fn the_most_vips_fit_within_the_probe_limit() {
+        let keys: Vec<VipKey> = (0..maps::MAX_VIPS)
+            .map(|i| key(i / 2, 80, 6 + 11 * (i % 2) as u8))
+            .collect();
+        let (ctl, slots) = lay_out(&keys, 0).expect("MAX_VIPS keys fit with some seed");
+        assert!(keys.iter().all(|k| find(ctl, &slots, k).is_some()));
+        // Adjacent addresses and ports, the usual shape of a config, fit with the first seed.
+        assert!(place_vips(&keys, 0).is_some());
     }
 }

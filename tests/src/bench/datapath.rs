@@ -131,16 +131,18 @@ impl DatapathReport {
                     holds: c.above_floor.median <= limit,
                 });
             }
-            // Within 10% of the single-VIP case; a difference of 1 ns (the kernel's resolution)
-            // is always within.
+            // Within 10% of the single-VIP case, or within 2 ns: the kernel reports whole ns,
+            // so each above-floor figure carries up to 1 ns of rounding, their difference up to
+            // 2 ns. (The two configurations also run separately JIT-ed copies of the program,
+            // whose code alignment alone moves a figure by a nanosecond or two.)
             if let (Some(one), Some(hundred)) =
                 (self.case(CONFIG_ONE, path), self.case(CONFIG_HUNDRED, path))
             {
                 let (a, b) = (one.above_floor.median, hundred.above_floor.median);
-                let allowed = (a * SCALE_TOLERANCE).max(1.0);
+                let allowed = (a * SCALE_TOLERANCE).max(2.0);
                 out.push(Check {
                     name: format!("{path}: {CONFIG_HUNDRED} against {CONFIG_ONE}"),
-                    target: format!("within 10% ({allowed:.1} ns)"),
+                    target: format!("within 10% or 2 ns ({allowed:.1} ns)"),
                     measured: format!("{b:.0} ns against {a:.0} ns above the floor"),
                     holds: (b - a).abs() <= allowed,
                 });
