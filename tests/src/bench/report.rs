@@ -608,14 +608,15 @@ where
         .draw()
         .map_err(plot_err)?;
 
-    for (v, label) in &panel.lines {
+    for (i, (v, label)) in panel.lines.iter().enumerate() {
         chart
             .draw_series(LineSeries::new([(*v, 0.0), (*v, n)], GREY.stroke_width(1)))
             .map_err(plot_err)?;
         let (px, py) = chart.backend_coord(&(*v, n));
+        // One text line per reference line: floors a few ns apart would overprint.
         root.draw(&Text::new(
             label.clone(),
-            (px + 3, py + 2),
+            (px + 3, py + 2 + 12 * i as i32),
             (FONT, 11).into_font().color(&GREY),
         ))
         .map_err(plot_err)?;
