@@ -102,8 +102,7 @@ pub struct BenchFrame {
 }
 const _: () = assert!(core::mem::size_of::<BenchFrame>() == 24 + BENCH_FRAME_MAX);
 
-/// Most VIPs: capacity of [`VIP_ADDRS`] and [`VIP_STATS`] (the object's default; the agent may
-/// override it at load time).
+/// Most VIPs: capacity of [`VIP_ADDRS`] and [`VIP_STATS`], and a quarter of [`VIP_TABLE_SLOTS`].
 pub const MAX_VIPS: u32 = 4096;
 /// Capacity of [`BACKENDS`] and [`BACKEND_STATS`]: one id per (VIP, backend) pair.
 pub const MAX_BACKENDS: u32 = 65536;
@@ -225,11 +224,18 @@ pub fn vip_key_word(key: &VipKey) -> u64 {
     ])
 }
 
-/// The first slot (within a half) probed for a key: multiplicative hashing of the key word,
-/// with `seed` mixed in so the agent can pick another layout.
+/// The first slot (within a half) probed for a key: MurmurHash3's 64-bit finalizer over the key
+/// word with `seed` mixed in. Every key bit moves the result, and (unlike a plain multiplicative
+/// hash, which is nearly linear) another seed gives another layout rather than a shifted one.
 #[inline(always)]
 pub fn vip_home(word: u64, seed: u32) -> u32 {
-    ((word ^ seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & (VIP_TABLE_SLOTS - 1)
+    let mut x = word ^ (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x as u32 & (VIP_TABLE_SLOTS - 1)
 }
 
 /// `table` of a [`VipSlot`].

@@ -93,11 +93,15 @@ impl Tables for Maps {
             let ctl = core::ptr::read_volatile(VIP_TABLE_CTL.get_ptr(0)?);
             vip_table_find(ctl, key, |i| {
                 let s = VIP_TABLE.get_ptr(i)?;
+                // Volatile, in slot order, so the compiler keeps the key load first. The CPU
+                // may still reorder on weakly ordered machines (arm64): a VIP added while the
+                // program runs can then be seen with its table still 0 (dropped as no backend)
+                // for an instant; x86 keeps loads in order.
                 Some((
                     core::ptr::read_volatile(s.cast::<u64>()),
                     core::ptr::read_volatile(&raw const (*s).table),
-                    (*s).vip_index,
-                    (*s).flags,
+                    core::ptr::read_volatile(&raw const (*s).vip_index),
+                    core::ptr::read_volatile(&raw const (*s).flags),
                 ))
             })
         }

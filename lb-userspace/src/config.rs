@@ -123,12 +123,12 @@ pub struct Vip {
 }
 
 impl Vip {
-    /// What identifies the service on the wire (and in the `VIPS` map).
+    /// What identifies the service on the wire (and in the data path's VIP table).
     pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
         (self.address, self.port, self.protocol)
     }
 
-    /// The service's key in the data path's `VIPS` map.
+    /// The service's key in the data path's VIP table.
     pub fn map_key(&self) -> lb_common::maps::VipKey {
         lb_common::maps::VipKey {
             addr: self.address.octets(),

@@ -353,7 +353,6 @@ impl VipTable {
             self.vips.insert(*key, *info);
             return Ok(());
         }
-        self.vips.insert(*key, *info);
         // A new VIP: into a free slot of the live half if one is within reach of its home
         // (readers probing past it see an empty slot until the key lands last), else a new
         // layout of every VIP in the other half.
@@ -367,15 +366,22 @@ impl VipTable {
             Some(index) => {
                 self.fill(self.half, index, key, info);
                 self.placed.insert(*key, index);
+                self.vips.insert(*key, *info);
                 Ok(())
             }
-            None => self.relayout(),
+            None => {
+                let mut vips = self.vips.clone();
+                vips.insert(*key, *info);
+                self.relayout(vips)
+            }
         }
     }
 
     fn remove(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        if self.vips.remove(key).is_some() {
-            self.relayout()?;
+        if self.vips.contains_key(key) {
+            let mut vips = self.vips.clone();
+            vips.remove(key);
+            self.relayout(vips)?;
         }
         Ok(())
     }
@@ -391,23 +397,28 @@ impl VipTable {
                 Some((
                     AtomicU64::from_ptr(s.cast::<u64>()).load(Ordering::Acquire),
                     AtomicU64::from_ptr(&raw mut (*s).table).load(Ordering::Acquire),
-                    (*s).vip_index,
-                    (*s).flags,
+                    AtomicU32::from_ptr(&raw mut (*s).vip_index).load(Ordering::Acquire),
+                    AtomicU32::from_ptr(&raw mut (*s).flags).load(Ordering::Acquire),
                 ))
             }
         })
     }
 
-    /// Lays every VIP out in the half that is not live, then makes it live.
-    fn relayout(&mut self) -> Result<(), DataplaneError> {
-        let keys: Vec<VipKey> = self.vips.keys().copied().collect();
+    /// Lays `vips` out in the half that is not live, then makes it live and records `vips` as
+    /// the VIPs; on failure nothing changes.
+    fn relayout(
+        &mut self,
+        vips: std::collections::BTreeMap<VipKey, VipInfo>,
+    ) -> Result<(), DataplaneError> {
+        let keys: Vec<VipKey> = vips.keys().copied().collect();
         let (seed, placed) = (0..64u32)
             .find_map(|seed| place_vips(&keys, seed).map(|p| (seed, p)))
             .ok_or(DataplaneError::VipLayout { vips: keys.len() })?;
-        if let Some(t) = self.switched
-            && t.elapsed() < VIP_HALF_GRACE
+        if let Some(rest) = self
+            .switched
+            .and_then(|t| VIP_HALF_GRACE.checked_sub(t.elapsed()))
         {
-            std::thread::sleep(VIP_HALF_GRACE - t.elapsed());
+            std::thread::sleep(rest);
         }
         let half = 1 - self.half;
         // SAFETY: the half is not live (and has not been for VIP_HALF_GRACE): no reader.
@@ -415,7 +426,7 @@ impl VipTable {
             std::ptr::write_bytes(self.slot(half, 0), 0, VIP_TABLE_SLOTS as usize);
         }
         for (key, index) in &placed {
-            self.fill(half, *index, key, &self.vips[key]);
+            self.fill(half, *index, key, &vips[key]);
         }
         std::sync::atomic::fence(Ordering::SeqCst);
         self.half = half;
@@ -423,6 +434,7 @@ impl VipTable {
         self.store_ctl();
         self.switched = Some(std::time::Instant::now());
         self.placed = placed.into_iter().collect();
+        self.vips = vips;
         Ok(())
     }
 }
@@ -988,6 +1000,32 @@ mod tests {
             }
             // The other half is empty: a control word pointing at it finds nothing.
             assert_eq!(find(ctl ^ 1, &slots, &keys[0]), None);
+        }
+    }
+
+    #[test]
+    fn another_seed_is_another_layout_not_a_shifted_one() {
+        let keys: Vec<VipKey> = (0..64).map(|i| key(i, 80, 6)).collect();
+        let shifts: std::collections::BTreeSet<u32> = keys
+            .iter()
+            .map(|k| {
+                let w = vip_key_word(k);
+                vip_home(w, 1).wrapping_sub(vip_home(w, 0)) & (VIP_TABLE_SLOTS - 1)
+            })
+            .collect();
+        assert!(
+            shifts.len() > 32,
+            "seed 1 only shifts seed 0's layout: {shifts:?}"
+        );
+        // Every part of the key moves the home: protocol, port bytes, address bytes.
+        let base = vip_home(vip_key_word(&key(7, 80, 6)), 0);
+        for other in [
+            key(7, 80, 17),
+            key(7, 80 + 64, 6),
+            key(7, 80 + 256, 6),
+            key(7 + (1 << 24), 80, 6),
+        ] {
+            assert_ne!(vip_home(vip_key_word(&other), 0), base, "{other:?}");
         }
     }
 

@@ -524,10 +524,12 @@ impl<M: Maps> Reconciler<M> {
         };
         let half = vip.live.map_or(0, |h| 1 - h);
         if !table.is_empty() {
-            if let Some(t) = vip.retired_at
-                && t.elapsed() < HALF_REUSE_GRACE
+            // checked_sub: elapsed() may pass the grace between a check and the subtraction.
+            if let Some(rest) = vip
+                .retired_at
+                .and_then(|t| HALF_REUSE_GRACE.checked_sub(t.elapsed()))
             {
-                tokio::time::sleep(HALF_REUSE_GRACE - t.elapsed()).await;
+                tokio::time::sleep(rest).await;
             }
             self.dp.write_ring(vip.half_base(half), &table)?;
         }

@@ -208,3 +208,43 @@ fn kernel_ring_out_of_range_is_internal_error() {
     let c = dp.reason_counters().unwrap()[Reason::DropInternal as usize];
     assert_eq!(c.packets, 1);
 }
+
+/// The VIP table as the kernel program sees it: a VIP removed (a new layout in the other half)
+/// is no longer found and its traffic goes to the kernel; the others still forward; added back,
+/// it is found again.
+#[test]
+fn vip_table_remove_and_add_back() {
+    if !require_privileges("vip_table_remove_and_add_back") {
+        return;
+    }
+    let world = World::standard();
+    let mut dp = load_world(&world);
+    let find = |name: &str| {
+        fixtures::all()
+            .into_iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no fixture {name}"))
+    };
+    let syn = find("tcp_syn_to_vip");
+    let udp_key = fixtures::key(fixtures::VIP, 53, 17);
+    let udp_info = world.vips[&udp_key];
+
+    dp.remove_vip(&udp_key).unwrap();
+    assert_eq!(dp.vip(&udp_key), None);
+    for (k, v) in world.vips.iter().filter(|(k, _)| **k != udp_key) {
+        assert_eq!(dp.vip(k), Some(*v), "{k:?} after the removal");
+    }
+    let (action, _) = run_one(&dp, &find("udp_to_vip_flow_a"));
+    assert_eq!(action, 2, "a removed VIP's traffic is passed");
+    let (action, out) = run_one(&dp, &syn);
+    assert_eq!(
+        (action, output_mismatch(&syn, &out)),
+        (3, None),
+        "others still forward"
+    );
+
+    dp.set_vip(&udp_key, &udp_info).unwrap();
+    assert_eq!(dp.vip(&udp_key), Some(udp_info));
+    let (action, _) = run_one(&dp, &find("udp_to_vip_flow_a"));
+    assert_eq!(action, 3, "added back, forwarded again");
+}

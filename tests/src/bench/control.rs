@@ -505,7 +505,7 @@ fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
 fn live_in_kernel(dp: &Dataplane, v: &config::Vip) -> Result<(u32, BTreeSet<Ipv4Addr>)> {
     let info = dp
         .vip(&v.map_key())
-        .with_context(|| format!("{}: no entry in the VIPS map", v.name))?;
+        .with_context(|| format!("{}: not found in the VIP table", v.name))?;
     ensure!(
         info.ring_size == v.table_size,
         "{}: the kernel's entry has ring_size {}, not {}",

@@ -332,7 +332,8 @@ pub fn run(opts: &E2eOptions) -> Result<E2eReport> {
             .try_clone_to_owned()
             .context("duplicating the client namespace fd")?,
     );
-    let conntrack_max = read_sysctl(&topo.lb.ns, "net.netfilter.nf_conntrack_max")?;
+    // Only for the nftables note: absent (0) if conntrack is not loaded yet.
+    let conntrack_max = read_sysctl(&topo.lb.ns, "net.netfilter.nf_conntrack_max").unwrap_or(0);
 
     let mut results: BTreeMap<&'static str, Vec<RoundResult>> = BTreeMap::new();
     for round in 0..opts.rounds {
@@ -531,8 +532,8 @@ fn peer_note(
              send_redirects=0; replies go back through the LB (route {CLIENT_ADDR}/32 via \
              {LB_ADDR} on every backend, for this peer only); conntrack TIME_WAIT timeout set to \
              {CONNTRACK_TIME_WAIT_SECS} s in the LB namespace (default 120 s) so the table never \
-             fills: nf_conntrack_max {conntrack_max}, peak {conntrack_peak} entries after a \
-             connections-per-second run"
+             fills: nf_conntrack_max {conntrack_max} (0: not read), at most {conntrack_peak} \
+             entries counted right after a connections-per-second run"
         ),
         Peer::Haproxy => format!(
             "{haproxy_version}, mode tcp, nbthread {cpus}, balance roundrobin, no health checks, \
