@@ -131,6 +131,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let app = Router::new()
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/which-backend", get(which_backend))
         .route("/v1/log-level", put(log_level))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -174,6 +175,20 @@ async fn ask<T>(
 async fn status(State(tx): State<mpsc::Sender<Request>>) -> Response {
     match ask(&tx, Request::Status).await {
         Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn metrics(State(tx): State<mpsc::Sender<Request>>) -> Response {
+    match ask(&tx, Request::Status).await {
+        Ok(s) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::render(&s),
+        )
+            .into_response(),
         Err(r) => r,
     }
 }
@@ -300,17 +315,31 @@ impl Client {
         path_and_query: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
+        let bytes = self.call_raw(method, path_and_query, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The body of a successful response, as it came.
+    async fn call_raw(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Bytes, ClientError> {
         tokio::time::timeout(self.timeout, self.call_inner(method, path_and_query, body))
             .await
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
-    async fn call_inner<T: DeserializeOwned>(
+    async fn call_inner(
         &self,
         method: &str,
         path_and_query: &str,
         body: Option<serde_json::Value>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<Bytes, ClientError> {
         let http = |e: &dyn std::fmt::Display| ClientError::Http {
             socket: self.socket.clone(),
             message: e.to_string(),
@@ -354,11 +383,17 @@ impl Client {
                 message,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| http(&e))
+        Ok(bytes)
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call("GET", "/v1/status", None).await
+    }
+
+    /// The Prometheus exposition (`GET /metrics`).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let bytes = self.call_raw("GET", "/metrics", None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     pub async fn which_backend(&self, vip: &str, src: &str) -> Result<WhichBackend, ClientError> {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod logging;
 pub mod maglev;
+pub mod metrics;
 pub mod net;
 pub mod reconciler;
 pub mod status;

@@ -92,6 +92,8 @@ enum Command {
     },
     /// Change the log level of the running agent and its data path.
     LogLevel { level: LogLevel },
+    /// Print the running agent's Prometheus metrics (what `GET /metrics` on the API serves).
+    Metrics,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +177,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::LogLevel { level } => {
             runtime()?.block_on(Client::new(&cli.socket).set_log_level(level))?;
             println!("log level set to {level}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Metrics => {
+            print!(
+                "{}",
+                runtime()?.block_on(Client::new(&cli.socket).metrics())?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

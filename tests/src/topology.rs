@@ -272,6 +272,11 @@ impl Agent {
         Ok(self.rt.block_on(Client::new(&self.socket).status())?)
     }
 
+    /// The Prometheus exposition the agent serves at `GET /metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(self.rt.block_on(Client::new(&self.socket).metrics())?)
+    }
+
     pub fn which(&self, service: &str, src: SocketAddrV4) -> Result<WhichBackend> {
         Ok(self
             .rt

@@ -231,6 +231,24 @@ fn load_balances_real_traffic() {
         "backend counters add up to the VIP's"
     );
     assert!(by_name["dns"].packets >= 300);
+    // The same counters, as Prometheus scrapes them (nothing is sent to a VIP in between).
+    let metrics = agent.metrics().unwrap();
+    let service = format!("{}:{}/{}", web.address, web.port, web.protocol);
+    for line in [
+        format!(
+            "xdplb_vip_packets_total{{vip=\"web\",service=\"{service}\"}} {}",
+            web.packets
+        ),
+        format!(
+            "xdplb_backend_packets_total{{vip=\"web\",service=\"{service}\",backend=\"{}\"}} {}",
+            web.backends[0].address, web.backends[0].packets
+        ),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "metrics lack {line}:\n{metrics}"
+        );
+    }
     assert_eq!(by_name["alt"].backends[2].packets, 0);
     let reason = |n: &str| {
         status
