@@ -74,6 +74,32 @@ pub fn flow_slot_v4(
     reduce(flow_hash_v4(src, dst, sport, dport, proto), ring_size)
 }
 
+/// [`flow_hash_v4`] of a flow from `src` to `dst`, for callers that hold socket addresses (the
+/// agent's `which-backend`, the tests).
+pub fn flow_hash_between(
+    src: core::net::SocketAddrV4,
+    dst: core::net::SocketAddrV4,
+    proto: u8,
+) -> u32 {
+    flow_hash_v4(
+        src.ip().octets(),
+        dst.ip().octets(),
+        src.port().to_be_bytes(),
+        dst.port().to_be_bytes(),
+        proto,
+    )
+}
+
+/// [`flow_slot_v4`] of a flow from `src` to `dst`.
+pub fn flow_slot_between(
+    src: core::net::SocketAddrV4,
+    dst: core::net::SocketAddrV4,
+    proto: u8,
+    ring_size: u32,
+) -> u32 {
+    reduce(flow_hash_between(src, dst, proto), ring_size)
+}
+
 /// Maps a uniformly distributed `hash` onto `0..n` without a division.
 #[inline(always)]
 pub fn reduce(hash: u32, n: u32) -> u32 {
@@ -117,6 +143,14 @@ mod tests {
             ),
             47130
         );
+    }
+
+    #[test]
+    fn socket_address_forms_agree_with_the_tuple_forms() {
+        let src = core::net::SocketAddrV4::new(core::net::Ipv4Addr::new(10, 0, 0, 1), 40000);
+        let dst = core::net::SocketAddrV4::new(core::net::Ipv4Addr::new(10, 0, 0, 100), 80);
+        assert_eq!(flow_hash_between(src, dst, 6), 0xb819_fe92);
+        assert_eq!(flow_slot_between(src, dst, 6, 65537), 47130);
     }
 
     #[test]

@@ -275,16 +275,8 @@ fn which_offline(path: &Path, service: &str, source: &str) -> anyhow::Result<Whi
         })
         .collect();
     let table = maglev::build_table(&inputs, vip.table_size)?;
-    let tuple = (
-        src.ip().octets(),
-        vip_addr.ip().octets(),
-        src.port().to_be_bytes(),
-        vip_addr.port().to_be_bytes(),
-        proto.number(),
-    );
-    let hash = lb_common::hash::flow_hash_v4(tuple.0, tuple.1, tuple.2, tuple.3, tuple.4);
-    let slot =
-        lb_common::hash::flow_slot_v4(tuple.0, tuple.1, tuple.2, tuple.3, tuple.4, vip.table_size);
+    let hash = lb_common::hash::flow_hash_between(src, vip_addr, proto.number());
+    let slot = lb_common::hash::flow_slot_between(src, vip_addr, proto.number(), vip.table_size);
     let entry = table[slot as usize];
     let backend =
         (entry != maglev::EMPTY).then(|| vip.backends[entry as usize].address.to_string());

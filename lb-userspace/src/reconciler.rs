@@ -27,7 +27,7 @@ use std::{
 
 use lb_common::{
     Reason,
-    hash::{flow_hash_v4, flow_slot_v4},
+    hash::{flow_hash_between, flow_slot_between},
     maps::{
         BACKEND_F_READY, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, Settings, VipAddrKey,
         VipInfo, VipKey,
@@ -601,18 +601,10 @@ impl<M: Maps> Reconciler<M> {
         let v = self
             .find_vip(*vip.ip(), vip.port(), proto)
             .ok_or_else(|| ReconcileError::NoSuchVip(format!("{vip}/{proto}")))?;
-        let tuple = (
-            src.ip().octets(),
-            vip.ip().octets(),
-            src.port().to_be_bytes(),
-            vip.port().to_be_bytes(),
-            proto.number(),
-        );
-        let hash = flow_hash_v4(tuple.0, tuple.1, tuple.2, tuple.3, tuple.4);
+        let hash = flow_hash_between(src, vip, proto.number());
         let (slot, backend_id) = match self.dp.vip(&v.key) {
             Some(info) if info.ring_size > 0 => {
-                let slot =
-                    flow_slot_v4(tuple.0, tuple.1, tuple.2, tuple.3, tuple.4, info.ring_size);
+                let slot = flow_slot_between(src, vip, proto.number(), info.ring_size);
                 (Some(slot), self.dp.ring_entry(info.ring_base + slot))
             }
             _ => (None, None),

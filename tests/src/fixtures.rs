@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
     Reason,
-    hash::flow_slot_v4,
+    hash::flow_slot_between,
     maps::{
         BACKEND_F_READY, BackendInfo, Settings, VIP_FILTER_BITS, VipAddrKey, VipFilter, VipInfo,
         VipKey, vip_filter_bit, vip_filter_set, vip_filter_test,
@@ -141,11 +141,9 @@ impl World {
     /// The backend MAC the world sends a flow to, computed from the ring as the data path does.
     pub fn expected_mac(&self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> [u8; 6] {
         let info = self.vips[&key(dst.0, dst.1, proto)];
-        let slot = flow_slot_v4(
-            src.0.octets(),
-            dst.0.octets(),
-            src.1.to_be_bytes(),
-            dst.1.to_be_bytes(),
+        let slot = flow_slot_between(
+            std::net::SocketAddrV4::new(src.0, src.1),
+            std::net::SocketAddrV4::new(dst.0, dst.1),
             proto,
             info.ring_size,
         );
