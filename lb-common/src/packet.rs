@@ -81,9 +81,6 @@ pub struct Verdict {
     pub backend_id: u32,
     pub dst: [u8; 4],
     pub dport: [u8; 2],
-    /// Makes the fields after `reason` a multiple of 4 bytes, which BPF zeroes with plain stores
-    /// instead of a call to `memset`.
-    pub _pad: [u8; 2],
 }
 
 impl Verdict {
@@ -95,7 +92,6 @@ impl Verdict {
             backend_id: 0,
             dst: [0; 4],
             dport: [0; 2],
-            _pad: [0; 2],
         }
     }
 }
@@ -198,7 +194,6 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         backend_id: 0,
         dst,
         dport,
-        _pad: [0; 2],
     };
     if vip.ring_size == 0 {
         return v;
