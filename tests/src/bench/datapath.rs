@@ -25,7 +25,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use aya::{
     maps::{Array, ProgramArray},
     programs::{TestRun as _, TestRunOptions, Xdp},
@@ -454,22 +454,6 @@ impl Expect {
     }
 }
 
-/// Pins the calling thread to `cpu`: `BPF_PROG_TEST_RUN` runs on the calling CPU.
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; the calls only read/write it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "cannot pin to CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
-}
-
 fn frames(vip: Ipv4Addr, udp_vip: Ipv4Addr) -> [(&'static str, Vec<u8>); 5] {
     let client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 1), 40000);
     let web = SocketAddrV4::new(vip, 80);
@@ -501,7 +485,8 @@ pub fn run(opts: &DatapathOptions) -> Result<DatapathReport> {
     // started later inherit the affinity of the thread that starts them).
     std::thread::scope(|s| {
         s.spawn(|| {
-            pin_to_cpu(opts.cpu)?;
+            // BPF_PROG_TEST_RUN runs on the calling CPU.
+            super::pin_to_cpu(opts.cpu)?;
             measure(opts)
         })
         .join()

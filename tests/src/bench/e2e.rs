@@ -1212,7 +1212,8 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, reply: &[u8]) {
 /// Echoes everything until EOF, an error or an idle [`IO_TIMEOUT`] (the read timeout inherited
 /// from the listener).
 fn echo(mut conn: TcpStream, first: &[u8]) {
-    pin_to_cpu(RTT_CPU);
+    // Best effort: a server thread that cannot be pinned still echoes.
+    let _ = super::pin_to_cpu(RTT_CPU);
     if conn.set_nodelay(true).is_err() || conn.write_all(PING).is_err() {
         return;
     }
@@ -1382,7 +1383,7 @@ fn run_cps(
 /// a short warm-up; (p50, p99) in microseconds.
 fn run_rtt(client: &Netns, dst: SocketAddrV4, samples: usize) -> Result<(f64, f64)> {
     client.run_in(move || -> Result<(f64, f64)> {
-        pin_to_cpu(RTT_CPU);
+        super::pin_to_cpu(RTT_CPU)?;
         let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         s.set_write_timeout(Some(CONNECT_TIMEOUT))?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -1413,17 +1414,6 @@ fn run_rtt(client: &Netns, dst: SocketAddrV4, samples: usize) -> Result<(f64, f6
         ensure!(!times.is_empty(), "no RTT sample within {RTT_TIME_CAP:?}");
         Ok((quantile(&mut times, 0.5), quantile(&mut times, 0.99)))
     })
-}
-
-/// Pins the calling thread to `cpu` (best effort: on failure the thread stays where it is).
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity(0, ..)
-    // changes the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 #[derive(Clone, Debug, Default)]

@@ -75,6 +75,23 @@ pub fn quantile(values: &mut [f64], q: f64) -> f64 {
     values[rank.clamp(1, values.len()) - 1]
 }
 
+/// Pins the calling thread (only) to `cpu`; threads it starts afterwards inherit the pinning.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity(0, ..)
+    // changes the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!(
+                "cannot pin to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One target of the issue, checked against a figure of this run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
