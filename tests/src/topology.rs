@@ -84,18 +84,30 @@ pub struct PassProgram {
 
 /// Attaches `xdp_pass` in driver mode to `ifindex` inside `ns`.
 pub fn attach_pass(ns: &Netns, ifindex: u32) -> Result<PassProgram> {
-    let ebpf = ns.run_in(move || -> Result<Ebpf> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_common::maps::PROG_PASS)
-            .context("xdp_pass missing from the object")?
-            .try_into()?;
-        prog.load().context("loading xdp_pass")?;
-        prog.attach_to_if_index(ifindex, XdpMode::Driver)
-            .context("attaching xdp_pass in driver mode")?;
-        Ok(ebpf)
-    })?;
+    let ebpf = attach_from_object(ns, ifindex, lb_common::maps::PROG_PASS, |_| Ok(()))?;
     Ok(PassProgram { _ebpf: ebpf })
+}
+
+/// Loads xdplb's object inside `ns`, lets `prepare` fill its maps, and attaches its program
+/// `program` in driver mode to `ifindex`; detached when the returned object is dropped.
+pub fn attach_from_object(
+    ns: &Netns,
+    ifindex: u32,
+    program: &'static str,
+    prepare: impl FnOnce(&mut Ebpf) -> Result<()> + Send + 'static,
+) -> Result<Ebpf> {
+    ns.run_in(move || -> Result<Ebpf> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
+        prepare(&mut ebpf)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(program)
+            .with_context(|| format!("{program} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {program}"))?;
+        prog.attach_to_if_index(ifindex, XdpMode::Driver)
+            .with_context(|| format!("attaching {program} in driver mode"))?;
+        Ok(ebpf)
+    })
 }
 
 /// A scratch directory removed on drop.

@@ -34,20 +34,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use aya::{
-    Ebpf,
-    maps::Array,
-    programs::{Xdp, XdpMode},
-};
+use aya::{Ebpf, maps::Array, programs::Xdp};
 use lb_common::maps::BenchFwd;
-use lb_userspace::dataplane::EBPF_OBJECT;
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::{Check, Stats, quantile};
 use crate::{
     netns::{ChildGuard, Netns},
-    topology::{Agent, CLIENT_ADDR, LB_ADDR, LbTopology, TempDir, VIP, backend_addr},
+    topology::{
+        Agent, CLIENT_ADDR, LB_ADDR, LbTopology, TempDir, VIP, attach_from_object, backend_addr,
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -893,23 +890,19 @@ fn attach_forwarder(topo: &LbTopology) -> Result<Ebpf> {
         dst_mac: topo.backends[0].mac,
         src_mac: topo.lb.mac,
     };
-    let ifindex = topo.lb.ifindex;
-    topo.lb.ns.run_in(move || -> Result<Ebpf> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
-        let mut map: Array<_, BenchFwd> = Array::try_from(
-            ebpf.map_mut(lb_common::maps::BENCH_FWD)
-                .context("BENCH_FWD missing from the object")?,
-        )?;
-        map.set(0, fwd, 0)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_common::maps::PROG_FLOOR_FWD)
-            .context("xdp_floor_fwd missing from the object")?
-            .try_into()?;
-        prog.load().context("loading xdp_floor_fwd")?;
-        prog.attach_to_if_index(ifindex, XdpMode::Driver)
-            .context("attaching xdp_floor_fwd in driver mode")?;
-        Ok(ebpf)
-    })
+    attach_from_object(
+        &topo.lb.ns,
+        topo.lb.ifindex,
+        lb_common::maps::PROG_FLOOR_FWD,
+        move |ebpf| {
+            let mut map: Array<_, BenchFwd> = Array::try_from(
+                ebpf.map_mut(lb_common::maps::BENCH_FWD)
+                    .context("BENCH_FWD missing from the object")?,
+            )?;
+            map.set(0, fwd, 0)?;
+            Ok(())
+        },
+    )
 }
 
 /// Removes what the nftables peer added: the table, `routes` backend routes, the sysctls.
