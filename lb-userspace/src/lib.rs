@@ -9,5 +9,6 @@ pub mod logging;
 pub mod maglev;
 pub mod metrics;
 pub mod net;
+pub mod probe;
 pub mod reconciler;
 pub mod status;
