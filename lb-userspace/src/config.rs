@@ -25,12 +25,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
+
+mod health;
+pub use health::{
+    DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT, HealthCheck, parse_duration,
+};
 
 /// Largest backend weight (the same limit as ipvsadm).
 pub const MAX_WEIGHT: u32 = 65535;
@@ -94,16 +99,24 @@ pub enum XdpModeSetting {
     Auto,
 }
 
-/// `[api]`: the control socket of the CLI.
+/// `[api]`: where the management API listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Api {
+    /// Unix socket, always served (root only).
     pub socket: PathBuf,
+    /// Optional TCP address. A validated config has `token_file` set whenever this is not a
+    /// loopback address.
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token TCP clients must send; read when the agent starts.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Api {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_API_SOCKET),
+            listen: None,
+            token_file: None,
         }
     }
 }
@@ -118,8 +131,36 @@ pub struct Vip {
     pub protocol: Protocol,
     /// Maglev table size M, a prime.
     pub table_size: u32,
+    /// What to do when no backend (primary or backup) is healthy.
+    pub all_down: AllDown,
+    /// The VIP's `[vip.health]` with defaults filled in; each backend's own check is in
+    /// [`Backend::health`].
+    pub health: HealthCheck,
     /// In file order.
     pub backends: Vec<Backend>,
+}
+
+/// `all_down`: a VIP's behaviour when every backend failed its health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+pub enum AllDown {
+    /// Keep forwarding to the backends that were in the table when the last one went down: a
+    /// broken check (or a network problem between the checker and the backends) then does not
+    /// take the service down, and the backends that do answer keep serving.
+    #[default]
+    #[serde(rename = "keep-last")]
+    KeepLast,
+    /// Empty the table: packets are dropped and counted as `drop_no_backend`.
+    #[serde(rename = "drop")]
+    Drop,
+}
+
+impl AllDown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllDown::KeepLast => "keep-last",
+            AllDown::Drop => "drop",
+        }
+    }
 }
 
 impl Vip {
@@ -210,6 +251,10 @@ pub struct Backend {
     pub address: Ipv4Addr,
     /// 0 takes no new connections; otherwise a share of the Maglev table proportional to it.
     pub weight: u32,
+    /// Takes traffic only while no primary (non-backup) backend of its VIP can.
+    pub backup: bool,
+    /// This backend's check: the VIP's, with the backend's own `health` keys over it.
+    pub health: HealthCheck,
 }
 
 /// A config that validated, and what looked suspicious in it.
@@ -366,6 +411,8 @@ struct RawDataplane {
 #[serde(deny_unknown_fields)]
 struct RawApi {
     socket: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +423,8 @@ struct RawVip {
     port: Option<Spanned<i64>>,
     protocol: Option<Spanned<String>>,
     table_size: Option<Spanned<i64>>,
+    all_down: Option<Spanned<String>>,
+    health: Option<Spanned<health::RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
 }
@@ -385,6 +434,8 @@ struct RawVip {
 struct RawBackend {
     address: Option<Spanned<String>>,
     weight: Option<Spanned<i64>>,
+    backup: Option<Spanned<bool>>,
+    health: Option<Spanned<health::RawHealth>>,
 }
 
 /// Parses the TOML and maps it onto the raw structs. Errors here stop checking.
@@ -514,6 +565,18 @@ fn expected_value(key: &str, element: bool) -> Option<&'static str> {
         ("xdp_mode", _) => "\"driver\", \"generic\" or \"auto\", in quotes",
         ("name", _) => "a name in quotes",
         ("socket", _) => "a file path in quotes",
+        ("health", _) => "a `[vip.health]` table, or `health = { ... }` on a backend",
+        ("backup", _) => "true or false, without quotes",
+        ("all_down", _) => "\"keep-last\" or \"drop\", in quotes",
+        ("kind", _) => "\"tcp\", \"http\", \"udp\", \"exec\" or \"none\", in quotes",
+        ("interval" | "timeout", _) => "a duration in quotes, like \"1s\" or \"500ms\"",
+        ("rise" | "fall", _) => "a whole number from 1 to 100, without quotes",
+        ("path" | "host" | "expect_body" | "payload" | "payload_hex", _) => "a string in quotes",
+        ("expect_status", _) => "a status like 200, or a range in quotes like \"200-399\"",
+        ("command", false) => "an array of strings, like [\"/usr/local/bin/check\", \"-q\"]",
+        ("command", true) => "a string in quotes",
+        ("listen", _) => "ADDRESS:PORT in quotes, like \"127.0.0.1:9180\"",
+        ("token_file", _) => "a file path in quotes",
         _ => return None,
     })
 }
@@ -690,12 +753,59 @@ impl Checker<'_> {
     }
 
     fn api(&mut self, raw: Option<Spanned<RawApi>>) -> Option<Api> {
-        match raw.and_then(|r| r.into_inner().socket) {
+        let Some(raw) = raw else {
+            return Some(Api::default());
+        };
+        let raw = raw.into_inner();
+        let socket = match raw.socket {
+            Some(v) => self.value(v, "api.socket", |s| socket_path(s)),
+            None => Some(PathBuf::from(DEFAULT_API_SOCKET)),
+        };
+        let token_span = raw.token_file.as_ref().map(Spanned::span);
+        let token_file = match raw.token_file {
             Some(v) => self
-                .value(v, "api.socket", |s| socket_path(s))
-                .map(|socket| Api { socket }),
-            None => Some(Api::default()),
-        }
+                .value(v, "api.token_file", |s| absolute_file(s, "token_file"))
+                .map(Some),
+            None => Some(None),
+        };
+        let listen = match raw.listen {
+            Some(v) => {
+                let at = v.span();
+                let listen = self.value(v, "api.listen", |s| listen_address(s));
+                if let Some(addr) = listen
+                    && !addr.ip().is_loopback()
+                    && token_span.is_none()
+                {
+                    self.error(
+                        "api.listen",
+                        Some(at),
+                        format!(
+                            "{addr} is not a loopback address, and anyone who reaches it could \
+                             change the load balancer: set `token_file` to a file holding the \
+                             bearer token clients must send, or listen on 127.0.0.1"
+                        ),
+                    );
+                    return None;
+                }
+                listen.map(Some)
+            }
+            None => {
+                if token_span.is_some() {
+                    self.warning(
+                        "api.token_file",
+                        token_span,
+                        "`token_file` is set but `listen` is not: the token only guards the TCP \
+                         listener, the Unix socket is guarded by its file permissions",
+                    );
+                }
+                Some(None)
+            }
+        };
+        Some(Api {
+            socket: socket?,
+            listen: listen?,
+            token_file: token_file?,
+        })
     }
 
     fn vips(&mut self, raw: Vec<Spanned<RawVip>>) -> Option<Vec<Vip>> {
@@ -854,7 +964,30 @@ impl Checker<'_> {
             }
         }
 
-        let backends = self.backends(path, raw.backend, address.zip(address_span));
+        let all_down = match raw.all_down {
+            Some(v) => self.value(v, &format!("{path}.all_down"), |s| all_down(s)),
+            None => Some(AllDown::default()),
+        };
+        // The VIP's check, and the keys its backends inherit. Without a protocol there is
+        // nothing to default the kind from; that is already reported.
+        let vip_health = protocol.and_then(|proto| {
+            let health_path = format!("{path}.health");
+            let (keys, span) = match raw.health {
+                Some(h) => {
+                    let span = h.span();
+                    (self.health_keys(&health_path, h.into_inner())?, Some(span))
+                }
+                None => (Default::default(), None),
+            };
+            let check = self.health_check(&health_path, span, &keys, proto)?;
+            Some((keys, check))
+        });
+        let backends = self.backends(
+            path,
+            raw.backend,
+            address.zip(address_span),
+            protocol.map(|p| (p, vip_health.as_ref())),
+        );
 
         if let (Some(backends), Some(m)) = (&backends, table_size) {
             self.table_fits(path, span.clone(), table_size_span, m, backends);
@@ -872,6 +1005,13 @@ impl Checker<'_> {
                     Some(span.clone()),
                     "all backends of this VIP have weight 0: it takes no new connections",
                 );
+            } else if backends.iter().all(|b| b.backup) {
+                self.warning(
+                    path,
+                    Some(span.clone()),
+                    "every backend of this VIP is a backup: backups stand in for primaries, so \
+                     with none they simply all take traffic",
+                );
             }
         }
 
@@ -881,6 +1021,8 @@ impl Checker<'_> {
             port: port?,
             protocol: protocol?,
             table_size: table_size?,
+            all_down: all_down?,
+            health: vip_health?.1,
             backends: backends?,
         })
     }
@@ -892,6 +1034,7 @@ impl Checker<'_> {
         vip_path: &str,
         raw: Vec<Spanned<RawBackend>>,
         vip_address: Option<(Ipv4Addr, Range<usize>)>,
+        vip_health: Option<(Protocol, Option<&(health::Partial, HealthCheck)>)>,
     ) -> Option<Vec<Backend>> {
         let mut seen: HashMap<Ipv4Addr, FirstSeen> = HashMap::new();
         let mut backends = Some(Vec::with_capacity(raw.len()));
@@ -939,9 +1082,22 @@ impl Checker<'_> {
                 Some(v) => self.value(v, &format!("{path}.weight"), |n| weight(*n)),
                 None => Some(DEFAULT_WEIGHT),
             };
+            let backup = raw.backup.map(Spanned::into_inner).unwrap_or(false);
+            let health = match vip_health {
+                Some((proto, vip)) => {
+                    self.backend_health(&format!("{path}.health"), raw.health, vip, proto)
+                }
+                None => None,
+            };
             let backend = address
                 .zip(weight)
-                .map(|(address, weight)| Backend { address, weight });
+                .zip(health)
+                .map(|((address, weight), health)| Backend {
+                    address,
+                    weight,
+                    backup,
+                    health,
+                });
             backends = backends.zip(backend).map(|(mut backends, backend)| {
                 backends.push(backend);
                 backends
@@ -1005,6 +1161,37 @@ impl Role {
             Role::Vip => "VIP",
             Role::Backend => "backend",
         }
+    }
+}
+
+/// Checks a backend address given at run time (API, CLI) with the config's rules.
+pub fn backend_address(text: &str) -> Result<Ipv4Addr, String> {
+    ipv4(text, Role::Backend)
+}
+
+/// [`backend_address`] for an address already parsed.
+pub fn check_backend_address(address: Ipv4Addr) -> Result<(), String> {
+    ipv4(&address.to_string(), Role::Backend).map(drop)
+}
+
+/// Validates one `[[vip]]` table (with its backends and health check) given at run time, with
+/// the same checks and messages as a config file; `source` names it in messages. Whether it
+/// clashes with the VIPs already running is for the caller to check.
+pub fn parse_vip(text: &str, source: &Path) -> Result<Vip, ConfigError> {
+    // The required [dataplane] goes after the fragment, so line numbers stay the fragment's.
+    let whole = format!("{text}\n[dataplane]\ninterface = \"lo\"\n");
+    let loaded = parse(&whole, source)?;
+    let mut vips = loaded.config.vips;
+    match vips.len() {
+        1 => Ok(vips.remove(0)),
+        n => Err(ConfigError::Invalid {
+            file: source.to_owned(),
+            problems: vec![Problem {
+                path: "vip".to_owned(),
+                message: format!("expected exactly one `[[vip]]` table, found {n}"),
+                location: None,
+            }],
+        }),
     }
 }
 
@@ -1271,6 +1458,40 @@ fn socket_path(path: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        format!("`{text}` is not ADDRESS:PORT, like \"127.0.0.1:9180\" or \"[::1]:9180\"")
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "port 0 in `{text}` would listen on a random port; pick one, like 9180"
+        ));
+    }
+    Ok(addr)
+}
+
+/// An absolute path to a file; `key` names the setting in messages.
+fn absolute_file(path: &str, key: &str) -> Result<PathBuf, String> {
+    if !path.starts_with('/') || path.ends_with('/') {
+        return Err(format!(
+            "`{path}` is not an absolute path to a file; write one like \"/etc/xdplb/{key}\" \
+             (the agent's working directory is not fixed)"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn all_down(text: &str) -> Result<AllDown, String> {
+    match text {
+        "keep-last" => Ok(AllDown::KeepLast),
+        "drop" => Ok(AllDown::Drop),
+        _ => Err(format!(
+            "unknown all_down \"{text}\"; accepted values: \"keep-last\" (keep forwarding to the \
+             last healthy set), \"drop\" (drop and count)"
+        )),
+    }
+}
+
 fn vip_name(name: &str) -> Result<String, String> {
     if name.is_empty() {
         return Err(
@@ -1406,9 +1627,13 @@ address = "10.0.0.21"
                         port: 80,
                         protocol: Protocol::Tcp,
                         table_size: 65537,
+                        all_down: AllDown::KeepLast,
+                        health: HealthCheck::default_for(Protocol::Tcp),
                         backends: vec![Backend {
                             address: Ipv4Addr::new(10, 0, 0, 11),
                             weight: 1,
+                            backup: false,
+                            health: HealthCheck::default_for(Protocol::Tcp),
                         }],
                     },
                     Vip {
@@ -1417,9 +1642,13 @@ address = "10.0.0.21"
                         port: 53,
                         protocol: Protocol::Udp,
                         table_size: DEFAULT_TABLE_SIZE,
+                        all_down: AllDown::KeepLast,
+                        health: HealthCheck::default_for(Protocol::Udp),
                         backends: vec![Backend {
                             address: Ipv4Addr::new(10, 0, 0, 21),
                             weight: DEFAULT_WEIGHT,
+                            backup: false,
+                            health: HealthCheck::default_for(Protocol::Udp),
                         }],
                     },
                 ],
