@@ -18,7 +18,7 @@ use std::{
     collections::BTreeSet,
     future::Future,
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     time::{Duration, Instant},
 };
@@ -35,13 +35,15 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiError, Failure, Request},
-    config::{Config, XdpModeSetting},
+    config::{self, Config, XdpModeSetting},
     dataplane::{
         AttachMode, Attached, Dataplane, DataplaneError, LoadOptions, pin_dir, remove_pins,
     },
+    health::{self, Scheduler},
     logging::{self, EbpfLogBridge, LogLevel},
     net::{self, MacTable, NetError, Netlink},
     reconciler::{ReconcileError, Reconciler},
+    status,
 };
 
 /// Ring entries reserved even for a small config, so services added later fit without
@@ -61,6 +63,9 @@ pub struct RunOptions {
     pub log_level: LogLevel,
     /// How long to wait for backend MACs before attaching with whatever is resolved.
     pub mac_wait: Duration,
+    /// The file the config came from: `xdplb reload` and SIGHUP read it again. Without it
+    /// (an agent run in-process with a config built in memory) reloading is refused.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -70,6 +75,7 @@ impl Default for RunOptions {
             keep_forwarding: false,
             log_level: LogLevel::Info,
             mac_wait: Duration::from_secs(3),
+            config_path: None,
         }
     }
 }
@@ -180,9 +186,8 @@ pub async fn run(
     };
 
     // 2. API socket: a second agent must fail before touching the interface.
-    let socket_path = config.api.socket.clone();
-    let listener = api::bind(&socket_path).await?;
-    let _socket_file = RemoveOnDrop(socket_path.clone());
+    let listeners = api::bind_all(&config.api).await?;
+    let _socket_file = RemoveOnDrop(config.api.socket.clone());
 
     // 3. The interface.
     let iface_name = config.dataplane.interface.clone();
@@ -249,7 +254,7 @@ pub async fn run(
         &mut watcher,
         &nl,
         iface.index,
-        listener,
+        listeners,
         &config,
         &opts,
         &mut stop,
@@ -286,7 +291,7 @@ async fn serve(
     watcher: &mut MacWatcher,
     nl: &Netlink,
     ifindex: u32,
-    listener: tokio::net::UnixListener,
+    listeners: api::Listeners,
     config: &Config,
     opts: &RunOptions,
     stop: &mut Stop,
@@ -343,9 +348,16 @@ async fn serve(
         "xdplb is forwarding"
     );
 
+    let (report_tx, mut reports) = mpsc::channel::<health::Report>(256);
+    let mut checks = Scheduler::new(report_tx);
+    checks.sync(rec.check_specs());
+    info!(checks = checks.len(), "health checks started");
+    let mut rates = tokio::time::interval(Duration::from_secs(status::RATE_PERIOD_SECS));
+    rates.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     let (req_tx, mut req_rx) = mpsc::channel::<Request>(16);
     let (api_stop_tx, api_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let api_task = tokio::spawn(api::serve(listener, req_tx, async move {
+    let api_task = tokio::spawn(api::serve_all(listeners, req_tx, async move {
         let _ = api_stop_rx.await;
     }));
     let mut sighup = signal(SignalKind::hangup())?;
@@ -355,8 +367,22 @@ async fn serve(
         tokio::select! {
             why = stop.wait() => { info!("{why}, stopping"); break }
             _ = sighup.recv() => {
-                warn!("SIGHUP received: configuration reload is not supported yet; restart the \
-                       agent to apply a changed config (forwarding continues unchanged)");
+                info!("SIGHUP received: reloading the configuration");
+                // The outcome is logged by reload() itself.
+                let _ = reload(rec, opts.config_path.as_deref()).await;
+                after_change(rec, watcher, &mut checks);
+            }
+            Some(report) = reports.recv() => {
+                if checks.is_current(&report)
+                    && let Err(e) = rec.health_report(report.key, report.outcome).await
+                {
+                    error!("applying a health change failed (retrying every {RETRY_INTERVAL:?}): {e}");
+                }
+            }
+            _ = rates.tick() => {
+                if let Err(e) = rec.sample_rates() {
+                    warn!("reading counters for rates failed: {e}");
+                }
             }
             Some(table) = watcher.tables.recv() => {
                 if let Err(e) = rec.apply_macs(table).await {
@@ -368,9 +394,13 @@ async fn serve(
                     info!("changes applied after retrying");
                 }
             }
-            Some(req) = req_rx.recv() => handle(rec, req),
+            Some(req) = req_rx.recv() => {
+                handle(rec, req, opts.config_path.as_deref()).await;
+                after_change(rec, watcher, &mut checks);
+            }
         }
     }
+    checks.stop_all();
     // Requests still queued or arriving now are answered "shutting down" rather than left
     // waiting, which would keep the server's graceful shutdown from finishing.
     drop(req_rx);
@@ -381,14 +411,85 @@ async fn serve(
     Ok(true)
 }
 
-fn handle(rec: &mut Reconciler, req: Request) {
-    let internal = |e: ReconcileError| match e {
-        ReconcileError::NoSuchVip(_) => Failure::not_found(e.to_string()),
-        e => Failure::internal(e.to_string()),
+/// Keeps the MAC watcher and the health checks in step with the backends the reconciler has
+/// after an operator change or a reload.
+fn after_change(rec: &Reconciler, watcher: &MacWatcher, checks: &mut Scheduler) {
+    let wanted = rec.wanted_addrs();
+    watcher.addrs.send_if_modified(|addrs| {
+        let changed = *addrs != wanted;
+        if changed {
+            *addrs = wanted;
+        }
+        changed
+    });
+    checks.sync(rec.check_specs());
+}
+
+/// Maps a reconciler error to the API's answer.
+fn failure(e: ReconcileError) -> Failure {
+    let status = match &e {
+        ReconcileError::NoSuchVip(_) | ReconcileError::NoSuchBackend { .. } => 404,
+        ReconcileError::Invalid(_) => 400,
+        ReconcileError::Conflict(_)
+        | ReconcileError::NeedsRestart(_)
+        | ReconcileError::TooManyVips { .. }
+        | ReconcileError::TooManyBackends { .. }
+        | ReconcileError::RingFull { .. } => 409,
+        _ => 500,
     };
+    Failure {
+        status,
+        message: e.to_string(),
+    }
+}
+
+/// Reads the config file again and applies what changed. Logs the outcome either way.
+async fn reload(rec: &mut Reconciler, path: Option<&Path>) -> Result<Vec<String>, Failure> {
+    let Some(path) = path else {
+        let f = Failure {
+            status: 409,
+            message: "this agent was not started from a config file; nothing to reload".to_string(),
+        };
+        warn!("reload refused: {}", f.message);
+        return Err(f);
+    };
+    let loaded = match config::load(path) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(
+                "reload refused, the running state is unchanged: {} is not valid:\n{e}",
+                path.display()
+            );
+            return Err(Failure {
+                status: 400,
+                message: format!("{e}\nreload refused: the running state is unchanged"),
+            });
+        }
+    };
+    for w in &loaded.warnings {
+        warn!("{}", w.in_file(path));
+    }
+    match rec.apply_config(loaded.config).await {
+        Ok(changes) => {
+            if changes.is_empty() {
+                info!(file = %path.display(), "reloaded: no changes");
+            }
+            for c in &changes {
+                info!(file = %path.display(), "reloaded: {c}");
+            }
+            Ok(changes)
+        }
+        Err(e) => {
+            error!("reload of {} failed: {e}", path.display());
+            Err(failure(e))
+        }
+    }
+}
+
+async fn handle(rec: &mut Reconciler, req: Request, config_path: Option<&Path>) {
     match req {
         Request::Status(reply) => {
-            let _ = reply.send(rec.status().map_err(internal));
+            let _ = reply.send(rec.status().map_err(failure));
         }
         Request::WhichBackend {
             vip,
@@ -396,15 +497,57 @@ fn handle(rec: &mut Reconciler, req: Request) {
             src,
             reply,
         } => {
-            let _ = reply.send(rec.which_backend(vip, proto, src).map_err(internal));
+            let _ = reply.send(rec.which_backend(vip, proto, src).map_err(failure));
         }
         Request::SetLogLevel { level, reply } => {
-            let r = rec.set_log_level(level).map_err(internal);
+            let r = rec.set_log_level(level).map_err(failure);
             if r.is_ok() {
                 logging::set_level(level);
                 info!(%level, "log level changed (agent and data path)");
             }
             let _ = reply.send(r);
+        }
+        Request::Drain {
+            vip,
+            backend,
+            drain,
+            reply,
+        } => {
+            let _ = reply.send(rec.set_drain(&vip, backend, drain).await.map_err(failure));
+        }
+        Request::SetWeight {
+            vip,
+            backend,
+            weight,
+            reply,
+        } => {
+            let _ = reply.send(rec.set_weight(&vip, backend, weight).await.map_err(failure));
+        }
+        Request::AddBackend {
+            vip,
+            backend,
+            weight,
+            backup,
+            reply,
+        } => {
+            let r = rec.add_backend(&vip, backend, weight, backup).await;
+            let _ = reply.send(r.map_err(failure));
+        }
+        Request::RemoveBackend {
+            vip,
+            backend,
+            reply,
+        } => {
+            let _ = reply.send(rec.remove_backend(&vip, backend).await.map_err(failure));
+        }
+        Request::AddVip { vip, reply } => {
+            let _ = reply.send(rec.add_vip_live(*vip).await.map_err(failure));
+        }
+        Request::RemoveVip { vip, reply } => {
+            let _ = reply.send(rec.remove_vip(&vip).await.map_err(failure));
+        }
+        Request::Reload { reply } => {
+            let _ = reply.send(reload(rec, config_path).await);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `xdplb`: the command line. Thin: parsing arguments and printing; the work is in the library.
 
 use std::{
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -28,9 +28,16 @@ const DEFAULT_SOCKET: &str = "/run/xdplb/xdplb.sock";
     long_about = None
 )]
 struct Cli {
-    /// The agent's API socket (status, which-backend, log-level talk to it).
+    /// The agent's API socket (status, which-backend, log-level, metrics talk to it).
     #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Talk to the agent's TCP API at ADDR:PORT ([api] listen) instead of its socket.
+    #[arg(long, global = true, env = "XDPLB_API", value_name = "ADDR:PORT")]
+    api: Option<SocketAddr>,
+    /// File holding the API token, for --api (the XDPLB_TOKEN environment variable may hold the
+    /// token itself; this file wins if both are given).
+    #[arg(long, global = true, env = "XDPLB_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,9 +98,114 @@ enum Command {
         json: bool,
     },
     /// Change the log level of the running agent and its data path.
-    LogLevel { level: LogLevel },
+    LogLevel {
+        level: LogLevel,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the running agent's Prometheus metrics (what `GET /metrics` on the API serves).
-    Metrics,
+    Metrics {
+        /// The metrics as one JSON object per sample (name, labels, value).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a backend of the running agent (VIP: its name or ADDRESS:PORT/PROTO).
+    Backend {
+        #[command(subcommand)]
+        op: BackendOp,
+    },
+    /// Add or remove a VIP on the running agent.
+    Vip {
+        #[command(subcommand)]
+        op: VipOp,
+    },
+    /// Make the running agent re-read its config file and apply what changed (same as SIGHUP).
+    /// An invalid file is refused with check-config's errors and changes nothing.
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendOp {
+    /// Weight 0 for new flows; established flows are left alone.
+    Drain {
+        vip: String,
+        backend: Ipv4Addr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take new flows again, at the backend's weight.
+    Undrain {
+        vip: String,
+        backend: Ipv4Addr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the weight (0 to 65535) until the next reload.
+    Weight {
+        vip: String,
+        backend: Ipv4Addr,
+        weight: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a backend, checked with the VIP's health check, until the next reload.
+    Add {
+        vip: String,
+        backend: Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Only takes traffic while no primary backend can.
+        #[arg(long)]
+        backup: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a backend until the next reload.
+    Remove {
+        vip: String,
+        backend: Ipv4Addr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipOp {
+    /// Add a VIP until the next reload: from flags, or from a file holding one [[vip]] table
+    /// (with its backends and health check) as in the config file.
+    Add {
+        /// The VIP's name.
+        #[arg(required_unless_present = "file")]
+        name: Option<String>,
+        /// ADDRESS:PORT/PROTO, e.g. 10.0.0.100:80/tcp.
+        #[arg(required_unless_present = "file")]
+        service: Option<String>,
+        /// A backend, ADDRESS or ADDRESS*WEIGHT; repeat for several.
+        #[arg(long = "backend", value_name = "ADDRESS[*WEIGHT]")]
+        backends: Vec<String>,
+        #[arg(long)]
+        table_size: Option<u32>,
+        /// keep-last or drop.
+        #[arg(long)]
+        all_down: Option<String>,
+        /// Health check kind (tcp, http, udp, exec, none); further settings need --file.
+        #[arg(long)]
+        check: Option<String>,
+        /// A file with one [[vip]] table instead of the flags.
+        #[arg(long, conflicts_with_all = ["name", "service", "backends", "table_size", "all_down", "check"])]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a VIP until the next reload: its packets go to this host's stack from then on.
+    Remove {
+        vip: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,10 +213,24 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("xdplb: {e:#}");
+            eprintln!("xdplb: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated like `{:#}`, but without a cause whose text is already
+/// in the message (the library's errors quote their source, and also return it as `source()`).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -114,19 +240,43 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The client of the running agent: over TCP with `--api` (with the token from `--token-file`,
+/// else `XDPLB_TOKEN`), else over the Unix socket.
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let Some(addr) = cli.api else {
+        return Ok(Client::new(&cli.socket));
+    };
+    let token = match &cli.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API token file {}", path.display()))?;
+            let token = text.trim();
+            if token.is_empty() {
+                bail!("the API token file {} is empty", path.display());
+            }
+            Some(token.to_string())
+        }
+        None => std::env::var("XDPLB_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    Ok(Client::tcp(addr, token))
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Run {
-            config,
+    match &cli.command {
+        &Command::Run {
+            ref config,
             xdp_mode,
             keep_forwarding,
             log_level,
             mac_wait,
         } => {
             logging::init(log_level);
-            let loaded = load_config(&config)?;
+            let loaded = load_config(config)?;
             for w in &loaded.warnings {
-                tracing::warn!("{}", w.in_file(&config));
+                tracing::warn!("{}", w.in_file(config));
             }
             let opts = RunOptions {
                 xdp_mode: xdp_mode.map(|m| match m {
@@ -138,6 +288,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 log_level,
                 mac_wait: Duration::try_from_secs_f64(mac_wait)
                     .context("--mac-wait must be a non-negative number of seconds")?,
+                config_path: Some(config.clone()),
             };
             runtime()?.block_on(agent::run(
                 loaded.config,
@@ -146,10 +297,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file, json } => check_config(&file, json),
+        Command::CheckConfig { file, json } => check_config(file, *json),
         Command::Status { json } => {
-            let s = runtime()?.block_on(Client::new(&cli.socket).status())?;
-            if json {
+            let client = client(&cli)?;
+            let s = runtime()?.block_on(client.status())?;
+            if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", status::render(&s));
@@ -163,30 +315,223 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let w = match config {
-                Some(path) => which_offline(&path, &service, &source)?,
-                None => runtime()?
-                    .block_on(Client::new(&cli.socket).which_backend(&service, &source))?,
+                Some(path) => which_offline(path, service, source)?,
+                None => {
+                    let client = client(&cli)?;
+                    runtime()?.block_on(client.which_backend(service, source))?
+                }
             };
-            if json {
+            if *json {
                 println!("{}", serde_json::to_string_pretty(&w)?);
             } else {
                 print!("{}", status::render_which(&w));
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::LogLevel { level } => {
-            runtime()?.block_on(Client::new(&cli.socket).set_log_level(level))?;
-            println!("log level set to {level}");
+        &Command::LogLevel { level, json } => {
+            let client = client(&cli)?;
+            runtime()?.block_on(client.set_log_level(level))?;
+            if json {
+                println!("{}", serde_json::json!({ "level": level.to_string() }));
+            } else {
+                println!("log level set to {level}");
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Metrics => {
-            print!(
-                "{}",
-                runtime()?.block_on(Client::new(&cli.socket).metrics())?
-            );
+        Command::Metrics { json } => {
+            let client = client(&cli)?;
+            let text = runtime()?.block_on(client.metrics())?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&metrics_json(&text))?);
+            } else {
+                print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backend { op } => {
+            let client = client(&cli)?;
+            let rt = runtime()?;
+            let (message, json) = match op {
+                BackendOp::Drain { vip, backend, json } => {
+                    (rt.block_on(client.drain(vip, *backend, true))?, *json)
+                }
+                BackendOp::Undrain { vip, backend, json } => {
+                    (rt.block_on(client.drain(vip, *backend, false))?, *json)
+                }
+                BackendOp::Weight {
+                    vip,
+                    backend,
+                    weight,
+                    json,
+                } => (
+                    rt.block_on(client.set_weight(vip, *backend, *weight))?,
+                    *json,
+                ),
+                BackendOp::Add {
+                    vip,
+                    backend,
+                    weight,
+                    backup,
+                    json,
+                } => (
+                    rt.block_on(client.add_backend(vip, *backend, *weight, *backup))?,
+                    *json,
+                ),
+                BackendOp::Remove { vip, backend, json } => {
+                    (rt.block_on(client.remove_backend(vip, *backend))?, *json)
+                }
+            };
+            print_message(&message, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vip { op } => {
+            let client = client(&cli)?;
+            let rt = runtime()?;
+            let (message, json) = match op {
+                VipOp::Add {
+                    name,
+                    service,
+                    backends,
+                    table_size,
+                    all_down,
+                    check,
+                    file,
+                    json,
+                } => {
+                    let toml = match file {
+                        Some(f) => std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?,
+                        None => vip_toml(
+                            name.as_deref().unwrap_or_default(),
+                            service.as_deref().unwrap_or_default(),
+                            backends,
+                            *table_size,
+                            all_down.as_deref(),
+                            check.as_deref(),
+                        )?,
+                    };
+                    (rt.block_on(client.add_vip(&toml))?, *json)
+                }
+                VipOp::Remove { vip, json } => (rt.block_on(client.remove_vip(vip))?, *json),
+            };
+            print_message(&message, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { json } => {
+            let client = client(&cli)?;
+            let changes = runtime()?.block_on(client.reload())?;
+            if *json {
+                println!("{}", serde_json::json!({ "changes": changes }));
+            } else if changes.is_empty() {
+                println!("reloaded: no changes");
+            } else {
+                for c in &changes {
+                    println!("{c}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn print_message(message: &str, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "message": message }));
+    } else {
+        println!("{message}");
+    }
+}
+
+/// One `[[vip]]` table from `xdplb vip add`'s flags; the agent validates it like a config file.
+fn vip_toml(
+    name: &str,
+    service: &str,
+    backends: &[String],
+    table_size: Option<u32>,
+    all_down: Option<&str>,
+    check: Option<&str>,
+) -> anyhow::Result<String> {
+    let (addr, proto) = api::parse_service(service).map_err(|e| anyhow::anyhow!(e))?;
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut t = format!(
+        "[[vip]]\nname = {}\naddress = {}\nport = {}\nprotocol = {}\n",
+        quote(name),
+        quote(&addr.ip().to_string()),
+        addr.port(),
+        quote(proto.as_str())
+    );
+    if let Some(m) = table_size {
+        t.push_str(&format!("table_size = {m}\n"));
+    }
+    if let Some(a) = all_down {
+        t.push_str(&format!("all_down = {}\n", quote(a)));
+    }
+    if let Some(k) = check {
+        t.push_str(&format!("[vip.health]\nkind = {}\n", quote(k)));
+    }
+    for b in backends {
+        let (address, weight) = match b.split_once('*') {
+            Some((a, w)) => (
+                a,
+                Some(
+                    w.parse::<u32>()
+                        .with_context(|| format!("--backend {b}: `{w}` is not a weight"))?,
+                ),
+            ),
+            None => (b.as_str(), None),
+        };
+        t.push_str(&format!("[[vip.backend]]\naddress = {}\n", quote(address)));
+        if let Some(w) = weight {
+            t.push_str(&format!("weight = {w}\n"));
+        }
+    }
+    Ok(t)
+}
+
+/// The Prometheus text as JSON samples, for `xdplb metrics --json`.
+fn metrics_json(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let mut map = serde_json::Map::new();
+            // Label values are quoted and may contain escaped quotes and commas; walk them.
+            let mut rest = labels;
+            while let Some((k, v)) = rest.split_once("=\"") {
+                let mut value = String::new();
+                let mut chars = v.char_indices();
+                let mut end = v.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, o)) => value.push(o),
+                            None => {}
+                        },
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                map.insert(
+                    k.trim_start_matches(',').to_string(),
+                    serde_json::Value::String(value),
+                );
+                rest = &v[end..];
+            }
+            Some(serde_json::json!({
+                "name": name,
+                "labels": map,
+                "value": value.parse::<f64>().ok(),
+            }))
+        })
+        .collect()
 }
 
 fn load_config(path: &Path) -> anyhow::Result<config::Loaded> {

@@ -4,10 +4,27 @@
 //! (bytes, seconds). Every series of a VIP carries `vip` (its name) and `service`
 //! (`address:port/protocol`); backend series add `backend` (its address). The figures are the
 //! same ones `xdplb status` shows, read from the kernel's maps at scrape time.
+//!
+//! States are exposed as enums-as-labels: one gauge per possible value, 1 for the current one
+//! and 0 for the others (`xdplb_backend_state{state="down"} 1`), so a series exists before its
+//! first change and `sum by (state)` counts backends. Per-second rates are not exported: the
+//! agent's rates are the ones of its own sampling period, and Prometheus computes better ones
+//! from the `_total` counters (`rate(xdplb_backend_packets_total[1m])`).
 
 use std::fmt::Write as _;
 
-use crate::status::Status;
+use crate::status::{BackendStatus, ReasonStatus, Status, VipStatus};
+
+/// Every value of `BackendStatus::state`.
+const BACKEND_STATES: [&str; 5] = ["up", "down", "draining", "backup", "unresolved"];
+
+/// `VipStatus::serving` and the label value it is exported as.
+const VIP_SERVING: [(&str, &str); 4] = [
+    ("ok", "ok"),
+    ("backup", "backup"),
+    ("all-down: keep-last", "keep_last"),
+    ("no backend", "none"),
+];
 
 /// Escapes a label value: backslash, double quote and newline.
 fn esc(v: &str) -> String {
@@ -23,6 +40,23 @@ fn esc(v: &str) -> String {
     out
 }
 
+/// A sample value: Rust's `Display` for finite floats (never an exponent), and the spellings
+/// Prometheus expects for the others.
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// 1 or 0.
+fn flag(b: bool) -> String {
+    u8::from(b).to_string()
+}
+
 /// `# HELP` and `# TYPE` lines, then one sample per (labels, value).
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -34,6 +68,17 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
     }
+}
+
+/// The labels of a service's series.
+fn vip_labels(v: &VipStatus) -> String {
+    format!(
+        "vip=\"{}\",service=\"{}:{}/{}\"",
+        esc(&v.name),
+        esc(&v.address),
+        v.port,
+        esc(&v.protocol)
+    )
 }
 
 /// The whole exposition for one status snapshot.
@@ -68,22 +113,27 @@ pub fn render(s: &Status) -> String {
         "Maglev tables built and published since the agent started.",
         &[(String::new(), s.table_rebuilds.to_string())],
     );
+    family(
+        &mut out,
+        "xdplb_health_transitions_total",
+        "counter",
+        "Backend health changes (up to down and back) since the agent started, all services.",
+        &[(String::new(), s.health_transitions.to_string())],
+    );
 
-    let vip_label = |v: &crate::status::VipStatus| {
-        format!(
-            "vip=\"{}\",service=\"{}:{}/{}\"",
-            esc(&v.name),
-            esc(&v.address),
-            v.port,
-            esc(&v.protocol)
-        )
-    };
-    let per_vip = |f: &dyn Fn(&crate::status::VipStatus) -> String| {
+    // One sample per service and per (extra labels, value) the closure gives for it; the extra
+    // labels start with a comma.
+    let per_vip_with = |f: &dyn Fn(&VipStatus) -> Vec<(String, String)>| {
         s.vips
             .iter()
-            .map(|v| (vip_label(v), f(v)))
+            .flat_map(|v| {
+                let labels = vip_labels(v);
+                f(v).into_iter()
+                    .map(move |(extra, value)| (format!("{labels}{extra}"), value))
+            })
             .collect::<Vec<_>>()
     };
+    let per_vip = |f: &dyn Fn(&VipStatus) -> String| per_vip_with(&|v| vec![(String::new(), f(v))]);
     family(
         &mut out,
         "xdplb_vip_packets_total",
@@ -102,7 +152,7 @@ pub fn render(s: &Status) -> String {
         &mut out,
         "xdplb_vip_usable_backends",
         "gauge",
-        "Backends that own slots of the service's live table.",
+        "Backends the service's live table was built with.",
         &per_vip(&|v| v.usable_backends.to_string()),
     );
     family(
@@ -112,20 +162,39 @@ pub fn render(s: &Status) -> String {
         "Entries of the service's Maglev table (M).",
         &per_vip(&|v| v.table_size.to_string()),
     );
+    family(
+        &mut out,
+        "xdplb_vip_serving",
+        "gauge",
+        "What the service's table is built from, 1 for the current value and 0 for the others: \
+         ok (the healthy primaries), backup (no primary can take traffic: the backups), \
+         keep_last (every backend failed its health checks and all_down = keep-last keeps the \
+         last table), none (no backend: packets are dropped).",
+        &per_vip_with(&|v| {
+            VIP_SERVING
+                .iter()
+                .map(|(status, label)| {
+                    (format!(",serving=\"{label}\""), flag(v.serving == *status))
+                })
+                .collect()
+        }),
+    );
 
-    let per_backend = |f: &dyn Fn(&crate::status::BackendStatus) -> String| {
+    let per_backend_with = |f: &dyn Fn(&BackendStatus) -> Vec<(String, String)>| {
         s.vips
             .iter()
             .flat_map(|v| {
-                v.backends.iter().map(move |b| {
-                    (
-                        format!("{},backend=\"{}\"", vip_label(v), esc(&b.address)),
-                        f(b),
-                    )
+                let labels = vip_labels(v);
+                v.backends.iter().flat_map(move |b| {
+                    let labels = format!("{labels},backend=\"{}\"", esc(&b.address));
+                    f(b).into_iter()
+                        .map(move |(extra, value)| (format!("{labels}{extra}"), value))
                 })
             })
             .collect::<Vec<_>>()
     };
+    let per_backend =
+        |f: &dyn Fn(&BackendStatus) -> String| per_backend_with(&|b| vec![(String::new(), f(b))]);
     family(
         &mut out,
         "xdplb_backend_packets_total",
@@ -144,25 +213,104 @@ pub fn render(s: &Status) -> String {
         &mut out,
         "xdplb_backend_up",
         "gauge",
-        "1 if the backend can take packets (its MAC is known), else 0.",
-        &per_backend(&|b| u8::from(b.state == "up").to_string()),
+        "1 if the backend's state is up (MAC known, healthy, not draining, and serving if it is \
+         a backup), else 0; see xdplb_backend_state for why not, and xdplb_backend_in_table for \
+         whether the live table points at it.",
+        &per_backend(&|b| flag(b.state == "up")),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_state",
+        "gauge",
+        "The backend's state, 1 for the current one and 0 for the others: up, down (failed its \
+         health checks), draining (by the operator: no new flows), backup (healthy, standing by \
+         while the primaries serve), unresolved (no MAC yet).",
+        &per_backend_with(&|b| {
+            BACKEND_STATES
+                .iter()
+                .map(|st| (format!(",state=\"{st}\""), flag(b.state == *st)))
+                .collect()
+        }),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_in_table",
+        "gauge",
+        "1 if the service's live table was built with the backend, else 0.",
+        &per_backend(&|b| flag(b.in_table)),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_drained",
+        "gauge",
+        "1 if an operator drains the backend (it takes no new flows), else 0.",
+        &per_backend(&|b| flag(b.drained)),
     );
     family(
         &mut out,
         "xdplb_backend_weight",
         "gauge",
-        "The backend's configured weight.",
+        "The backend's weight in force (an operator's, or the config's).",
         &per_backend(&|b| b.weight.to_string()),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_config_weight",
+        "gauge",
+        "The backend's weight in the config.",
+        &per_backend(&|b| b.config_weight.to_string()),
     );
     family(
         &mut out,
         "xdplb_backend_table_share",
         "gauge",
         "Fraction of the service's live table that points at the backend.",
-        &per_backend(&|b| b.share.to_string()),
+        &per_backend(&|b| num(b.share)),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_health_up",
+        "gauge",
+        "0 if the backend failed its health checks, else 1 (passing, not checked yet, or not \
+         checked at all).",
+        &per_backend(&|b| flag(b.health.state != "down")),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_health_checks_total",
+        "counter",
+        "Health checks of the backend run since the agent started.",
+        &per_backend(&|b| b.health.checks.to_string()),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_health_failures_total",
+        "counter",
+        "Health checks of the backend that failed since the agent started.",
+        &per_backend(&|b| b.health.failures.to_string()),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_health_transitions_total",
+        "counter",
+        "Health changes of the backend (up to down and back) since the agent started.",
+        &per_backend(&|b| b.health.transitions.to_string()),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_health_latency_seconds",
+        "gauge",
+        "How long the backend's last health check took; absent before its first result.",
+        &per_backend_with(&|b| {
+            b.health
+                .last_latency_ms
+                .map(|ms| (String::new(), num(ms / 1e3)))
+                .into_iter()
+                .collect()
+        }),
     );
 
-    let per_reason = |f: &dyn Fn(&crate::status::ReasonStatus) -> String| {
+    let per_reason = |f: &dyn Fn(&ReasonStatus) -> String| {
         s.reasons
             .iter()
             .map(|r| {
@@ -181,14 +329,15 @@ pub fn render(s: &Status) -> String {
         &mut out,
         "xdplb_reason_packets_total",
         "counter",
-        "Packets the data path did not forward, by reason (forwarded ones are per service).",
+        "Packets the data path decided on, by reason and action (tx, pass, drop, aborted); \
+         forwarded ones are also counted per service and backend.",
         &per_reason(&|r| r.packets.to_string()),
     );
     family(
         &mut out,
         "xdplb_reason_bytes_total",
         "counter",
-        "Bytes the data path did not forward, by reason.",
+        "Bytes the data path decided on, by reason and action.",
         &per_reason(&|r| r.bytes.to_string()),
     );
     out
@@ -196,8 +345,45 @@ pub fn render(s: &Status) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
+
     use super::*;
-    use crate::status::{BackendStatus, ReasonStatus, VipStatus};
+    use crate::status::HealthStatus;
+
+    fn health(check: &str, state: &str, latency_ms: Option<f64>) -> HealthStatus {
+        HealthStatus {
+            check: check.into(),
+            port: 80,
+            state: state.into(),
+            last_ok: latency_ms.map(|_| state == "up"),
+            last_detail: latency_ms.map(|_| "connected".into()),
+            last_latency_ms: latency_ms,
+            last_check_unix: latency_ms.map(|_| 1_700_000_000),
+            checks: 12,
+            failures: 4,
+            transitions: 2,
+        }
+    }
+
+    fn backend(address: &str, state: &str, h: HealthStatus) -> BackendStatus {
+        BackendStatus {
+            address: address.into(),
+            weight: 1,
+            config_weight: 1,
+            state: state.into(),
+            role: "primary".into(),
+            drained: false,
+            in_table: false,
+            health: h,
+            mac: Some("02:00:00:00:00:11".into()),
+            slots: 0,
+            share: 0.0,
+            packets: 0,
+            bytes: 0,
+            pps: 0.0,
+            bps: 0.0,
+        }
+    }
 
     fn status() -> Status {
         Status {
@@ -210,38 +396,69 @@ mod tests {
             uptime_secs: 42,
             log_level: "info".into(),
             table_rebuilds: 3,
-            vips: vec![VipStatus {
-                name: "web \"main\"".into(),
-                address: "10.0.0.100".into(),
-                port: 80,
-                protocol: "tcp".into(),
-                table_size: 65537,
-                usable_backends: 1,
-                packets: 1000,
-                bytes: 64000,
-                backends: vec![
-                    BackendStatus {
-                        address: "10.0.0.11".into(),
-                        weight: 1,
-                        state: "up".into(),
-                        mac: Some("02:00:00:00:00:11".into()),
-                        slots: 65537,
-                        share: 1.0,
-                        packets: 1000,
-                        bytes: 64000,
-                    },
-                    BackendStatus {
-                        address: "10.0.0.12".into(),
-                        weight: 2,
-                        state: "unresolved".into(),
-                        mac: None,
-                        slots: 0,
-                        share: 0.0,
-                        packets: 0,
-                        bytes: 0,
-                    },
-                ],
-            }],
+            health_transitions: 5,
+            vips: vec![
+                VipStatus {
+                    name: "web \"main\"".into(),
+                    address: "10.0.0.100".into(),
+                    port: 80,
+                    protocol: "tcp".into(),
+                    table_size: 65537,
+                    usable_backends: 1,
+                    serving: "ok".into(),
+                    all_down: "keep-last".into(),
+                    packets: 1000,
+                    bytes: 64000,
+                    pps: 10.0,
+                    bps: 640.0,
+                    backends: vec![
+                        BackendStatus {
+                            weight: 3,
+                            in_table: true,
+                            slots: 65537,
+                            share: 1.0,
+                            packets: 1000,
+                            bytes: 64000,
+                            pps: 10.0,
+                            bps: 640.0,
+                            ..backend("10.0.0.11", "up", health("tcp", "up", Some(0.25)))
+                        },
+                        BackendStatus {
+                            weight: 2,
+                            config_weight: 2,
+                            mac: None,
+                            ..backend("10.0.0.12", "unresolved", health("none", "none", None))
+                        },
+                        backend("10.0.0.13", "down", health("http", "down", Some(1500.0))),
+                        BackendStatus {
+                            drained: true,
+                            ..backend("10.0.0.14", "draining", health("tcp", "unknown", None))
+                        },
+                        BackendStatus {
+                            role: "backup".into(),
+                            ..backend("10.0.0.21", "backup", health("tcp", "up", Some(0.5)))
+                        },
+                    ],
+                },
+                VipStatus {
+                    name: "dns\\a\nb".into(),
+                    address: "10.0.0.101".into(),
+                    port: 53,
+                    protocol: "udp".into(),
+                    table_size: 251,
+                    usable_backends: 1,
+                    serving: "all-down: keep-last".into(),
+                    all_down: "keep-last".into(),
+                    packets: 0,
+                    bytes: 0,
+                    pps: 0.0,
+                    bps: 0.0,
+                    backends: vec![BackendStatus {
+                        in_table: true,
+                        ..backend("10.0.0.31", "down", health("udp", "down", Some(300.0)))
+                    }],
+                },
+            ],
             reasons: vec![ReasonStatus {
                 reason: "pass_not_vip".into(),
                 action: "pass".into(),
@@ -249,6 +466,200 @@ mod tests {
                 bytes: 300,
             }],
         }
+    }
+
+    /// One sample of the exposition, as a strict reader sees it.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: Labels,
+        value: f64,
+    }
+
+    fn is_name(s: &str, colon: bool) -> bool {
+        let ok = |c: char, first: bool| {
+            c.is_ascii_alphabetic()
+                || c == '_'
+                || (colon && c == ':')
+                || (!first && c.is_ascii_digit())
+        };
+        let mut cs = s.chars();
+        cs.next().is_some_and(|c| ok(c, true)) && cs.all(|c| ok(c, false))
+    }
+
+    /// Go's `strconv.ParseFloat` as Prometheus uses it, without hex: decimal or exponent
+    /// notation, `NaN`, `+Inf`, `-Inf`.
+    fn parse_value(v: &str) -> Result<f64, String> {
+        match v {
+            "NaN" => return Ok(f64::NAN),
+            "+Inf" | "Inf" => return Ok(f64::INFINITY),
+            "-Inf" => return Ok(f64::NEG_INFINITY),
+            _ => {}
+        }
+        if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) {
+            return Err(format!("bad value {v:?}"));
+        }
+        v.parse().map_err(|e| format!("bad value {v:?}: {e}"))
+    }
+
+    type Labels = Vec<(String, String)>;
+
+    /// `{k="v",...}` from the start of `s`; returns the labels and the rest of `s`.
+    fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
+        let mut labels: Labels = Vec::new();
+        let mut rest = s.strip_prefix('{').ok_or("expected {")?;
+        loop {
+            if let Some(r) = rest.strip_prefix('}') {
+                return Ok((labels, r));
+            }
+            let eq = rest.find('=').ok_or("label without =")?;
+            let name = &rest[..eq];
+            if !is_name(name, false) || name.starts_with("__") {
+                return Err(format!("bad label name {name:?}"));
+            }
+            if labels.iter().any(|(n, _)| n == name) {
+                return Err(format!("label {name} twice"));
+            }
+            rest = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or("label value without \"")?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let end = loop {
+                match chars.next().ok_or("unterminated label value")? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().ok_or("dangling backslash")?.1 {
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        'n' => value.push('\n'),
+                        c => return Err(format!("bad escape \\{c}")),
+                    },
+                    (_, '\n') => return Err("newline in label value".into()),
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((name.to_string(), value));
+            rest = &rest[end + 1..];
+            if let Some(r) = rest.strip_prefix(',') {
+                rest = r;
+            } else if !rest.starts_with('}') {
+                return Err(format!("expected , or }} at {rest:?}"));
+            }
+        }
+    }
+
+    /// Reads the whole exposition strictly: every line is a HELP, a TYPE or a sample; each
+    /// family has one HELP and one TYPE before its samples, which are contiguous; counters end
+    /// in `_total`; no series twice. Returns the samples and each family's type.
+    fn parse(text: &str) -> Result<(Vec<Sample>, HashMap<String, String>), String> {
+        let body = text.strip_suffix('\n').ok_or("no final newline")?;
+        let mut types = HashMap::new();
+        let mut helps = HashSet::new();
+        let mut finished = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut series = HashSet::new();
+        let mut samples = Vec::new();
+        for (n, line) in body.split('\n').enumerate() {
+            let err = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+            if let Some(rest) = line.strip_prefix("# ") {
+                let (kw, rest) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| err("bare comment".into()))?;
+                let (name, arg) = rest.split_once(' ').ok_or_else(|| err("no text".into()))?;
+                if !is_name(name, true) {
+                    return Err(err(format!("bad metric name {name:?}")));
+                }
+                if finished.contains(name)
+                    || current.as_deref() == Some(name) && kw == "TYPE" && types.contains_key(name)
+                {
+                    return Err(err(format!("{name} declared again")));
+                }
+                if current.as_deref() != Some(name)
+                    && let Some(c) = current.replace(name.to_string())
+                {
+                    finished.insert(c);
+                }
+                match kw {
+                    "HELP" => {
+                        if !helps.insert(name.to_string()) || types.contains_key(name) {
+                            return Err(err("HELP twice or after TYPE".into()));
+                        }
+                        if arg.trim().is_empty() {
+                            return Err(err("empty HELP".into()));
+                        }
+                    }
+                    "TYPE" => {
+                        if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
+                            return Err(err(format!("bad type {arg:?}")));
+                        }
+                        if arg == "counter" && !name.ends_with("_total") {
+                            return Err(err("counter without _total".into()));
+                        }
+                        types.insert(name.to_string(), arg.to_string());
+                    }
+                    _ => return Err(err(format!("unknown comment {kw}"))),
+                }
+                continue;
+            }
+            let name_end = line
+                .find(['{', ' '])
+                .ok_or_else(|| err("no value".into()))?;
+            let name = &line[..name_end];
+            if !is_name(name, true) {
+                return Err(err(format!("bad metric name {name:?}")));
+            }
+            if current.as_deref() != Some(name)
+                || !types.contains_key(name)
+                || !helps.contains(name)
+            {
+                return Err(err(format!("{name} outside its declared family")));
+            }
+            let (labels, rest) = if line[name_end..].starts_with('{') {
+                parse_labels(&line[name_end..]).map_err(err)?
+            } else {
+                (Vec::new(), &line[name_end..])
+            };
+            let rest = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| err("no space before value".into()))?;
+            let mut fields = rest.split(' ');
+            let value = parse_value(fields.next().unwrap_or_default()).map_err(err)?;
+            if let Some(ts) = fields.next() {
+                ts.parse::<i64>()
+                    .map_err(|e| err(format!("bad timestamp: {e}")))?;
+            }
+            if fields.next().is_some() {
+                return Err(err("trailing fields".into()));
+            }
+            let mut key = labels.clone();
+            key.sort();
+            if !series.insert((name.to_string(), key)) {
+                return Err(err("series twice".into()));
+            }
+            samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
+        }
+        if helps.len() != types.len() {
+            return Err("a family lacks HELP or TYPE".into());
+        }
+        Ok((samples, types))
+    }
+
+    /// The value of `name` with these labels (in any order), if there is such a sample.
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(n, w)| n == k && w == v))
+            })
+            .map(|s| s.value)
     }
 
     #[test]
@@ -259,18 +670,42 @@ mod tests {
             r#"xdplb_info{version="0.1.0",interface="eth0",xdp_mode="driver"} 1"#.to_string(),
             "xdplb_uptime_seconds 42".into(),
             "xdplb_table_rebuilds_total 3".into(),
+            "xdplb_health_transitions_total 5".into(),
             format!("xdplb_vip_packets_total{{{vip}}} 1000"),
             format!("xdplb_vip_bytes_total{{{vip}}} 64000"),
             format!("xdplb_vip_usable_backends{{{vip}}} 1"),
+            format!(r#"xdplb_vip_serving{{{vip},serving="ok"}} 1"#),
+            format!(r#"xdplb_vip_serving{{{vip},serving="keep_last"}} 0"#),
             format!(r#"xdplb_backend_packets_total{{{vip},backend="10.0.0.11"}} 1000"#),
             format!(r#"xdplb_backend_up{{{vip},backend="10.0.0.11"}} 1"#),
             format!(r#"xdplb_backend_up{{{vip},backend="10.0.0.12"}} 0"#),
-            format!(r#"xdplb_backend_weight{{{vip},backend="10.0.0.12"}} 2"#),
+            format!(r#"xdplb_backend_state{{{vip},backend="10.0.0.13",state="down"}} 1"#),
+            format!(r#"xdplb_backend_state{{{vip},backend="10.0.0.13",state="up"}} 0"#),
+            format!(r#"xdplb_backend_weight{{{vip},backend="10.0.0.11"}} 3"#),
+            format!(r#"xdplb_backend_config_weight{{{vip},backend="10.0.0.11"}} 1"#),
             format!(r#"xdplb_backend_table_share{{{vip},backend="10.0.0.11"}} 1"#),
+            format!(r#"xdplb_backend_in_table{{{vip},backend="10.0.0.11"}} 1"#),
+            format!(r#"xdplb_backend_drained{{{vip},backend="10.0.0.14"}} 1"#),
+            format!(r#"xdplb_backend_health_up{{{vip},backend="10.0.0.13"}} 0"#),
+            format!(r#"xdplb_backend_health_checks_total{{{vip},backend="10.0.0.13"}} 12"#),
+            format!(r#"xdplb_backend_health_failures_total{{{vip},backend="10.0.0.13"}} 4"#),
+            format!(r#"xdplb_backend_health_transitions_total{{{vip},backend="10.0.0.13"}} 2"#),
+            format!(r#"xdplb_backend_health_latency_seconds{{{vip},backend="10.0.0.11"}} 0.00025"#),
+            format!(r#"xdplb_backend_health_latency_seconds{{{vip},backend="10.0.0.13"}} 1.5"#),
+            r#"xdplb_vip_serving{vip="dns\\a\nb",service="10.0.0.101:53/udp",serving="keep_last"} 1"#.into(),
             r#"xdplb_reason_packets_total{reason="pass_not_vip",action="pass"} 5"#.into(),
             r#"xdplb_reason_bytes_total{reason="pass_not_vip",action="pass"} 300"#.into(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        // No latency before a first result (unresolved, not checked; draining, no result yet).
+        for b in ["10.0.0.12", "10.0.0.14"] {
+            assert!(
+                !text.contains(&format!(
+                    "xdplb_backend_health_latency_seconds{{{vip},backend=\"{b}\"}}"
+                )),
+                "{text}"
+            );
         }
         // Every family has HELP and TYPE, and every sample line belongs to a declared family.
         let declared: Vec<&str> = text
@@ -278,18 +713,135 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap())
             .collect();
-        assert_eq!(
-            declared.len(),
-            text.lines().filter(|l| l.starts_with("# HELP ")).count()
-        );
+        let helped: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(declared, helped);
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();
             assert!(declared.contains(&name), "undeclared {name}");
         }
+        for name in [
+            "xdplb_backend_state",
+            "xdplb_backend_health_up",
+            "xdplb_backend_health_checks_total",
+            "xdplb_backend_health_failures_total",
+            "xdplb_backend_health_transitions_total",
+            "xdplb_backend_health_latency_seconds",
+            "xdplb_backend_drained",
+            "xdplb_backend_in_table",
+            "xdplb_backend_config_weight",
+            "xdplb_vip_serving",
+            "xdplb_health_transitions_total",
+        ] {
+            assert!(declared.contains(&name), "no family {name}");
+        }
+    }
+
+    #[test]
+    fn parses_as_prometheus_text_format() {
+        let s = status();
+        let text = render(&s);
+        let (samples, types) = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(types["xdplb_backend_state"], "gauge");
+        assert_eq!(types["xdplb_backend_health_checks_total"], "counter");
+        // Label values come back as they went in, escapes undone.
+        assert_eq!(
+            value(
+                &samples,
+                "xdplb_vip_serving",
+                &[
+                    ("vip", "dns\\a\nb"),
+                    ("service", "10.0.0.101:53/udp"),
+                    ("serving", "keep_last")
+                ]
+            ),
+            Some(1.0)
+        );
+        // Enums as labels: every value present, exactly one of them 1.
+        for v in &s.vips {
+            let svc = format!("{}:{}/{}", v.address, v.port, v.protocol);
+            let serving: Vec<f64> = VIP_SERVING
+                .iter()
+                .map(|(_, l)| {
+                    value(
+                        &samples,
+                        "xdplb_vip_serving",
+                        &[("vip", &v.name), ("service", &svc), ("serving", l)],
+                    )
+                    .unwrap()
+                })
+                .collect();
+            assert_eq!(serving.iter().sum::<f64>(), 1.0, "{}", v.name);
+            for b in &v.backends {
+                let base = [
+                    ("vip", v.name.as_str()),
+                    ("service", &svc),
+                    ("backend", &b.address),
+                ];
+                let states: Vec<(&str, f64)> = BACKEND_STATES
+                    .iter()
+                    .map(|st| {
+                        let mut l = base.to_vec();
+                        l.push(("state", st));
+                        (*st, value(&samples, "xdplb_backend_state", &l).unwrap())
+                    })
+                    .collect();
+                assert_eq!(
+                    states
+                        .iter()
+                        .filter(|(_, v)| *v == 1.0)
+                        .map(|(s, _)| *s)
+                        .collect::<Vec<_>>(),
+                    [b.state.as_str()]
+                );
+                assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 1.0);
+                assert_eq!(
+                    value(&samples, "xdplb_backend_health_up", &base),
+                    Some(if b.health.state == "down" { 0.0 } else { 1.0 })
+                );
+                assert_eq!(
+                    value(&samples, "xdplb_backend_health_latency_seconds", &base),
+                    b.health.last_latency_ms.map(|ms| ms / 1e3)
+                );
+            }
+        }
+        // No rates: Prometheus derives them from the counters.
+        assert!(!samples.iter().any(|s| s.name.contains("per_second")));
+    }
+
+    #[test]
+    fn the_parser_rejects_malformed_text() {
+        for bad in [
+            "x 1\n",                                                         // no HELP/TYPE
+            "# HELP x h\n# TYPE x gauge\nx{a=\"b} 1\n",                      // unterminated value
+            "# HELP x h\n# TYPE x gauge\nx{a=\"\\t\"} 1\n",                  // bad escape
+            "# HELP x h\n# TYPE x gauge\nx{a=\"b\"} one\n",                  // bad value
+            "# HELP x h\n# TYPE x gauge\nx 1\nx 2\n",                        // series twice
+            "# HELP x h\n# TYPE x counter\nx 1\n", // counter without _total
+            "# HELP x h\n# TYPE x gauge\nx{1a=\"b\"} 1\n", // bad label name
+            "# HELP x h\n# TYPE x gauge\nx 1",     // no final newline
+            "# HELP x h\n# TYPE x gauge\n# HELP y h\n# TYPE y gauge\nx 1\n", // not contiguous
+        ] {
+            assert!(parse(bad).is_err(), "accepted {bad:?}");
+        }
+        assert!(parse("# HELP x h\n# TYPE x gauge\nx{a=\"\\\\\\\"\\n\",} +Inf 123\n").is_ok());
     }
 
     #[test]
     fn escapes_backslash_quote_and_newline() {
         assert_eq!(esc("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn spells_special_floats_as_prometheus_does() {
+        assert_eq!(num(0.5), "0.5");
+        assert_eq!(num(1.0), "1");
+        assert_eq!(num(1e-7), "0.0000001");
+        assert_eq!(num(f64::INFINITY), "+Inf");
+        assert_eq!(num(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(num(f64::NAN), "NaN");
     }
 }

@@ -22,7 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use lb_common::{
@@ -34,15 +34,17 @@ use lb_common::{
     },
 };
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    config::{self, Config, Protocol},
+    config::{self, AllDown, Config, Protocol},
     dataplane::{AttachMode, Dataplane, DataplaneError},
+    health::{CheckKey, CheckSpec, Tracker},
     logging::LogLevel,
     maglev::{self, MaglevBackend},
     net::{MacTable, fmt_mac},
-    status::{BackendStatus, ReasonStatus, Status, VipStatus, WhichBackend},
+    probe::{Outcome, Probe, Target},
+    status::{BackendStatus, HealthStatus, ReasonStatus, Status, VipStatus, WhichBackend},
 };
 
 #[derive(Debug, Error)]
@@ -63,6 +65,19 @@ pub enum ReconcileError {
     TooManyBackends { max: u32 },
     #[error("no service {0}")]
     NoSuchVip(String),
+    #[error("vip {vip} has no backend {backend}")]
+    NoSuchBackend { vip: String, backend: Ipv4Addr },
+    /// The request itself is wrong (an HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request clashes with what runs (an HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "this change needs a restart of the agent ({0}); nothing was applied, the running state \
+         is unchanged"
+    )]
+    NeedsRestart(String),
 }
 
 /// How long a table half that stopped being live is left alone before it is rewritten. XDP runs
@@ -75,6 +90,7 @@ pub trait Maps {
     fn set_settings(&mut self, s: &Settings) -> Result<(), DataplaneError>;
     fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError>;
     fn vip(&self, key: &VipKey) -> Option<VipInfo>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError>;
     fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError>;
     fn ring_capacity(&self) -> u32;
     fn write_ring(&mut self, base: u32, entries: &[u32]) -> Result<(), DataplaneError>;
@@ -97,6 +113,9 @@ impl Maps for Dataplane {
     }
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
         Dataplane::vip(self, key)
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        Dataplane::remove_vip(self, key)
     }
     fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError> {
         Dataplane::set_vip_addr(self, key, count)
@@ -134,7 +153,7 @@ impl Maps for Dataplane {
 }
 
 /// Smallest-free-number allocator for VIP indices and backend ids.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Ids {
     used: BTreeSet<u32>,
     first: u32,
@@ -148,6 +167,11 @@ impl Ids {
             first,
             max,
         }
+    }
+
+    /// Ids left to take.
+    fn free(&self) -> u32 {
+        (self.max - self.first).saturating_sub(self.used.len() as u32)
     }
 
     fn take(&mut self) -> Option<u32> {
@@ -165,17 +189,13 @@ impl Ids {
         Some(candidate)
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used when VIPs are removed at run time")
-    )]
     fn give_back(&mut self, id: u32) {
         self.used.remove(&id);
     }
 }
 
 /// First-fit allocator of ring regions, merging neighbours on free.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Regions {
     /// base -> length of free regions.
     free: BTreeMap<u32, u32>,
@@ -199,10 +219,6 @@ impl Regions {
         Some(base)
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used when VIPs are removed at run time")
-    )]
     fn release(&mut self, base: u32, len: u32) {
         let (mut base, mut len) = (base, len);
         if let Some((&pb, &pl)) = self.free.range(..base).next_back()
@@ -220,6 +236,39 @@ impl Regions {
     }
 }
 
+/// Per-second rates of a counter, from the last two samples.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rate {
+    prev: Option<(Counter, Instant)>,
+    pps: f64,
+    bps: f64,
+}
+
+impl Rate {
+    fn sample(&mut self, now: Counter, at: Instant) {
+        if let Some((before, then)) = self.prev {
+            let dt = at.duration_since(then).as_secs_f64();
+            if dt > 0.0 {
+                // A counter that went backwards was reset (its id reused): no rate this time.
+                self.pps = now.packets.saturating_sub(before.packets) as f64 / dt;
+                self.bps = now.bytes.saturating_sub(before.bytes) as f64 / dt;
+            }
+        }
+        self.prev = Some((now, at));
+    }
+}
+
+/// What the health checks said about a backend, for status and metrics.
+#[derive(Debug, Default)]
+struct HealthRecord {
+    tracker: Tracker,
+    last: Option<Outcome>,
+    last_at: Option<SystemTime>,
+    checks: u64,
+    failures: u64,
+    transitions: u64,
+}
+
 #[derive(Debug)]
 struct BackendSlot {
     cfg: config::Backend,
@@ -229,14 +278,80 @@ struct BackendSlot {
     /// Whether the live table was built with this backend (it may still own no slot, if its
     /// share of the table rounds to zero).
     in_table: bool,
+    /// The weight the live table was built with.
+    table_weight: u32,
     /// Entries of the live table pointing at this backend.
     slots: u32,
+    /// Drained by the operator: no new flows. Survives reloads (maintenance outlives edits).
+    drained: bool,
+    /// Weight set by the operator; the config's weight again after a reload.
+    weight_override: Option<u32>,
+    health: HealthRecord,
+    rate: Rate,
 }
 
 impl BackendSlot {
-    /// Can take new flows: the data path can reach it and its weight says so.
-    fn usable(&self) -> bool {
-        self.mac.is_some() && self.cfg.weight > 0
+    fn new(cfg: config::Backend, id: u32) -> BackendSlot {
+        BackendSlot {
+            cfg,
+            id,
+            mac: None,
+            in_table: false,
+            table_weight: 0,
+            slots: 0,
+            drained: false,
+            weight_override: None,
+            health: HealthRecord::default(),
+            rate: Rate::default(),
+        }
+    }
+
+    /// The weight new flows see.
+    fn weight(&self) -> u32 {
+        if self.drained {
+            0
+        } else {
+            self.weight_override.unwrap_or(self.cfg.weight)
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.cfg.health.probe == Probe::None || self.health.tracker.state().healthy()
+    }
+
+    /// Can take new flows as far as this backend alone is concerned: reachable, healthy, and
+    /// its weight says so. Whether it does also depends on its VIP (backups, all-down).
+    fn ready(&self) -> bool {
+        self.mac.is_some() && self.weight() > 0 && self.healthy()
+    }
+
+    /// Reachable and weighted, whatever the checks say: what `all_down = "keep-last"` keeps.
+    fn reachable(&self) -> bool {
+        self.mac.is_some() && self.weight() > 0
+    }
+}
+
+/// Which backends a VIP's table is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serving {
+    /// The ready primaries (the normal case).
+    Primaries,
+    /// No primary is ready: the ready backups.
+    Backups,
+    /// Nothing is healthy and `all_down = "keep-last"`: the backends of the last table.
+    KeptLast,
+    /// Nothing to forward to: packets are dropped and counted.
+    Nothing,
+}
+
+impl Serving {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serving::Primaries => "ok",
+            Serving::Backups => "backup",
+            Serving::KeptLast => "all-down: keep-last",
+            Serving::Nothing => "no backend",
+        }
     }
 }
 
@@ -254,11 +369,46 @@ struct VipSlot {
     backends: Vec<BackendSlot>,
     /// When the other half stopped being live.
     retired_at: Option<Instant>,
+    serving: Serving,
+    /// The table must be rebuilt even if eligibility and weights look unchanged (a backend was
+    /// removed, the table size changed).
+    dirty: bool,
+    /// Ids of removed backends the live table may still reference; retired once a table
+    /// without them is published.
+    removed_ids: Vec<u32>,
+    /// The region the live table is in, when a new table size moved the VIP to another one;
+    /// retired once a table is published in the new region.
+    old_region: Option<(u32, u32)>,
+    rate: Rate,
 }
 
 impl VipSlot {
     fn half_base(&self, half: u32) -> u32 {
         self.base + half * self.cfg.table_size
+    }
+
+    /// Which backends the table should hold, and why (see [`Serving`]).
+    fn eligible(&self) -> (Vec<bool>, Serving) {
+        let pick = |f: &dyn Fn(&BackendSlot) -> bool| -> Vec<bool> {
+            self.backends.iter().map(f).collect()
+        };
+        let primaries = pick(&|b| !b.cfg.backup && b.ready());
+        if primaries.contains(&true) {
+            return (primaries, Serving::Primaries);
+        }
+        let backups = pick(&|b| b.cfg.backup && b.ready());
+        if backups.contains(&true) {
+            return (backups, Serving::Backups);
+        }
+        // Nothing is ready, so whatever was in the table and is still reachable and weighted
+        // left it for health alone: that is the set keep-last keeps.
+        if self.cfg.all_down == AllDown::KeepLast {
+            let kept = pick(&|b| b.in_table && b.reachable());
+            if kept.contains(&true) {
+                return (kept, Serving::KeptLast);
+            }
+        }
+        (vec![false; self.backends.len()], Serving::Nothing)
     }
 
     fn warn_no_backend(&self) {
@@ -270,11 +420,56 @@ impl VipSlot {
             self.backends.len()
         );
     }
+
+    fn backend(&self, addr: Ipv4Addr) -> Option<&BackendSlot> {
+        self.backends.iter().find(|b| b.cfg.address == addr)
+    }
+}
+
+/// Says why a VIP's table is now built from other backends.
+fn log_serving(vip: &VipSlot, before: Serving) {
+    let name = &vip.cfg.name;
+    match vip.serving {
+        Serving::Primaries => info!(
+            vip = %name,
+            "vip {name}: primary backends serve again (was: {})",
+            before.as_str()
+        ),
+        Serving::Backups => warn!(
+            vip = %name,
+            "vip {name}: no primary backend can take traffic; the backup backends serve it"
+        ),
+        Serving::KeptLast => warn!(
+            vip = %name,
+            "vip {name}: every backend failed its health checks; all_down = keep-last keeps \
+             forwarding to the {} backends of the last table",
+            vip.backends.iter().filter(|b| b.in_table).count()
+        ),
+        Serving::Nothing => warn!(
+            vip = %name,
+            "vip {name}: no backend can take traffic ({} configured, all_down = {}); its \
+             packets are dropped and counted as drop_no_backend",
+            vip.backends.len(),
+            vip.cfg.all_down.as_str()
+        ),
+    }
+}
+
+/// Something that waits out [`HALF_REUSE_GRACE`] before it can be reused: a removed VIP's index
+/// and ring region, a removed backend's id. Packets that read the previous table may still use
+/// them for that long.
+#[derive(Debug)]
+enum Retired {
+    VipIndex(u32),
+    Region { base: u32, len: u32 },
+    BackendId(u32),
 }
 
 /// Owns the data path's maps and is their only writer.
 pub struct Reconciler<M: Maps = Dataplane> {
     dp: M,
+    /// The config the running state came from (operator changes since are not in it).
+    config: Config,
     interface: String,
     ifindex: u32,
     iface_mac: [u8; 6],
@@ -287,8 +482,11 @@ pub struct Reconciler<M: Maps = Dataplane> {
     vip_addrs: BTreeMap<Ipv4Addr, u32>,
     /// The MACs the kernel last reported (desired state).
     macs: MacTable,
+    /// Released resources, with the time of release; reusable after [`HALF_REUSE_GRACE`].
+    retired: Vec<(Instant, Retired)>,
     needs_retry: bool,
     rebuilds: u64,
+    health_transitions: u64,
     started: Instant,
 }
 
@@ -307,6 +505,7 @@ impl<M: Maps> Reconciler<M> {
         let mut r = Reconciler {
             regions: Regions::new(dp.ring_capacity()),
             dp,
+            config: config.clone(),
             interface: interface.to_string(),
             ifindex,
             iface_mac,
@@ -317,8 +516,10 @@ impl<M: Maps> Reconciler<M> {
             backend_ids: Ids::new(1, MAX_BACKENDS),
             vip_addrs: BTreeMap::new(),
             macs: MacTable::new(),
+            retired: Vec::new(),
             needs_retry: false,
             rebuilds: 0,
+            health_transitions: 0,
             started: Instant::now(),
         };
         r.dp.set_settings(&r.settings())?;
@@ -336,11 +537,45 @@ impl<M: Maps> Reconciler<M> {
         }
     }
 
+    /// Makes what was retired long enough ago reusable; with `wait`, first waits until all of
+    /// it is (at most [`HALF_REUSE_GRACE`]).
+    async fn reclaim(&mut self, wait: bool) {
+        if wait
+            && let Some(rest) = self
+                .retired
+                .iter()
+                .map(|(t, _)| *t)
+                .max()
+                .and_then(|t| HALF_REUSE_GRACE.checked_sub(t.elapsed()))
+        {
+            tokio::time::sleep(rest).await;
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(t, _)| t.elapsed() >= HALF_REUSE_GRACE);
+        self.retired = waiting;
+        for (_, r) in done {
+            match r {
+                Retired::VipIndex(i) => self.vip_ids.give_back(i),
+                Retired::Region { base, len } => self.regions.release(base, len),
+                Retired::BackendId(id) => self.backend_ids.give_back(id),
+            }
+        }
+    }
+
+    fn retire(&mut self, what: Retired) {
+        self.retired.push((Instant::now(), what));
+    }
+
+    /// Allocates a VIP's index, ring region and backend ids, and writes its entry with an empty
+    /// table. Checks every capacity first, so a failure allocates nothing.
     fn add_vip(&mut self, cfg: config::Vip) -> Result<(), ReconcileError> {
-        let index = self
-            .vip_ids
-            .take()
-            .ok_or(ReconcileError::TooManyVips { max: MAX_VIPS })?;
+        if self.vip_ids.free() == 0 {
+            return Err(ReconcileError::TooManyVips { max: MAX_VIPS });
+        }
+        if self.backend_ids.free() < cfg.backends.len() as u32 {
+            return Err(ReconcileError::TooManyBackends { max: MAX_BACKENDS });
+        }
         let needed = 2 * cfg.table_size;
         let base = self
             .regions
@@ -349,21 +584,13 @@ impl<M: Maps> Reconciler<M> {
                 vip: cfg.name.clone(),
                 needed,
             })?;
+        let index = self.vip_ids.take().expect("checked free above");
         self.dp.reset_vip_stats(index)?;
         let mut backends = Vec::new();
         for b in &cfg.backends {
-            let id = self
-                .backend_ids
-                .take()
-                .ok_or(ReconcileError::TooManyBackends { max: MAX_BACKENDS })?;
+            let id = self.backend_ids.take().expect("checked free above");
             self.dp.reset_backend_stats(id)?;
-            backends.push(BackendSlot {
-                cfg: b.clone(),
-                id,
-                mac: None,
-                in_table: false,
-                slots: 0,
-            });
+            backends.push(BackendSlot::new(b.clone(), id));
         }
         let slot = VipSlot {
             key: cfg.map_key(),
@@ -373,9 +600,14 @@ impl<M: Maps> Reconciler<M> {
             table: Vec::new(),
             backends,
             retired_at: None,
+            serving: Serving::Nothing,
+            dirty: true,
+            removed_ids: Vec::new(),
+            old_region: None,
+            rate: Rate::default(),
             cfg,
         };
-        // The address first: the data path looks up VIPS only for addresses it knows.
+        // The address first: the data path looks a VIP up only for addresses in its filter.
         let count = self.vip_addrs.get(&slot.cfg.address).copied().unwrap_or(0) + 1;
         self.dp.set_vip_addr(
             &VipAddrKey {
@@ -396,6 +628,40 @@ impl<M: Maps> Reconciler<M> {
             },
         )?;
         self.vips.push(slot);
+        Ok(())
+    }
+
+    /// Takes a VIP out of the data path (its packets are then passed to the kernel, like any
+    /// address that is not a VIP) and retires its index, region and backend ids.
+    fn drop_vip(&mut self, i: usize) -> Result<(), ReconcileError> {
+        let key = self.vips[i].key;
+        self.dp.remove_vip(&key)?;
+        let v = self.vips.remove(i);
+        let count = self.vip_addrs.get(&v.cfg.address).copied().unwrap_or(1) - 1;
+        if count == 0 {
+            self.vip_addrs.remove(&v.cfg.address);
+        } else {
+            self.vip_addrs.insert(v.cfg.address, count);
+        }
+        // Only a failure of the filter update is left; the VIP is gone from the table either way.
+        let filter = self.dp.set_vip_addr(
+            &VipAddrKey {
+                addr: v.cfg.address.octets(),
+            },
+            count,
+        );
+        self.retire(Retired::VipIndex(v.index));
+        self.retire(Retired::Region {
+            base: v.base,
+            len: 2 * v.cfg.table_size,
+        });
+        for id in v.backends.iter().map(|b| b.id).chain(v.removed_ids) {
+            self.retire(Retired::BackendId(id));
+        }
+        if let Some((base, len)) = v.old_region {
+            self.retire(Retired::Region { base, len });
+        }
+        filter?;
         Ok(())
     }
 
@@ -490,17 +756,32 @@ impl<M: Maps> Reconciler<M> {
             b.mac = mac;
         }
         let vip = &self.vips[i];
-        if vip.live.is_some() && vip.backends.iter().all(|b| b.usable() == b.in_table) {
+        let (eligible, serving) = vip.eligible();
+        let unchanged = vip
+            .backends
+            .iter()
+            .zip(&eligible)
+            .all(|(b, &e)| e == b.in_table && (!e || b.weight() == b.table_weight));
+        if !vip.dirty && vip.live.is_some() && unchanged {
+            // The same backends for another reason (keep-last holding what backups served):
+            // nothing to publish, but say why.
+            if vip.serving != serving {
+                let before = std::mem::replace(&mut self.vips[i].serving, serving);
+                if self.attach_mode.is_some() {
+                    log_serving(&self.vips[i], before);
+                }
+            }
             return Ok(());
         }
 
-        // 2. A new table over the usable backends, into the half not in use, then the flip.
+        // 2. A new table over the eligible backends, into the half not in use, then the flip.
         let inputs: Vec<MaglevBackend> = vip
             .backends
             .iter()
-            .map(|b| MaglevBackend {
+            .zip(&eligible)
+            .map(|(b, &e)| MaglevBackend {
                 address: b.cfg.address.into(),
-                weight: if b.usable() { b.cfg.weight } else { 0 },
+                weight: if e { b.weight() } else { 0 },
             })
             .collect();
         let built = maglev::build_table(&inputs, vip.cfg.table_size).map_err(|source| {
@@ -554,14 +835,23 @@ impl<M: Maps> Reconciler<M> {
             vip.retired_at = Some(Instant::now());
         }
         vip.live = Some(half);
-        for (b, n) in vip.backends.iter_mut().zip(slots) {
-            b.in_table = b.usable();
+        for ((b, n), e) in vip.backends.iter_mut().zip(slots).zip(eligible) {
+            b.in_table = e;
+            b.table_weight = if e { b.weight() } else { 0 };
             b.slots = n;
         }
         vip.table = table;
+        vip.dirty = false;
+        let before = std::mem::replace(&mut vip.serving, serving);
+        let removed = std::mem::take(&mut vip.removed_ids);
+        let old_region = vip.old_region.take();
         self.rebuilds += 1;
+        let vip = &self.vips[i];
+        if before != serving && attached {
+            log_serving(vip, before);
+        }
         if vip.table.is_empty() {
-            if attached {
+            if attached && before == serving {
                 vip.warn_no_backend();
             }
         } else {
@@ -569,8 +859,573 @@ impl<M: Maps> Reconciler<M> {
                 vip = %vip.cfg.name,
                 usable = vip.backends.iter().filter(|b| b.in_table).count(),
                 configured = vip.backends.len(),
+                serving = serving.as_str(),
                 "table published"
             );
+        }
+        for id in removed {
+            self.retire(Retired::BackendId(id));
+        }
+        if let Some((base, len)) = old_region {
+            self.retire(Retired::Region { base, len });
+        }
+        Ok(())
+    }
+
+    /// The backends to health-check, with their settings.
+    pub fn check_specs(&self) -> Vec<CheckSpec> {
+        self.vips
+            .iter()
+            .flat_map(|v| {
+                v.backends.iter().map(move |b| CheckSpec {
+                    key: (v.cfg.key(), b.cfg.address),
+                    target: Target {
+                        backend: b.cfg.address,
+                        port: b.cfg.health.port.unwrap_or(v.cfg.port),
+                        vip: v.cfg.address,
+                        vip_port: v.cfg.port,
+                        vip_name: v.cfg.name.clone(),
+                        protocol: v.cfg.protocol.as_str(),
+                    },
+                    check: b.cfg.health.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes one health-check result into account: logs a state change with its reason and
+    /// rebuilds the VIP's table if the change matters to it.
+    pub async fn health_report(
+        &mut self,
+        key: CheckKey,
+        outcome: Outcome,
+    ) -> Result<(), ReconcileError> {
+        let Some(i) = self.vips.iter().position(|v| v.cfg.key() == key.0) else {
+            return Ok(());
+        };
+        let vip = &mut self.vips[i];
+        let Some(b) = vip.backends.iter_mut().find(|b| b.cfg.address == key.1) else {
+            return Ok(());
+        };
+        let h = &mut b.health;
+        h.checks += 1;
+        if !outcome.ok {
+            h.failures += 1;
+        }
+        let transition = h
+            .tracker
+            .record(outcome.ok, b.cfg.health.rise, b.cfg.health.fall);
+        let port = b.cfg.health.port.unwrap_or(vip.cfg.port);
+        let what = format!("backend {}:{port} of vip {}", b.cfg.address, vip.cfg.name);
+        let Some(t) = transition else {
+            if !outcome.ok {
+                debug!(
+                    "{what}: check failed: {} ({}/{} towards down)",
+                    outcome.detail,
+                    h.tracker.streak(),
+                    b.cfg.health.fall
+                );
+            }
+            h.last = Some(outcome);
+            h.last_at = Some(SystemTime::now());
+            return Ok(());
+        };
+        h.transitions += 1;
+        self.health_transitions += 1;
+        let first = t.from == crate::health::Health::Unknown;
+        let (word, tail) = match (t.to, first) {
+            (crate::health::Health::Down, false) => ("DOWN", format!(" {}/{}", t.streak, t.needed)),
+            (_, false) => ("UP", format!(" {}/{}", t.streak, t.needed)),
+            (crate::health::Health::Down, true) => ("DOWN", " (first check)".to_string()),
+            (_, true) => ("up", " (first check)".to_string()),
+        };
+        let line = format!("{what} {word}: {}{tail}", outcome.detail);
+        match (t.to, first) {
+            (crate::health::Health::Down, _) => {
+                warn!(backend = %b.cfg.address, vip = %vip.cfg.name, "{line}")
+            }
+            (_, false) => info!(backend = %b.cfg.address, vip = %vip.cfg.name, "{line}"),
+            (_, true) => debug!("{line}"),
+        }
+        h.last = Some(outcome);
+        h.last_at = Some(SystemTime::now());
+        let r = self.sync_vip(i).await;
+        if r.is_err() {
+            self.needs_retry = true;
+        }
+        r
+    }
+
+    /// Finds a VIP by name or as `ADDRESS:PORT/PROTO`.
+    fn vip_position(&self, vip: &str) -> Result<usize, ReconcileError> {
+        if let Some(i) = self.vips.iter().position(|v| v.cfg.name == vip) {
+            return Ok(i);
+        }
+        if let Ok((addr, proto)) = crate::api::parse_service(vip)
+            && let Some(i) = self
+                .vips
+                .iter()
+                .position(|v| v.cfg.key() == (*addr.ip(), addr.port(), proto))
+        {
+            return Ok(i);
+        }
+        Err(ReconcileError::NoSuchVip(vip.to_string()))
+    }
+
+    fn backend_position(&self, i: usize, backend: Ipv4Addr) -> Result<usize, ReconcileError> {
+        self.vips[i]
+            .backends
+            .iter()
+            .position(|b| b.cfg.address == backend)
+            .ok_or_else(|| ReconcileError::NoSuchBackend {
+                vip: self.vips[i].cfg.name.clone(),
+                backend,
+            })
+    }
+
+    /// Publishes VIP `i`'s table after an operator change; a failure is retried like any other.
+    async fn apply_vip(&mut self, i: usize) -> Result<(), ReconcileError> {
+        let r = self.sync_vip(i).await;
+        if let Err(e) = &r {
+            warn!(vip = %self.vips[i].cfg.name, "applying the change failed, will retry: {e}");
+            self.needs_retry = true;
+        }
+        r
+    }
+
+    /// Drains (or undrains) a backend: weight 0 for new flows, which leaves established flows
+    /// where they are only as far as the table allows; see the README on connection tracking.
+    pub async fn set_drain(
+        &mut self,
+        vip: &str,
+        backend: Ipv4Addr,
+        drain: bool,
+    ) -> Result<String, ReconcileError> {
+        let i = self.vip_position(vip)?;
+        let j = self.backend_position(i, backend)?;
+        let b = &mut self.vips[i].backends[j];
+        if b.drained == drain {
+            return Ok(format!(
+                "backend {backend} of vip {} is already {}",
+                self.vips[i].cfg.name,
+                if drain { "draining" } else { "not draining" }
+            ));
+        }
+        b.drained = drain;
+        let name = self.vips[i].cfg.name.clone();
+        info!(vip = %name, backend = %backend, "backend {backend} of vip {name} {} by the operator", if drain { "drained" } else { "undrained" });
+        self.apply_vip(i).await?;
+        Ok(if drain {
+            format!("backend {backend} of vip {name} is draining: it takes no new flows")
+        } else {
+            format!(
+                "backend {backend} of vip {name} takes new flows again (weight {})",
+                self.vips[i].backends[j].weight()
+            )
+        })
+    }
+
+    /// Sets a backend's weight until the next reload (which goes back to the config's).
+    pub async fn set_weight(
+        &mut self,
+        vip: &str,
+        backend: Ipv4Addr,
+        weight: u32,
+    ) -> Result<String, ReconcileError> {
+        if weight > config::MAX_WEIGHT {
+            return Err(ReconcileError::Invalid(format!(
+                "weight {weight} is out of range; from 0 to {}",
+                config::MAX_WEIGHT
+            )));
+        }
+        let i = self.vip_position(vip)?;
+        let j = self.backend_position(i, backend)?;
+        self.check_table_fits(i, Some((j, weight)), 0)?;
+        let b = &mut self.vips[i].backends[j];
+        let before = b.weight_override.unwrap_or(b.cfg.weight);
+        b.weight_override = Some(weight);
+        let name = self.vips[i].cfg.name.clone();
+        info!(vip = %name, backend = %backend, "weight of backend {backend} of vip {name} set to {weight} (was {before}) by the operator");
+        self.apply_vip(i).await?;
+        let drained = self.vips[i].backends[j].drained;
+        Ok(format!(
+            "backend {backend} of vip {name}: weight {before} -> {weight}{}",
+            if drained {
+                " (draining: takes effect once undrained)"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// Refuses a change that would leave VIP `i` with more weighted backends than table
+    /// entries: `changed` is a backend's new weight, `added` backends with a weight above 0.
+    fn check_table_fits(
+        &self,
+        i: usize,
+        changed: Option<(usize, u32)>,
+        added: u32,
+    ) -> Result<(), ReconcileError> {
+        let v = &self.vips[i];
+        let weighted = v
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|&(j, b)| match changed {
+                Some((k, w)) if k == j => w > 0,
+                _ => b.weight_override.unwrap_or(b.cfg.weight) > 0,
+            })
+            .count() as u32
+            + added;
+        if weighted > v.cfg.table_size {
+            return Err(ReconcileError::Invalid(format!(
+                "vip {} would have {weighted} backends with weight above 0 for a table of {} \
+                 entries; raise its table_size in the config (and reload) first",
+                v.cfg.name, v.cfg.table_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a backend to a running VIP, checked with the VIP's health check. It takes traffic
+    /// once its MAC is known (the agent asks the kernel at once).
+    pub async fn add_backend(
+        &mut self,
+        vip: &str,
+        address: Ipv4Addr,
+        weight: u32,
+        backup: bool,
+    ) -> Result<String, ReconcileError> {
+        let i = self.vip_position(vip)?;
+        config::check_backend_address(address).map_err(ReconcileError::Invalid)?;
+        if weight > config::MAX_WEIGHT {
+            return Err(ReconcileError::Invalid(format!(
+                "weight {weight} is out of range; from 0 to {}",
+                config::MAX_WEIGHT
+            )));
+        }
+        let v = &self.vips[i];
+        if address == v.cfg.address {
+            return Err(ReconcileError::Invalid(format!(
+                "{address} is the VIP's own address; a backend must be another host"
+            )));
+        }
+        if v.backend(address).is_some() {
+            return Err(ReconcileError::Conflict(format!(
+                "vip {} already has backend {address}",
+                v.cfg.name
+            )));
+        }
+        self.check_table_fits(i, None, u32::from(weight > 0))?;
+        self.reclaim(false).await;
+        let id = self
+            .backend_ids
+            .take()
+            .ok_or(ReconcileError::TooManyBackends { max: MAX_BACKENDS })?;
+        if let Err(e) = self.dp.reset_backend_stats(id) {
+            self.backend_ids.give_back(id);
+            return Err(e.into());
+        }
+        let v = &mut self.vips[i];
+        let cfg = config::Backend {
+            address,
+            weight,
+            backup,
+            health: v.cfg.health.clone(),
+        };
+        v.backends.push(BackendSlot::new(cfg, id));
+        let name = v.cfg.name.clone();
+        info!(vip = %name, backend = %address, "backend {address} added to vip {name} by the operator (weight {weight}{})", if backup { ", backup" } else { "" });
+        self.apply_vip(i).await?;
+        let b = &self.vips[i].backends.last().expect("just pushed");
+        Ok(format!(
+            "backend {address} added to vip {name}{}",
+            if b.mac.is_none() {
+                "; it joins the table once it answers ARP"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// Removes a backend from a running VIP. Its entry stays valid for packets that read the
+    /// previous table; its id is reused only after that table is gone.
+    pub async fn remove_backend(
+        &mut self,
+        vip: &str,
+        backend: Ipv4Addr,
+    ) -> Result<String, ReconcileError> {
+        let i = self.vip_position(vip)?;
+        let j = self.backend_position(i, backend)?;
+        let v = &mut self.vips[i];
+        let b = v.backends.remove(j);
+        v.removed_ids.push(b.id);
+        v.dirty = true;
+        let name = v.cfg.name.clone();
+        info!(vip = %name, backend = %backend, "backend {backend} removed from vip {name} by the operator");
+        self.apply_vip(i).await?;
+        Ok(format!("backend {backend} removed from vip {name}"))
+    }
+
+    /// Adds a VIP (validated by the config parser) to the running agent.
+    pub async fn add_vip_live(&mut self, cfg: config::Vip) -> Result<String, ReconcileError> {
+        if let Some(v) = self.vips.iter().find(|v| v.cfg.key() == cfg.key()) {
+            return Err(ReconcileError::Conflict(format!(
+                "{}:{}/{} is already vip {}",
+                cfg.address, cfg.port, cfg.protocol, v.cfg.name
+            )));
+        }
+        if self.vips.iter().any(|v| v.cfg.name == cfg.name) {
+            return Err(ReconcileError::Conflict(format!(
+                "a vip named {} already exists",
+                cfg.name
+            )));
+        }
+        self.reclaim(true).await;
+        let name = cfg.name.clone();
+        let n = cfg.backends.len();
+        self.add_vip(cfg)?;
+        info!(vip = %name, "vip {name} added by the operator ({n} backends)");
+        self.apply_vip(self.vips.len() - 1).await?;
+        Ok(format!("vip {name} added with {n} backend(s)"))
+    }
+
+    /// Removes a VIP: its packets go to the kernel stack from now on, like any address that is
+    /// not a VIP.
+    pub async fn remove_vip(&mut self, vip: &str) -> Result<String, ReconcileError> {
+        let i = self.vip_position(vip)?;
+        let name = self.vips[i].cfg.name.clone();
+        self.drop_vip(i)?;
+        info!(vip = %name, "vip {name} removed by the operator");
+        Ok(format!("vip {name} removed"))
+    }
+
+    /// Makes the running state equal to `new` (a validated config), changing only what
+    /// differs. VIPs are matched by address, port and protocol; backends by address. Operator
+    /// drains survive; operator weights go back to the config's. Returns what changed, in
+    /// words. Changes that need a restart, or that do not fit the data path's capacity, are
+    /// refused before anything is applied.
+    pub async fn apply_config(&mut self, new: Config) -> Result<Vec<String>, ReconcileError> {
+        let mut restart = Vec::new();
+        if new.dataplane != self.config.dataplane {
+            restart.push("[dataplane] changed".to_string());
+        }
+        if new.api != self.config.api {
+            restart.push("[api] changed".to_string());
+        }
+        if !restart.is_empty() {
+            return Err(ReconcileError::NeedsRestart(restart.join(", ")));
+        }
+        self.reclaim(true).await;
+        self.dry_run(&new)?;
+
+        let mut changes = Vec::new();
+        // 1. VIPs that are gone.
+        let mut i = 0;
+        while i < self.vips.len() {
+            if new.vips.iter().any(|n| n.key() == self.vips[i].cfg.key()) {
+                i += 1;
+                continue;
+            }
+            changes.push(format!("vip {}: removed", self.vips[i].cfg.name));
+            self.drop_vip(i)?;
+        }
+        // 2. VIPs that stay: settings and backends.
+        for n in &new.vips {
+            let Some(i) = self.vips.iter().position(|v| v.cfg.key() == n.key()) else {
+                continue;
+            };
+            changes.extend(self.update_vip(i, n)?);
+        }
+        // 3. New VIPs, once what the removed ones held is reusable.
+        self.reclaim(true).await;
+        for n in &new.vips {
+            if self.vips.iter().all(|v| v.cfg.key() != n.key()) {
+                changes.push(format!(
+                    "vip {}: added with {} backend(s)",
+                    n.name,
+                    n.backends.len()
+                ));
+                self.add_vip(n.clone())?;
+            }
+        }
+        // Keep the file's order, so status lists VIPs as the file does.
+        self.vips.sort_by_key(|v| {
+            new.vips
+                .iter()
+                .position(|n| n.key() == v.cfg.key())
+                .unwrap_or(usize::MAX)
+        });
+        self.config = new;
+        self.resync().await?;
+        Ok(changes)
+    }
+
+    /// Checks that `new` fits the data path's capacity, allocating on copies of the allocators.
+    fn dry_run(&self, new: &Config) -> Result<(), ReconcileError> {
+        let mut vip_ids = self.vip_ids.clone();
+        let mut backend_ids = self.backend_ids.clone();
+        let mut regions = self.regions.clone();
+        for v in &self.vips {
+            if new.vips.iter().all(|n| n.key() != v.cfg.key()) {
+                vip_ids.give_back(v.index);
+                regions.release(v.base, 2 * v.cfg.table_size);
+                for b in &v.backends {
+                    backend_ids.give_back(b.id);
+                }
+            }
+        }
+        let full = |vip: &str, needed: u32| ReconcileError::RingFull {
+            vip: vip.to_string(),
+            needed,
+        };
+        for n in &new.vips {
+            match self.vips.iter().find(|v| v.cfg.key() == n.key()) {
+                Some(v) => {
+                    if v.cfg.table_size != n.table_size {
+                        regions
+                            .alloc(2 * n.table_size)
+                            .ok_or_else(|| full(&n.name, 2 * n.table_size))?;
+                    }
+                    for b in &n.backends {
+                        if v.backend(b.address).is_none() {
+                            backend_ids
+                                .take()
+                                .ok_or(ReconcileError::TooManyBackends { max: MAX_BACKENDS })?;
+                        }
+                    }
+                }
+                None => {
+                    vip_ids
+                        .take()
+                        .ok_or(ReconcileError::TooManyVips { max: MAX_VIPS })?;
+                    regions
+                        .alloc(2 * n.table_size)
+                        .ok_or_else(|| full(&n.name, 2 * n.table_size))?;
+                    for _ in &n.backends {
+                        backend_ids
+                            .take()
+                            .ok_or(ReconcileError::TooManyBackends { max: MAX_BACKENDS })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings VIP `i` in line with `n` (same key). Returns what changed.
+    fn update_vip(&mut self, i: usize, n: &config::Vip) -> Result<Vec<String>, ReconcileError> {
+        let mut changes = Vec::new();
+        let v = &mut self.vips[i];
+        let name = n.name.clone();
+        if v.cfg.name != n.name {
+            changes.push(format!("vip {}: renamed to {name}", v.cfg.name));
+        }
+        if v.cfg.all_down != n.all_down {
+            changes.push(format!(
+                "vip {name}: all_down {} -> {}",
+                v.cfg.all_down.as_str(),
+                n.all_down.as_str()
+            ));
+            v.dirty = true;
+        }
+        // Backends that are gone.
+        let mut j = 0;
+        while j < v.backends.len() {
+            if n.backends
+                .iter()
+                .any(|b| b.address == v.backends[j].cfg.address)
+            {
+                j += 1;
+                continue;
+            }
+            let b = v.backends.remove(j);
+            changes.push(format!("vip {name}: backend {} removed", b.cfg.address));
+            v.removed_ids.push(b.id);
+            v.dirty = true;
+        }
+        // Backends that stay, and new ones.
+        for nb in &n.backends {
+            match v.backends.iter_mut().find(|b| b.cfg.address == nb.address) {
+                Some(b) => {
+                    let a = nb.address;
+                    let w = b.weight_override.unwrap_or(b.cfg.weight);
+                    if w != nb.weight {
+                        changes.push(format!(
+                            "vip {name}: backend {a} weight {w} -> {}",
+                            nb.weight
+                        ));
+                    }
+                    if b.cfg.backup != nb.backup {
+                        changes.push(format!(
+                            "vip {name}: backend {a} is {} a backup",
+                            if nb.backup { "now" } else { "no longer" }
+                        ));
+                    }
+                    if b.cfg.health != nb.health {
+                        changes.push(format!("vip {name}: backend {a} health check changed"));
+                    }
+                    b.weight_override = None;
+                    b.cfg = nb.clone();
+                }
+                None => {
+                    let id = self
+                        .backend_ids
+                        .take()
+                        .ok_or(ReconcileError::TooManyBackends { max: MAX_BACKENDS })?;
+                    self.dp.reset_backend_stats(id)?;
+                    v.backends.push(BackendSlot::new(nb.clone(), id));
+                    changes.push(format!("vip {name}: backend {} added", nb.address));
+                }
+            }
+        }
+        // Keep the file's order of backends (tables do not depend on it).
+        v.backends.sort_by_key(|b| {
+            n.backends
+                .iter()
+                .position(|nb| nb.address == b.cfg.address)
+                .unwrap_or(usize::MAX)
+        });
+        if v.cfg.table_size != n.table_size {
+            changes.push(format!(
+                "vip {name}: table_size {} -> {}",
+                v.cfg.table_size, n.table_size
+            ));
+            let base =
+                self.regions
+                    .alloc(2 * n.table_size)
+                    .ok_or_else(|| ReconcileError::RingFull {
+                        vip: name.clone(),
+                        needed: 2 * n.table_size,
+                    })?;
+            // The VIP's entry still points into the old region until the new table is
+            // published in the new one; the old region is retired then.
+            v.old_region = Some((v.base, 2 * v.cfg.table_size));
+            v.base = base;
+            v.live = None;
+            v.retired_at = None;
+            v.dirty = true;
+        }
+        if v.cfg.health != n.health && changes.iter().all(|c| !c.contains("health")) {
+            changes.push(format!("vip {name}: health check changed"));
+        }
+        let backends = std::mem::take(&mut v.cfg.backends);
+        v.cfg = config::Vip {
+            backends,
+            ..n.clone()
+        };
+        Ok(changes)
+    }
+
+    /// Samples the counters for the per-second rates in [`status`](Self::status); call it
+    /// every [`RATE_PERIOD_SECS`](crate::status::RATE_PERIOD_SECS).
+    pub fn sample_rates(&mut self) -> Result<(), ReconcileError> {
+        let now = Instant::now();
+        for v in &mut self.vips {
+            v.rate.sample(self.dp.vip_counter(v.index)?, now);
+            for b in &mut v.backends {
+                b.rate.sample(self.dp.backend_counter(b.id)?, now);
+            }
         }
         Ok(())
     }
@@ -633,10 +1488,46 @@ impl<M: Maps> Reconciler<M> {
             let mut backends = Vec::new();
             for b in &v.backends {
                 let bc = self.dp.backend_counter(b.id)?;
+                let state = if b.mac.is_none() {
+                    "unresolved"
+                } else if !b.healthy() {
+                    "down"
+                } else if b.drained {
+                    "draining"
+                } else if b.cfg.backup && !b.in_table {
+                    "backup"
+                } else {
+                    "up"
+                };
+                let h = &b.health;
                 backends.push(BackendStatus {
                     address: b.cfg.address.to_string(),
-                    weight: b.cfg.weight,
-                    state: if b.mac.is_some() { "up" } else { "unresolved" }.to_string(),
+                    weight: b.weight_override.unwrap_or(b.cfg.weight),
+                    config_weight: b.cfg.weight,
+                    state: state.to_string(),
+                    role: if b.cfg.backup { "backup" } else { "primary" }.to_string(),
+                    drained: b.drained,
+                    in_table: b.in_table,
+                    health: HealthStatus {
+                        check: b.cfg.health.probe.kind().to_string(),
+                        port: b.cfg.health.port.unwrap_or(v.cfg.port),
+                        state: if b.cfg.health.probe == Probe::None {
+                            "none".to_string()
+                        } else {
+                            h.tracker.state().as_str().to_string()
+                        },
+                        last_ok: h.last.as_ref().map(|o| o.ok),
+                        last_detail: h.last.as_ref().map(|o| o.detail.clone()),
+                        last_latency_ms: h.last.as_ref().map(|o| o.latency.as_secs_f64() * 1e3),
+                        last_check_unix: h.last_at.and_then(|t| {
+                            t.duration_since(SystemTime::UNIX_EPOCH)
+                                .ok()
+                                .map(|d| d.as_secs())
+                        }),
+                        checks: h.checks,
+                        failures: h.failures,
+                        transitions: h.transitions,
+                    },
                     mac: b.mac.as_ref().map(fmt_mac),
                     slots: b.slots,
                     share: if v.table.is_empty() {
@@ -646,6 +1537,8 @@ impl<M: Maps> Reconciler<M> {
                     },
                     packets: bc.packets,
                     bytes: bc.bytes,
+                    pps: b.rate.pps,
+                    bps: b.rate.bps,
                 });
             }
             vips.push(VipStatus {
@@ -655,8 +1548,12 @@ impl<M: Maps> Reconciler<M> {
                 protocol: v.cfg.protocol.to_string(),
                 table_size: v.cfg.table_size,
                 usable_backends: v.backends.iter().filter(|b| b.in_table).count() as u32,
+                serving: v.serving.as_str().to_string(),
+                all_down: v.cfg.all_down.as_str().to_string(),
                 packets: c.packets,
                 bytes: c.bytes,
+                pps: v.rate.pps,
+                bps: v.rate.bps,
                 backends,
             });
         }
@@ -693,6 +1590,7 @@ impl<M: Maps> Reconciler<M> {
             uptime_secs: self.started.elapsed().as_secs(),
             log_level: self.log_level.to_string(),
             table_rebuilds: self.rebuilds,
+            health_transitions: self.health_transitions,
             vips,
             reasons,
         })
@@ -704,7 +1602,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::config::{Backend, Dataplane as DataplaneCfg, Vip};
+    use crate::config::{Backend, Dataplane as DataplaneCfg, HealthCheck, Vip};
 
     #[test]
     fn ids_reuse_smallest_free() {
@@ -781,6 +1679,10 @@ mod tests {
         fn vip(&self, key: &VipKey) -> Option<VipInfo> {
             self.vips.get(key).copied()
         }
+        fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+            self.vips.remove(key);
+            Ok(())
+        }
         fn set_vip_addr(&mut self, _: &VipAddrKey, _: u32) -> Result<(), DataplaneError> {
             Ok(())
         }
@@ -852,10 +1754,17 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 table_size: M,
+                all_down: AllDown::Drop,
+                health: HealthCheck::default_for(Protocol::Tcp),
                 backends: ADDRS
                     .iter()
                     .zip(weights)
-                    .map(|(&address, weight)| Backend { address, weight })
+                    .map(|(&address, weight)| Backend {
+                        address,
+                        weight,
+                        backup: false,
+                        health: HealthCheck::default_for(Protocol::Tcp),
+                    })
                     .collect(),
             }],
         }
@@ -1070,5 +1979,300 @@ mod tests {
             r.which_backend(vip, Protocol::Udp, src),
             Err(ReconcileError::NoSuchVip(_))
         ));
+    }
+
+    // ---- health, backups, operator changes, reloads ----
+
+    const TOML: &str = r#"
+[dataplane]
+interface = "eth0"
+
+[[vip]]
+name = "web"
+address = "10.0.0.100"
+port = 80
+protocol = "tcp"
+table_size = 1009
+all_down = "keep-last"
+
+[[vip.backend]]
+address = "10.0.0.11"
+
+[[vip.backend]]
+address = "10.0.0.12"
+
+[[vip.backend]]
+address = "10.0.0.13"
+backup = true
+"#;
+
+    fn parse(text: &str) -> Config {
+        config::parse(text, std::path::Path::new("test.toml"))
+            .unwrap()
+            .config
+    }
+
+    /// A reconciler over `text`'s config with every backend of `ADDRS` (and 10.0.0.14)
+    /// resolved, tables published.
+    async fn running(text: &str) -> Reconciler<FakeMaps> {
+        let maps = FakeMaps {
+            ring: vec![0; 64 * M as usize],
+            ..Default::default()
+        };
+        let mut r = Reconciler::new(maps, &parse(text), "eth0", 2, mac(1), LogLevel::Info).unwrap();
+        let mut all = macs([Some(11), Some(12), Some(13)]);
+        all.insert(Ipv4Addr::new(10, 0, 0, 14), Some(mac(14)));
+        r.apply_macs(all).await.unwrap();
+        r
+    }
+
+    fn vip_table(r: &Reconciler<FakeMaps>, name: &str) -> Vec<u32> {
+        let v = r.vips.iter().find(|v| v.cfg.name == name).unwrap();
+        let info = r.dp.vips[&v.key];
+        r.dp.ring[info.ring_base as usize..(info.ring_base + info.ring_size) as usize].to_vec()
+    }
+
+    /// The backend addresses in `name`'s live table.
+    fn in_table(r: &Reconciler<FakeMaps>, name: &str) -> BTreeSet<Ipv4Addr> {
+        let v = r.vips.iter().find(|v| v.cfg.name == name).unwrap();
+        vip_table(r, name)
+            .iter()
+            .map(|id| v.backends.iter().find(|b| b.id == *id).unwrap().cfg.address)
+            .collect()
+    }
+
+    fn addr(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+
+    async fn report(r: &mut Reconciler<FakeMaps>, backend: Ipv4Addr, results: &str) {
+        let key = ((addr(100), 80, Protocol::Tcp), backend);
+        for c in results.chars() {
+            let outcome = Outcome {
+                ok: c == '+',
+                detail: if c == '+' {
+                    "connected"
+                } else {
+                    "connect refused"
+                }
+                .into(),
+                latency: Duration::from_millis(1),
+            };
+            r.health_report(key, outcome).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn fall_failures_take_a_backend_out_and_rise_successes_bring_it_back() {
+        let mut r = running(TOML).await;
+        report(&mut r, addr(11), "+").await;
+        report(&mut r, addr(12), "+").await;
+        let both = BTreeSet::from([addr(11), addr(12)]);
+        assert_eq!(in_table(&r, "web"), both, "the backup stands by");
+        let full = vip_table(&r, "web");
+
+        report(&mut r, addr(12), "--").await;
+        assert_eq!(in_table(&r, "web"), both, "2 of 3 failures: still in");
+        report(&mut r, addr(12), "-").await;
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11)]));
+        let s = r.status().unwrap();
+        let b = &s.vips[0].backends[1];
+        assert_eq!(
+            (b.state.as_str(), b.health.state.as_str()),
+            ("down", "down")
+        );
+        assert_eq!(b.health.last_detail.as_deref(), Some("connect refused"));
+        assert_eq!(
+            (b.health.checks, b.health.failures, b.health.transitions),
+            (4, 3, 2)
+        );
+
+        report(&mut r, addr(12), "+").await;
+        assert_eq!(in_table(&r, "web").len(), 1, "1 of 2 successes: still out");
+        report(&mut r, addr(12), "+").await;
+        assert_eq!(
+            vip_table(&r, "web"),
+            full,
+            "back, with the same table as before"
+        );
+    }
+
+    #[tokio::test]
+    async fn backups_serve_only_while_no_primary_can_and_keep_last_holds_the_last_set() {
+        let mut r = running(TOML).await;
+        report(&mut r, addr(11), "-").await; // first result: down at once
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(12)]));
+        report(&mut r, addr(12), "-").await;
+        assert_eq!(
+            in_table(&r, "web"),
+            BTreeSet::from([addr(13)]),
+            "backup took over"
+        );
+        assert_eq!(r.status().unwrap().vips[0].serving, "backup");
+
+        // The backup dies too: keep-last keeps it rather than emptying the table.
+        report(&mut r, addr(13), "-").await;
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(13)]));
+        assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
+
+        // A primary returns: only it serves.
+        report(&mut r, addr(11), "++").await;
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11)]));
+        assert_eq!(r.status().unwrap().vips[0].serving, "ok");
+    }
+
+    #[tokio::test]
+    async fn all_down_drop_empties_the_table() {
+        let mut r = running(&TOML.replace("keep-last", "drop")).await;
+        for a in [11, 12, 13] {
+            report(&mut r, addr(a), "-").await;
+        }
+        let info = r.dp.vips.values().next().copied().unwrap();
+        assert_eq!(info.ring_size, 0, "dropped and counted, not forwarded");
+        assert_eq!(r.status().unwrap().vips[0].serving, "no backend");
+    }
+
+    #[tokio::test]
+    async fn drain_undrain_and_weight_take_effect_at_once() {
+        let mut r = running(TOML).await;
+        let full = vip_table(&r, "web");
+        r.set_drain("web", addr(11), true).await.unwrap();
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(12)]));
+        assert_eq!(r.status().unwrap().vips[0].backends[0].state, "draining");
+        r.set_drain("10.0.0.100:80/tcp", addr(11), false)
+            .await
+            .unwrap();
+        assert_eq!(vip_table(&r, "web"), full);
+
+        r.set_weight("web", addr(11), 3).await.unwrap();
+        let t = vip_table(&r, "web");
+        let share = t.iter().filter(|&&id| id == 1).count() as f64 / t.len() as f64;
+        assert!((share - 0.75).abs() < 0.02, "weight 3 of 4: {share}");
+        assert!(matches!(
+            r.set_weight("web", addr(11), 70000).await,
+            Err(ReconcileError::Invalid(_))
+        ));
+        assert!(matches!(
+            r.set_drain("web", addr(99), true).await,
+            Err(ReconcileError::NoSuchBackend { .. })
+        ));
+        assert!(matches!(
+            r.set_drain("nope", addr(11), true).await,
+            Err(ReconcileError::NoSuchVip(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn added_backends_join_and_removed_ones_leave_without_reusing_their_id_at_once() {
+        let mut r = running(TOML).await;
+        r.add_backend("web", addr(14), 1, false).await.unwrap();
+        assert_eq!(
+            in_table(&r, "web"),
+            BTreeSet::from([addr(11), addr(12), addr(14)])
+        );
+        assert!(matches!(
+            r.add_backend("web", addr(14), 1, false).await,
+            Err(ReconcileError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.add_backend("web", Ipv4Addr::new(224, 0, 0, 1), 1, false)
+                .await,
+            Err(ReconcileError::Invalid(_))
+        ));
+        let id12 = r.vips[0].backend(addr(12)).unwrap().id;
+        r.remove_backend("web", addr(12)).await.unwrap();
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11), addr(14)]));
+        // Added right away, another backend does not get the id the old table may still use.
+        r.add_backend("web", addr(12), 1, false).await.unwrap();
+        assert_ne!(r.vips[0].backend(addr(12)).unwrap().id, id12);
+    }
+
+    #[tokio::test]
+    async fn vips_are_removed_and_added_at_run_time() {
+        let mut r = running(TOML).await;
+        let key = r.vips[0].key;
+        r.remove_vip("web").await.unwrap();
+        assert!(!r.dp.vips.contains_key(&key));
+        assert!(r.status().unwrap().vips.is_empty());
+        let vip = config::parse_vip(
+            "[[vip]]\nname = \"web2\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
+             table_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",
+            std::path::Path::new("api"),
+        )
+        .unwrap();
+        r.add_vip_live(vip.clone()).await.unwrap();
+        assert_eq!(in_table(&r, "web2"), BTreeSet::from([addr(11)]));
+        assert!(matches!(
+            r.add_vip_live(vip).await,
+            Err(ReconcileError::Conflict(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_only_the_difference() {
+        let mut r = running(TOML).await;
+        let rebuilds = r.rebuilds;
+        assert_eq!(
+            r.apply_config(parse(TOML)).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(r.rebuilds, rebuilds, "same config, nothing rebuilt");
+
+        // Drained by the operator, weighted by the operator: a reload keeps the drain and goes
+        // back to the file's weights.
+        r.set_drain("web", addr(12), true).await.unwrap();
+        r.set_weight("web", addr(11), 5).await.unwrap();
+        let new = TOML.replace(
+            "[[vip.backend]]\naddress = \"10.0.0.13\"\nbackup = true\n",
+            "[[vip.backend]]\naddress = \"10.0.0.14\"\nweight = 2\n",
+        ) + "\n[[vip]]\nname = \"dns\"\naddress = \"10.0.0.53\"\nport = 53\nprotocol = \"udp\"\n\
+             table_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n";
+        let changes = r.apply_config(parse(&new)).await.unwrap();
+        assert_eq!(
+            changes,
+            [
+                "vip web: backend 10.0.0.13 removed",
+                "vip web: backend 10.0.0.11 weight 5 -> 1",
+                "vip web: backend 10.0.0.14 added",
+                "vip dns: added with 1 backend(s)",
+            ]
+        );
+        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11), addr(14)]));
+        assert_eq!(in_table(&r, "dns"), BTreeSet::from([addr(11)]));
+        let s = r.status().unwrap();
+        assert_eq!(s.vips[0].backends[1].state, "draining");
+        assert_eq!(s.vips[0].backends[0].weight, 1);
+
+        // Table size change: the VIP moves to a new region, atomically.
+        let resized = new.replacen("table_size = 1009", "table_size = 1013", 1);
+        let changes = r.apply_config(parse(&resized)).await.unwrap();
+        assert_eq!(changes, ["vip web: table_size 1009 -> 1013"]);
+        assert_eq!(vip_table(&r, "web").len(), 1013);
+
+        // Removing a VIP.
+        let changes = r.apply_config(parse(&resized.replace("name = \"dns\"\naddress = \"10.0.0.53\"\nport = 53\nprotocol = \"udp\"\ntable_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n", "name = \"dns\"\naddress = \"10.0.0.53\"\nport = 53\nprotocol = \"udp\"\ntable_size = 1009\n"))).await.unwrap();
+        assert_eq!(changes, ["vip dns: backend 10.0.0.11 removed"]);
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_needs_a_restart_or_does_not_fit_changes_nothing() {
+        let mut r = running(TOML).await;
+        let before = r.status().unwrap();
+        let other_if = TOML.replace("interface = \"eth0\"", "interface = \"eth1\"");
+        assert!(matches!(
+            r.apply_config(parse(&other_if)).await,
+            Err(ReconcileError::NeedsRestart(_))
+        ));
+        // 64 M entries of ring: a VIP of 2 x 40009 does not fit.
+        let big = format!(
+            "{TOML}\n[[vip]]\naddress = \"10.0.0.101\"\nport = 80\nprotocol = \"tcp\"\n\
+             table_size = 40009\n"
+        );
+        assert!(matches!(
+            r.apply_config(parse(&big)).await,
+            Err(ReconcileError::RingFull { .. })
+        ));
+        let after = r.status().unwrap();
+        assert_eq!(before.vips, after.vips);
     }
 }

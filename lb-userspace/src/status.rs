@@ -5,6 +5,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+/// How often the agent samples counters for the per-second rates.
+pub const RATE_PERIOD_SECS: u64 = 2;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
@@ -18,6 +21,9 @@ pub struct Status {
     pub uptime_secs: u64,
     pub log_level: String,
     pub table_rebuilds: u64,
+    /// Backend health changes (up to down and back) since the agent started.
+    #[serde(default)]
+    pub health_transitions: u64,
     pub vips: Vec<VipStatus>,
     /// Every reason, in index order, with its totals.
     pub reasons: Vec<ReasonStatus>,
@@ -30,26 +36,67 @@ pub struct VipStatus {
     pub port: u16,
     pub protocol: String,
     pub table_size: u32,
-    /// Backends that own at least one slot of the live table.
+    /// Backends the live table was built with.
     pub usable_backends: u32,
+    /// What the table is built from: ok (the healthy primaries) | backup (no primary can take
+    /// traffic: the backups) | all-down: keep-last | no backend (packets dropped).
+    pub serving: String,
+    /// keep-last | drop: what happens when every backend is down.
+    pub all_down: String,
     /// Forwarded packets and bytes.
     pub packets: u64,
     pub bytes: u64,
+    /// Forwarded packets and bytes per second, over the agent's last sampling period
+    /// ([`RATE_PERIOD_SECS`]); 0 until two samples exist.
+    pub pps: f64,
+    pub bps: f64,
     pub backends: Vec<BackendStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: String,
+    /// The weight in force (an operator's, or the config's).
     pub weight: u32,
-    /// up: MAC known, in the table if weight > 0; unresolved: no MAC yet (not in the table).
+    /// The weight the config gives.
+    pub config_weight: u32,
+    /// up | down (failed its health checks) | draining (by the operator: no new flows) |
+    /// backup (healthy, standing by while primaries serve) | unresolved (no MAC yet).
     pub state: String,
+    /// primary | backup
+    pub role: String,
+    pub drained: bool,
+    /// Whether the live table was built with it.
+    pub in_table: bool,
+    pub health: HealthStatus,
     pub mac: Option<String>,
     /// Slots of the live table, and their fraction of it.
     pub slots: u32,
     pub share: f64,
     pub packets: u64,
     pub bytes: u64,
+    pub pps: f64,
+    pub bps: f64,
+}
+
+/// A backend's health check and what it last said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    /// none | tcp | http | udp | exec
+    pub check: String,
+    /// The port checked.
+    pub port: u16,
+    /// unknown (no result yet) | up | down | none (not checked)
+    pub state: String,
+    pub last_ok: Option<bool>,
+    /// The last result in words: "connected", "connect refused", "HTTP 500 (expected 200-399)".
+    pub last_detail: Option<String>,
+    pub last_latency_ms: Option<f64>,
+    /// When the last check ended (Unix time, seconds).
+    pub last_check_unix: Option<u64>,
+    pub checks: u64,
+    pub failures: u64,
+    pub transitions: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,13 +121,24 @@ pub struct WhichBackend {
     pub backend: Option<String>,
 }
 
-/// Renders the status for a terminal, one line per service and per backend, like
-/// `ipvsadm -Ln --stats`.
+/// Renders the status for a terminal, in the spirit of `ipvsadm -Ln --stats --rate`: a line about
+/// the agent; a table with a line per service and an indented `->` line per backend, on one grid
+/// of columns (the two heading lines name the columns of each); then the totals per reason.
+///
+/// Units: `Pkt/s` is packets per second and `bit/s` is bits per second (the agent's bytes per
+/// second times 8), both over the agent's last sampling period; `Packets` and `Bytes` are totals
+/// since the counters were created. The four are shortened with decimal prefixes (K = 10^3,
+/// M = 10^6, G, T, P, E); `xdplb status --json` has the exact figures.
+///
+/// A service's line ends with what its table is built from when that is not the healthy
+/// primaries (`[BACKUP]`, `[ALL DOWN: keep-last]`, `[NO BACKEND]`); a backend's line ends with its
+/// health check (`kind:port`, the last result in words, its latency), or `-` when unchecked.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "xdplb {}  interface {} (ifindex {}, {})  xdp {}  prog {}  up {}  log {}  rebuilds {}",
+        "xdplb {}  {} (ifindex {}, {})  xdp {}  prog {}  up {}  log {}  rebuilds {}  \
+         health changes {}",
         s.version,
         s.interface,
         s.ifindex,
@@ -90,48 +148,59 @@ pub fn render(s: &Status) -> String {
         fmt_duration(s.uptime_secs),
         s.log_level,
         s.table_rebuilds,
+        s.health_transitions,
     );
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:<4} {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
-        "Prot", "Service", "Name", "Table", "Usable", "", "Packets", "Bytes"
-    );
-    let _ = writeln!(
-        out,
-        "  -> {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
-        "Backend", "State", "Weight", "Slots", "Share", "Packets", "Bytes"
-    );
+
+    let mut rows = vec![
+        Row {
+            lead: "Prot Service".into(),
+            mid: Mid::Span("Name".into()),
+            cols: ["Table", "Usable", "Pkt/s", "bit/s", "Packets", "Bytes"].map(String::from),
+            tail: "Serving".into(),
+        },
+        Row {
+            lead: "  -> Backend".into(),
+            mid: Mid::Split("State".into(), "Weight".into()),
+            cols: ["Slots", "Share", "", "", "", ""].map(String::from),
+            tail: "Health".into(),
+        },
+    ];
     for v in &s.vips {
-        let _ = writeln!(
-            out,
-            "{:<4} {:<22} {:<10} {:>7} {:>7} {:>8} {:>12} {:>14}",
-            v.protocol.to_uppercase(),
-            format!("{}:{}", v.address, v.port),
-            v.name,
-            v.table_size,
-            format!("{}/{}", v.usable_backends, v.backends.len()),
-            "",
-            v.packets,
-            v.bytes
-        );
+        rows.push(Row {
+            lead: format!("{:<4} {}:{}", v.protocol.to_uppercase(), v.address, v.port),
+            mid: Mid::Span(v.name.clone()),
+            cols: [
+                v.table_size.to_string(),
+                format!("{}/{}", v.usable_backends, v.backends.len()),
+                human(v.pps),
+                human(v.bps * 8.0),
+                human(v.packets as f64),
+                human(v.bytes as f64),
+            ],
+            tail: serving_flag(&v.serving),
+        });
         for b in &v.backends {
-            let _ = writeln!(
-                out,
-                "  -> {:<22} {:<10} {:>7} {:>7} {:>7.1}% {:>12} {:>14}",
-                b.address,
-                b.state,
-                b.weight,
-                b.slots,
-                b.share * 100.0,
-                b.packets,
-                b.bytes
-            );
+            rows.push(Row {
+                lead: format!("  -> {}", b.address),
+                mid: Mid::Split(backend_state(b), backend_weight(b)),
+                cols: [
+                    b.slots.to_string(),
+                    format!("{:.1}%", b.share * 100.0),
+                    human(b.pps),
+                    human(b.bps * 8.0),
+                    human(b.packets as f64),
+                    human(b.bytes as f64),
+                ],
+                tail: health_words(&b.health),
+            });
         }
     }
+    render_rows(&mut out, &rows);
     if s.vips.is_empty() {
         let _ = writeln!(out, "(no virtual services configured)");
     }
+
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -146,6 +215,156 @@ pub fn render(s: &Status) -> String {
         );
     }
     out
+}
+
+/// One line of the services table.
+struct Row {
+    /// `PROT ADDR:PORT` or `  -> ADDR`, left-aligned.
+    lead: String,
+    mid: Mid,
+    /// Right-aligned figures.
+    cols: [String; 6],
+    /// Free text at the end of the line (not padded).
+    tail: String,
+}
+
+/// The text columns after the lead: a service's name spans the two columns a backend has there.
+enum Mid {
+    Span(String),
+    Split(String, String),
+}
+
+/// Lays the rows out on one grid: every column as wide as its widest cell.
+fn render_rows(out: &mut String, rows: &[Row]) {
+    let width = |s: &str| s.chars().count();
+    let lead_w = rows.iter().map(|r| width(&r.lead)).max().unwrap_or(0);
+    let (mut state_w, mut weight_w, mut span_w) = (0, 0, 0);
+    let mut col_w = [0; 6];
+    for r in rows {
+        match &r.mid {
+            Mid::Span(name) => span_w = span_w.max(width(name)),
+            Mid::Split(state, weight) => {
+                state_w = state_w.max(width(state));
+                weight_w = weight_w.max(width(weight));
+            }
+        }
+        for (w, c) in col_w.iter_mut().zip(&r.cols) {
+            *w = (*w).max(width(c));
+        }
+    }
+    // A long service name widens the state column, so both kinds of line keep one grid.
+    state_w = state_w.max(span_w.saturating_sub(weight_w + 2));
+    let mid_w = state_w + 2 + weight_w;
+    for r in rows {
+        let mut line = format!("{:<lead_w$}  ", r.lead);
+        match &r.mid {
+            Mid::Span(name) => {
+                let _ = write!(line, "{name:<mid_w$}");
+            }
+            Mid::Split(state, weight) => {
+                let _ = write!(line, "{state:<state_w$}  {weight:<weight_w$}");
+            }
+        }
+        for (w, c) in col_w.iter().zip(&r.cols) {
+            let _ = write!(line, "  {c:>w$}");
+        }
+        let _ = write!(line, "  {}", r.tail);
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+/// `[BACKUP]`, `[ALL DOWN: keep-last]`, `[NO BACKEND]`; nothing when the primaries serve.
+fn serving_flag(serving: &str) -> String {
+    match serving {
+        "ok" => String::new(),
+        "backup" => "[BACKUP]".into(),
+        "all-down: keep-last" => "[ALL DOWN: keep-last]".into(),
+        "no backend" => "[NO BACKEND]".into(),
+        other => format!("[{}]", other.to_uppercase()),
+    }
+}
+
+/// UP | DOWN | DRAIN | BACKUP | UNRESOLVED, with `(bk)` after a backup's state when it is not
+/// the standby itself (a backup serving, down, draining or unresolved).
+fn backend_state(b: &BackendStatus) -> String {
+    let word = match b.state.as_str() {
+        "draining" => "DRAIN".to_string(),
+        other => other.to_uppercase(),
+    };
+    if b.role == "backup" && b.state != "backup" {
+        format!("{word} (bk)")
+    } else {
+        word
+    }
+}
+
+/// The weight in force, and the config's when an operator changed it: `2 (cfg 1)`.
+fn backend_weight(b: &BackendStatus) -> String {
+    if b.weight == b.config_weight {
+        b.weight.to_string()
+    } else {
+        format!("{} (cfg {})", b.weight, b.config_weight)
+    }
+}
+
+/// `tcp:8080 connected 0.3ms`, `http:80 HTTP 500 (expected 200-399) 1.2ms`, `exec no result
+/// yet`; `-` when the backend is not checked.
+fn health_words(h: &HealthStatus) -> String {
+    if h.check == "none" {
+        return "-".into();
+    }
+    let mut words = if h.check == "exec" {
+        h.check.clone()
+    } else {
+        format!("{}:{}", h.check, h.port)
+    };
+    match &h.last_detail {
+        Some(detail) => {
+            let _ = write!(words, " {detail}");
+        }
+        None => words.push_str(" no result yet"),
+    }
+    if let Some(ms) = h.last_latency_ms {
+        let _ = write!(words, " {}", fmt_latency(ms));
+    }
+    words
+}
+
+/// `0.3ms`, `12.5ms`, `250ms`, `1.50s`.
+fn fmt_latency(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2}s", ms / 1000.0)
+    } else if ms >= 99.95 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{ms:.1}ms")
+    }
+}
+
+/// A figure shortened with decimal prefixes, at most 4 digits: `0`, `0.5`, `999`, `1.0K`, `12.3M`,
+/// `123G`. Below 10 a fraction keeps one decimal (a rate of half a packet per second is `0.5`).
+fn human(v: f64) -> String {
+    const PREFIXES: [&str; 7] = ["", "K", "M", "G", "T", "P", "E"];
+    if !v.is_finite() || v <= 0.0 {
+        return if v.is_nan() { "-".into() } else { "0".into() };
+    }
+    let mut x = v;
+    let mut i = 0;
+    while x >= 999.5 && i + 1 < PREFIXES.len() {
+        x /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        if x < 9.95 && x.fract() != 0.0 {
+            format!("{x:.1}")
+        } else {
+            format!("{x:.0}")
+        }
+    } else if x < 99.95 {
+        format!("{x:.1}{}", PREFIXES[i])
+    } else {
+        format!("{x:.0}{}", PREFIXES[i])
+    }
 }
 
 pub fn render_which(w: &WhichBackend) -> String {
@@ -178,7 +397,53 @@ fn fmt_duration(secs: u64) -> String {
 mod tests {
     use super::*;
 
+    fn health(check: &str, state: &str, detail: Option<&str>, ms: Option<f64>) -> HealthStatus {
+        HealthStatus {
+            check: check.into(),
+            port: 8080,
+            state: state.into(),
+            last_ok: detail.map(|_| state == "up"),
+            last_detail: detail.map(String::from),
+            last_latency_ms: ms,
+            last_check_unix: detail.map(|_| 1_700_000_000),
+            checks: 10,
+            failures: u64::from(state == "down") * 3,
+            transitions: u64::from(state == "down"),
+        }
+    }
+
+    fn backend(address: &str, state: &str, role: &str, h: HealthStatus) -> BackendStatus {
+        let in_table = state == "up";
+        BackendStatus {
+            address: address.into(),
+            weight: 1,
+            config_weight: 1,
+            state: state.into(),
+            role: role.into(),
+            drained: state == "draining",
+            in_table,
+            health: h,
+            mac: (state != "unresolved").then(|| "02:00:00:00:00:0b".into()),
+            slots: 0,
+            share: 0.0,
+            packets: 0,
+            bytes: 0,
+            pps: 0.0,
+            bps: 0.0,
+        }
+    }
+
     fn sample() -> Status {
+        let mut up = backend(
+            "10.0.0.11",
+            "up",
+            "primary",
+            health("tcp", "up", Some("connected"), Some(0.31)),
+        );
+        up.weight = 2;
+        up.slots = 65537;
+        up.share = 1.0;
+        (up.packets, up.bytes, up.pps, up.bps) = (1_234_567, 987_654_321, 1520.0, 1_540_000.0);
         Status {
             version: "0.1.0".into(),
             interface: "eth0".into(),
@@ -189,26 +454,98 @@ mod tests {
             uptime_secs: 3725,
             log_level: "info".into(),
             table_rebuilds: 1,
-            vips: vec![VipStatus {
-                name: "web".into(),
-                address: "10.0.0.100".into(),
-                port: 80,
-                protocol: "tcp".into(),
-                table_size: 65537,
-                usable_backends: 1,
-                packets: 10,
-                bytes: 1000,
-                backends: vec![BackendStatus {
-                    address: "10.0.0.11".into(),
-                    weight: 1,
-                    state: "up".into(),
-                    mac: Some("02:00:00:00:00:0b".into()),
-                    slots: 65537,
-                    share: 1.0,
-                    packets: 10,
-                    bytes: 1000,
-                }],
-            }],
+            health_transitions: 2,
+            vips: vec![
+                VipStatus {
+                    name: "web".into(),
+                    address: "10.0.0.100".into(),
+                    port: 80,
+                    protocol: "tcp".into(),
+                    table_size: 65537,
+                    usable_backends: 1,
+                    serving: "ok".into(),
+                    all_down: "keep-last".into(),
+                    packets: 1_234_567,
+                    bytes: 987_654_321,
+                    pps: 1520.0,
+                    bps: 1_540_000.0,
+                    backends: vec![
+                        up,
+                        backend(
+                            "10.0.0.12",
+                            "down",
+                            "primary",
+                            health(
+                                "http",
+                                "down",
+                                Some("HTTP 500 (expected 200-399)"),
+                                Some(1.25),
+                            ),
+                        ),
+                        backend(
+                            "10.0.0.13",
+                            "draining",
+                            "primary",
+                            health("none", "none", None, None),
+                        ),
+                        backend(
+                            "10.0.0.21",
+                            "backup",
+                            "backup",
+                            health("tcp", "unknown", None, None),
+                        ),
+                    ],
+                },
+                VipStatus {
+                    name: "dns".into(),
+                    address: "10.0.0.101".into(),
+                    port: 53,
+                    protocol: "udp".into(),
+                    table_size: 251,
+                    usable_backends: 1,
+                    serving: "all-down: keep-last".into(),
+                    all_down: "keep-last".into(),
+                    packets: 42,
+                    bytes: 4200,
+                    pps: 0.5,
+                    bps: 50.0,
+                    backends: vec![BackendStatus {
+                        in_table: true,
+                        slots: 251,
+                        share: 1.0,
+                        packets: 42,
+                        bytes: 4200,
+                        pps: 0.5,
+                        bps: 50.0,
+                        ..backend(
+                            "10.0.0.31",
+                            "down",
+                            "primary",
+                            health("udp", "down", Some("timeout after 300ms"), Some(300.0)),
+                        )
+                    }],
+                },
+                VipStatus {
+                    name: "mail".into(),
+                    address: "10.0.0.102".into(),
+                    port: 25,
+                    protocol: "tcp".into(),
+                    table_size: 251,
+                    usable_backends: 0,
+                    serving: "no backend".into(),
+                    all_down: "drop".into(),
+                    packets: 0,
+                    bytes: 0,
+                    pps: 0.0,
+                    bps: 0.0,
+                    backends: vec![backend(
+                        "10.0.0.41",
+                        "unresolved",
+                        "backup",
+                        health("exec", "unknown", None, None),
+                    )],
+                },
+            ],
             reasons: vec![ReasonStatus {
                 reason: "pass_not_vip".into(),
                 action: "pass".into(),
@@ -218,15 +555,151 @@ mod tests {
         }
     }
 
+    /// The line of the table that starts with `lead`.
+    fn line<'a>(text: &'a str, lead: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(lead))
+            .unwrap_or_else(|| panic!("no line starting with {lead:?}\n{text}"))
+    }
+
     #[test]
     fn renders_services_backends_and_reasons() {
         let text = render(&sample());
-        assert!(text.contains("TCP  10.0.0.100:80"), "{text}");
-        assert!(text.contains(" web "), "{text}");
-        assert!(text.contains("-> 10.0.0.11"), "{text}");
-        assert!(text.contains("100.0%"), "{text}");
-        assert!(text.contains("pass_not_vip"), "{text}");
+        println!("{text}");
+        assert!(text.starts_with("xdplb 0.1.0  eth0 (ifindex 2, "), "{text}");
         assert!(text.contains("up 1h2m5s"), "{text}");
+        assert!(text.contains("health changes 2"), "{text}");
+        let web = line(&text, "TCP  10.0.0.100:80");
+        for word in [
+            " web ", " 65537 ", " 1/4 ", " 1.5K ", " 12.3M ", " 1.2M ", " 988M",
+        ] {
+            assert!(web.contains(word), "{word:?} in {web}");
+        }
+        // The primaries serve: no flag.
+        assert!(!web.contains('['), "{web}");
+        let up = line(&text, "  -> 10.0.0.11");
+        for word in [
+            " UP ",
+            " 2 (cfg 1) ",
+            " 100.0% ",
+            "tcp:8080 connected 0.3ms",
+        ] {
+            assert!(up.contains(word), "{word:?} in {up}");
+        }
+        assert!(text.contains("pass_not_vip"), "{text}");
+    }
+
+    #[test]
+    fn renders_down_draining_backup_and_degraded_services_in_words() {
+        let text = render(&sample());
+        let down = line(&text, "  -> 10.0.0.12");
+        assert!(down.contains(" DOWN "), "{down}");
+        assert!(
+            down.ends_with("http:8080 HTTP 500 (expected 200-399) 1.2ms"),
+            "{down}"
+        );
+        let drain = line(&text, "  -> 10.0.0.13");
+        assert!(drain.contains(" DRAIN "), "{drain}");
+        assert!(drain.ends_with(" -"), "{drain}");
+        let backup = line(&text, "  -> 10.0.0.21");
+        assert!(backup.contains(" BACKUP "), "{backup}");
+        assert!(backup.ends_with("tcp:8080 no result yet"), "{backup}");
+        let dns = line(&text, "UDP  10.0.0.101:53");
+        assert!(dns.ends_with("[ALL DOWN: keep-last]"), "{dns}");
+        assert!(
+            line(&text, "  -> 10.0.0.31").ends_with("udp:8080 timeout after 300ms 300ms"),
+            "{text}"
+        );
+        let mail = line(&text, "TCP  10.0.0.102:25");
+        assert!(mail.ends_with("[NO BACKEND]"), "{mail}");
+        let unresolved = line(&text, "  -> 10.0.0.41");
+        assert!(unresolved.contains(" UNRESOLVED (bk) "), "{unresolved}");
+        assert!(unresolved.ends_with("exec no result yet"), "{unresolved}");
+        let mut s = sample();
+        s.vips[0].serving = "backup".into();
+        let text = render(&s);
+        assert!(
+            line(&text, "TCP  10.0.0.100:80").ends_with("[BACKUP]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn columns_line_up_and_fit_a_terminal() {
+        let text = render(&sample());
+        let table: Vec<&str> = text.lines().skip(2).take_while(|l| !l.is_empty()).collect();
+        assert_eq!(table.len(), 2 + 3 + 6, "{text}");
+        // Every figure column ends at the same place on every line: find the end of the "Bytes"
+        // heading, and check each service and backend line has a digit or prefix there, followed
+        // by the gap before the last column.
+        let end = table[0].find("Bytes").unwrap() + "Bytes".len();
+        for l in &table[2..] {
+            let b = l.as_bytes();
+            assert!(b[end - 1].is_ascii_alphanumeric(), "{l:?}\n{text}");
+            assert!(b.len() == end || b[end] == b' ', "{l:?}\n{text}");
+        }
+        let share = table[1].find("Share").unwrap() + "Share".len();
+        for l in table[2..].iter().filter(|l| l.starts_with("  ->")) {
+            assert_eq!(l.as_bytes()[share - 1], b'%', "{l:?}\n{text}");
+        }
+        // Even with the widest state and an operator's weight, the grid leaves room for a health
+        // check's usual words within 120 columns; only a long detail (the last column) goes
+        // past it.
+        let tail = table[0].find("Serving").unwrap();
+        assert!(tail <= 95, "the last column starts at {tail}\n{text}");
+        assert_eq!(table[1].find("Health"), Some(tail), "{text}");
+        for l in text.lines().filter(|l| !table.contains(l)) {
+            assert!(
+                l.chars().count() <= 120,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+    }
+
+    #[test]
+    fn shortens_figures_with_decimal_prefixes() {
+        for (v, want) in [
+            (0.0, "0"),
+            (0.5, "0.5"),
+            (7.0, "7"),
+            (999.0, "999"),
+            (999.6, "1.0K"),
+            (1234.0, "1.2K"),
+            (12_345_678.0, "12.3M"),
+            (123_456_789_000.0, "123G"),
+            (99_960.0, "100K"),
+        ] {
+            assert_eq!(human(v), want, "{v}");
+        }
+        assert_eq!(fmt_latency(0.31), "0.3ms");
+        assert_eq!(fmt_latency(250.4), "250ms");
+        assert_eq!(fmt_latency(1500.0), "1.50s");
+    }
+
+    #[test]
+    fn renders_which_backend() {
+        let w = WhichBackend {
+            vip: "web".into(),
+            service: "10.0.0.100:80/tcp".into(),
+            source: "192.0.2.1:40000".into(),
+            hash: 0xdead_beef,
+            slot: Some(7),
+            backend_id: Some(1),
+            backend: Some("10.0.0.11".into()),
+        };
+        assert_eq!(
+            render_which(&w),
+            "10.0.0.100:80/tcp from 192.0.2.1:40000 -> backend 10.0.0.11 (vip web, hash \
+             0xdeadbeef, slot 7)\n"
+        );
+        let none = WhichBackend {
+            slot: None,
+            backend_id: None,
+            backend: None,
+            ..w
+        };
+        assert!(render_which(&none).contains("-> no backend"));
     }
 
     #[test]

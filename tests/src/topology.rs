@@ -295,6 +295,15 @@ impl Agent {
             .block_on(Client::new(&self.socket).which_backend(service, &src.to_string()))?)
     }
 
+    /// Runs the `xdplb` CLI against this agent's socket (`xdplb --socket SOCKET ARGS...`).
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(xdplb_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?)
+    }
+
     /// SIGTERM and wait for the exit status.
     pub fn stop(mut self) -> ExitStatus {
         self.guard.terminate(Duration::from_secs(10))
