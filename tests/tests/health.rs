@@ -258,7 +258,7 @@ fn an_http_check_answering_500_takes_the_backend_out() {
     let metrics = agent.metrics().unwrap();
     assert!(
         metrics.contains(&format!(
-            "xdplb_backend_health_up{{vip=\"web\",backend=\"{b1}\"}} 0"
+            "xdplb_backend_health_up{{vip=\"web\",service=\"{VIP}:80/tcp\",backend=\"{b1}\"}} 0"
         )),
         "{metrics}"
     );
