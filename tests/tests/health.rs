@@ -428,3 +428,169 @@ fn the_write_read_split_example_fails_over_to_the_backup_and_back() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
+    if !require_privileges("operators_change_a_running_agent_with_the_cli_over_the_tcp_api") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _web = serve_each(&topo, 80);
+    let _alt = serve_each(&topo, 8080);
+    let token = "s3cret-token-for-the-test-0123456789";
+    let token_file = topo.dir.path().join("api.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = topo.config(&web(3, "")).replace(
+        "[api]\n",
+        &format!(
+            "[api]\nlisten = \"{}:9180\"\ntoken_file = \"{}\"\n",
+            lb_tests::topology::LB_ADDR,
+            token_file.display()
+        ),
+    );
+    let agent = topo.start_agent(&config, &[]).unwrap();
+    // The CLI runs on the client host and reaches the agent over the network.
+    let cli = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = topo.client.ns.command(lb_tests::topology::xdplb_bin());
+        cmd.arg("--api")
+            .arg(format!("{}:9180", lb_tests::topology::LB_ADDR))
+            .args(args)
+            .env_remove("XDPLB_TOKEN")
+            .env_remove("XDPLB_TOKEN_FILE");
+        if let Some(t) = token {
+            cmd.env("XDPLB_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let web_dst = SocketAddrV4::new(VIP, 80);
+    let b2 = backend_addr(1).to_string();
+    let b3 = backend_addr(2).to_string();
+
+    // No token, a wrong one: refused, nothing changes.
+    let (ok, _, err) = cli(None, &["status"]);
+    assert!(!ok && err.contains("401") && err.contains("token"), "{err}");
+    let (ok, _, err) = cli(
+        Some("wrong-token-wrong-token"),
+        &["backend", "drain", "web", &b2],
+    );
+    assert!(!ok && err.contains("401"), "{err}");
+    assert_eq!(
+        backend(&agent.status().unwrap(), "web", backend_addr(1)).state,
+        "up"
+    );
+
+    // Drain: no new flow reaches b2; undrain: it does again.
+    let (ok, out, err) = cli(Some(token), &["backend", "drain", "web", &b2, "--json"]);
+    assert!(ok, "{err}");
+    assert!(
+        json(&out)["message"].as_str().unwrap().contains("draining"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(Some(token), &["status", "--json"]);
+    assert!(ok);
+    let s: Status = serde_json::from_str(&out).unwrap();
+    assert_eq!(backend(&s, "web", backend_addr(1)).state, "draining");
+    let (answers, failures) = connect_many(&topo, web_dst, 30000, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(tally(answers.iter().map(String::as_str)).get("b2"), None);
+    let (ok, _, err) = cli(Some(token), &["backend", "undrain", "web", &b2]);
+    assert!(ok, "{err}");
+    let (answers, _) = connect_many(&topo, web_dst, 30000, 100);
+    assert!(tally(answers.iter().map(String::as_str)).contains_key("b2"));
+
+    // Weight, remove, add back.
+    let (ok, _, err) = cli(Some(token), &["backend", "weight", "web", &b3, "3"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        backend(&agent.status().unwrap(), "web", backend_addr(2)).weight,
+        3
+    );
+    let (ok, _, err) = cli(Some(token), &["backend", "remove", "web", &b3]);
+    assert!(ok, "{err}");
+    let (answers, failures) = connect_many(&topo, web_dst, 31000, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(tally(answers.iter().map(String::as_str)).get("b3"), None);
+    let (ok, _, err) = cli(
+        Some(token),
+        &["backend", "add", "web", &b3, "--weight", "2"],
+    );
+    assert!(ok, "{err}");
+    wait_until(&agent, "b3 back", Duration::from_secs(5), |s| {
+        backend(s, "web", backend_addr(2)).in_table
+    });
+
+    // A new VIP from flags; a bad one refused with the config's words.
+    let (ok, _, err) = cli(
+        Some(token),
+        &[
+            "vip",
+            "add",
+            "alt",
+            &format!("{VIP}:0/tcp"),
+            "--backend",
+            &b2,
+        ],
+    );
+    assert!(!ok && err.contains("vip[0].port"), "{err}");
+    let (ok, out, err) = cli(
+        Some(token),
+        &[
+            "vip",
+            "add",
+            "alt",
+            &format!("{VIP}:8080/tcp"),
+            "--backend",
+            &b2,
+            "--backend",
+            &format!("{b3}*2"),
+            "--table-size",
+            "1009",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        json(&out)["message"].as_str().unwrap().contains("alt"),
+        "{out}"
+    );
+    let alt_dst = SocketAddrV4::new(VIP, 8080);
+    wait_until(&agent, "alt forwarding", Duration::from_secs(5), |s| {
+        s.vips
+            .iter()
+            .any(|v| v.name == "alt" && v.usable_backends == 2)
+    });
+    let (answers, failures) = connect_many(&topo, alt_dst, 32000, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    let counts = tally(answers.iter().map(String::as_str));
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b2", "b3"],
+        "{counts:?}"
+    );
+    let (ok, _, err) = cli(Some(token), &["vip", "remove", "alt"]);
+    assert!(ok, "{err}");
+    assert!(agent.status().unwrap().vips.iter().all(|v| v.name != "alt"));
+    // Removed, the VIP's port reaches the load balancer's own stack, where nothing listens.
+    assert!(
+        tcp_ask(
+            &topo.client.ns,
+            Some(SocketAddrV4::new(CLIENT_ADDR, 33000)),
+            alt_dst
+        )
+        .is_err()
+    );
+    assert!(agent.stop().success());
+}
