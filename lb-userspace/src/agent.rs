@@ -395,8 +395,20 @@ async fn serve(
                 }
             }
             Some(req) = req_rx.recv() => {
+                // Only these change which backends exist (status polls must not re-derive the
+                // check list every time).
+                let backends_change = matches!(
+                    req,
+                    Request::AddBackend { .. }
+                        | Request::RemoveBackend { .. }
+                        | Request::AddVip { .. }
+                        | Request::RemoveVip { .. }
+                        | Request::Reload { .. }
+                );
                 handle(rec, req, opts.config_path.as_deref()).await;
-                after_change(rec, watcher, &mut checks);
+                if backends_change {
+                    after_change(rec, watcher, &mut checks);
+                }
             }
         }
     }
