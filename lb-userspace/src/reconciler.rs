@@ -306,12 +306,17 @@ impl BackendSlot {
         }
     }
 
+    /// The weight set for it: the operator's, else the config's (drain aside).
+    fn assigned_weight(&self) -> u32 {
+        self.weight_override.unwrap_or(self.cfg.weight)
+    }
+
     /// The weight new flows see.
     fn weight(&self) -> u32 {
         if self.drained {
             0
         } else {
-            self.weight_override.unwrap_or(self.cfg.weight)
+            self.assigned_weight()
         }
     }
 
@@ -414,10 +419,11 @@ impl VipSlot {
     fn warn_no_backend(&self) {
         warn!(
             vip = %self.cfg.name,
-            "vip {} has no usable backend ({} configured): its packets are dropped and counted \
-             as drop_no_backend",
+            "vip {}: no backend can take traffic ({} configured, all_down = {}); its packets \
+             are dropped and counted as drop_no_backend",
             self.cfg.name,
-            self.backends.len()
+            self.backends.len(),
+            self.cfg.all_down.as_str()
         );
     }
 
@@ -445,13 +451,7 @@ fn log_serving(vip: &VipSlot, before: Serving) {
              forwarding to the {} backends of the last table",
             vip.backends.iter().filter(|b| b.in_table).count()
         ),
-        Serving::Nothing => warn!(
-            vip = %name,
-            "vip {name}: no backend can take traffic ({} configured, all_down = {}); its \
-             packets are dropped and counted as drop_no_backend",
-            vip.backends.len(),
-            vip.cfg.all_down.as_str()
-        ),
+        Serving::Nothing => vip.warn_no_backend(),
     }
 }
 
@@ -1042,7 +1042,7 @@ impl<M: Maps> Reconciler<M> {
         let j = self.backend_position(i, backend)?;
         self.check_table_fits(i, Some((j, weight)), 0)?;
         let b = &mut self.vips[i].backends[j];
-        let before = b.weight_override.unwrap_or(b.cfg.weight);
+        let before = b.assigned_weight();
         b.weight_override = Some(weight);
         let name = self.vips[i].cfg.name.clone();
         info!(vip = %name, backend = %backend, "weight of backend {backend} of vip {name} set to {weight} (was {before}) by the operator");
@@ -1073,7 +1073,7 @@ impl<M: Maps> Reconciler<M> {
             .enumerate()
             .filter(|&(j, b)| match changed {
                 Some((k, w)) if k == j => w > 0,
-                _ => b.weight_override.unwrap_or(b.cfg.weight) > 0,
+                _ => b.assigned_weight() > 0,
             })
             .count() as u32
             + added;
@@ -1349,7 +1349,7 @@ impl<M: Maps> Reconciler<M> {
             match v.backends.iter_mut().find(|b| b.cfg.address == nb.address) {
                 Some(b) => {
                     let a = nb.address;
-                    let w = b.weight_override.unwrap_or(b.cfg.weight);
+                    let w = b.assigned_weight();
                     if w != nb.weight {
                         changes.push(format!(
                             "vip {name}: backend {a} weight {w} -> {}",
@@ -1502,7 +1502,7 @@ impl<M: Maps> Reconciler<M> {
                 let h = &b.health;
                 backends.push(BackendStatus {
                     address: b.cfg.address.to_string(),
-                    weight: b.weight_override.unwrap_or(b.cfg.weight),
+                    weight: b.assigned_weight(),
                     config_weight: b.cfg.weight,
                     state: state.to_string(),
                     role: if b.cfg.backup { "backup" } else { "primary" }.to_string(),
@@ -1518,7 +1518,7 @@ impl<M: Maps> Reconciler<M> {
                         },
                         last_ok: h.last.as_ref().map(|o| o.ok),
                         last_detail: h.last.as_ref().map(|o| o.detail.clone()),
-                        last_latency_ms: h.last.as_ref().map(|o| o.latency.as_secs_f64() * 1e3),
+                        last_latency_ms: h.last.as_ref().map(Outcome::latency_ms),
                         last_check_unix: h.last_at.and_then(|t| {
                             t.duration_since(SystemTime::UNIX_EPOCH)
                                 .ok()
