@@ -14,7 +14,7 @@ use lb_userspace::{
     api::{self, Client},
     config::{self, ConfigError, XdpModeSetting},
     logging::{self, LogLevel},
-    maglev,
+    maglev, metrics,
     status::{self, WhichBackend},
 };
 
@@ -342,7 +342,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = client(&cli)?;
             let text = runtime()?.block_on(client.metrics())?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&metrics_json(&text))?);
+                println!("{}", serde_json::to_string_pretty(&metrics_json(&text)?)?);
             } else {
                 print!("{text}");
             }
@@ -488,50 +488,22 @@ fn vip_toml(
     Ok(t)
 }
 
-/// The Prometheus text as JSON samples, for `xdplb metrics --json`.
-fn metrics_json(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let mut map = serde_json::Map::new();
-            // Label values are quoted and may contain escaped quotes and commas; walk them.
-            let mut rest = labels;
-            while let Some((k, v)) = rest.split_once("=\"") {
-                let mut value = String::new();
-                let mut chars = v.char_indices();
-                let mut end = v.len();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => match chars.next() {
-                            Some((_, 'n')) => value.push('\n'),
-                            Some((_, o)) => value.push(o),
-                            None => {}
-                        },
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        c => value.push(c),
-                    }
-                }
-                map.insert(
-                    k.trim_start_matches(',').to_string(),
-                    serde_json::Value::String(value),
-                );
-                rest = &v[end..];
-            }
-            Some(serde_json::json!({
-                "name": name,
-                "labels": map,
-                "value": value.parse::<f64>().ok(),
-            }))
+/// The Prometheus text as JSON samples, for `xdplb metrics --json`, read with the strict reader
+/// the tests hold the exposition to.
+fn metrics_json(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (samples, _) =
+        metrics::parse(text).map_err(|e| anyhow::anyhow!("the agent's metrics: {e}"))?;
+    Ok(samples
+        .into_iter()
+        .map(|s| {
+            let labels: serde_json::Map<String, serde_json::Value> = s
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            serde_json::json!({ "name": s.name, "labels": labels, "value": s.value })
         })
-        .collect()
+        .collect())
 }
 
 fn load_config(path: &Path) -> anyhow::Result<config::Loaded> {

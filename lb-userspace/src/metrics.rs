@@ -11,7 +11,10 @@
 //! agent's rates are the ones of its own sampling period, and Prometheus computes better ones
 //! from the `_total` counters (`rate(xdplb_backend_packets_total[1m])`).
 
-use std::fmt::Write as _;
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+};
 
 use crate::status::{BackendStatus, ReasonStatus, Status, VipStatus};
 
@@ -343,10 +346,184 @@ pub fn render(s: &Status) -> String {
     out
 }
 
+/// One sample of the exposition, as a strict reader sees it.
+#[derive(Debug)]
+pub struct Sample {
+    pub name: String,
+    /// In the order written.
+    pub labels: Labels,
+    pub value: f64,
+}
+
+fn is_name(s: &str, colon: bool) -> bool {
+    let ok = |c: char, first: bool| {
+        c.is_ascii_alphabetic() || c == '_' || (colon && c == ':') || (!first && c.is_ascii_digit())
+    };
+    let mut cs = s.chars();
+    cs.next().is_some_and(|c| ok(c, true)) && cs.all(|c| ok(c, false))
+}
+
+/// Go's `strconv.ParseFloat` as Prometheus uses it, without hex: decimal or exponent
+/// notation, `NaN`, `+Inf`, `-Inf`.
+fn parse_value(v: &str) -> Result<f64, String> {
+    match v {
+        "NaN" => return Ok(f64::NAN),
+        "+Inf" | "Inf" => return Ok(f64::INFINITY),
+        "-Inf" => return Ok(f64::NEG_INFINITY),
+        _ => {}
+    }
+    if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) {
+        return Err(format!("bad value {v:?}"));
+    }
+    v.parse().map_err(|e| format!("bad value {v:?}: {e}"))
+}
+
+pub type Labels = Vec<(String, String)>;
+
+/// `{k="v",...}` from the start of `s`; returns the labels and the rest of `s`.
+fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
+    let mut labels: Labels = Vec::new();
+    let mut rest = s.strip_prefix('{').ok_or("expected {")?;
+    loop {
+        if let Some(r) = rest.strip_prefix('}') {
+            return Ok((labels, r));
+        }
+        let eq = rest.find('=').ok_or("label without =")?;
+        let name = &rest[..eq];
+        if !is_name(name, false) || name.starts_with("__") {
+            return Err(format!("bad label name {name:?}"));
+        }
+        if labels.iter().any(|(n, _)| n == name) {
+            return Err(format!("label {name} twice"));
+        }
+        rest = rest[eq + 1..]
+            .strip_prefix('"')
+            .ok_or("label value without \"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next().ok_or("unterminated label value")? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next().ok_or("dangling backslash")?.1 {
+                    '\\' => value.push('\\'),
+                    '"' => value.push('"'),
+                    'n' => value.push('\n'),
+                    c => return Err(format!("bad escape \\{c}")),
+                },
+                (_, '\n') => return Err("newline in label value".into()),
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((name.to_string(), value));
+        rest = &rest[end + 1..];
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else if !rest.starts_with('}') {
+            return Err(format!("expected , or }} at {rest:?}"));
+        }
+    }
+}
+
+/// Reads a whole exposition strictly: every line is a HELP, a TYPE or a sample; each family has
+/// one HELP and one TYPE before its samples, which are contiguous; counters end in `_total`; no
+/// series twice. Returns the samples and each family's type. The tests hold [`render`] to it, and
+/// `xdplb metrics --json` reads the agent's answer with it.
+pub fn parse(text: &str) -> Result<(Vec<Sample>, HashMap<String, String>), String> {
+    let body = text.strip_suffix('\n').ok_or("no final newline")?;
+    let mut types = HashMap::new();
+    let mut helps = HashSet::new();
+    let mut finished = HashSet::new();
+    let mut current: Option<String> = None;
+    let mut series = HashSet::new();
+    let mut samples = Vec::new();
+    for (n, line) in body.split('\n').enumerate() {
+        let err = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+        if let Some(rest) = line.strip_prefix("# ") {
+            let (kw, rest) = rest
+                .split_once(' ')
+                .ok_or_else(|| err("bare comment".into()))?;
+            let (name, arg) = rest.split_once(' ').ok_or_else(|| err("no text".into()))?;
+            if !is_name(name, true) {
+                return Err(err(format!("bad metric name {name:?}")));
+            }
+            if finished.contains(name)
+                || current.as_deref() == Some(name) && kw == "TYPE" && types.contains_key(name)
+            {
+                return Err(err(format!("{name} declared again")));
+            }
+            if current.as_deref() != Some(name)
+                && let Some(c) = current.replace(name.to_string())
+            {
+                finished.insert(c);
+            }
+            match kw {
+                "HELP" => {
+                    if !helps.insert(name.to_string()) || types.contains_key(name) {
+                        return Err(err("HELP twice or after TYPE".into()));
+                    }
+                    if arg.trim().is_empty() {
+                        return Err(err("empty HELP".into()));
+                    }
+                }
+                "TYPE" => {
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
+                        return Err(err(format!("bad type {arg:?}")));
+                    }
+                    if arg == "counter" && !name.ends_with("_total") {
+                        return Err(err("counter without _total".into()));
+                    }
+                    types.insert(name.to_string(), arg.to_string());
+                }
+                _ => return Err(err(format!("unknown comment {kw}"))),
+            }
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .ok_or_else(|| err("no value".into()))?;
+        let name = &line[..name_end];
+        if !is_name(name, true) {
+            return Err(err(format!("bad metric name {name:?}")));
+        }
+        if current.as_deref() != Some(name) || !types.contains_key(name) || !helps.contains(name) {
+            return Err(err(format!("{name} outside its declared family")));
+        }
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..]).map_err(err)?
+        } else {
+            (Vec::new(), &line[name_end..])
+        };
+        let rest = rest
+            .strip_prefix(' ')
+            .ok_or_else(|| err("no space before value".into()))?;
+        let mut fields = rest.split(' ');
+        let value = parse_value(fields.next().unwrap_or_default()).map_err(err)?;
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .map_err(|e| err(format!("bad timestamp: {e}")))?;
+        }
+        if fields.next().is_some() {
+            return Err(err("trailing fields".into()));
+        }
+        let mut key = labels.clone();
+        key.sort();
+        if !series.insert((name.to_string(), key)) {
+            return Err(err("series twice".into()));
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    if helps.len() != types.len() {
+        return Err("a family lacks HELP or TYPE".into());
+    }
+    Ok((samples, types))
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet};
-
     use super::*;
     use crate::status::HealthStatus;
 
@@ -466,186 +643,6 @@ mod tests {
                 bytes: 300,
             }],
         }
-    }
-
-    /// One sample of the exposition, as a strict reader sees it.
-    #[derive(Debug)]
-    struct Sample {
-        name: String,
-        labels: Labels,
-        value: f64,
-    }
-
-    fn is_name(s: &str, colon: bool) -> bool {
-        let ok = |c: char, first: bool| {
-            c.is_ascii_alphabetic()
-                || c == '_'
-                || (colon && c == ':')
-                || (!first && c.is_ascii_digit())
-        };
-        let mut cs = s.chars();
-        cs.next().is_some_and(|c| ok(c, true)) && cs.all(|c| ok(c, false))
-    }
-
-    /// Go's `strconv.ParseFloat` as Prometheus uses it, without hex: decimal or exponent
-    /// notation, `NaN`, `+Inf`, `-Inf`.
-    fn parse_value(v: &str) -> Result<f64, String> {
-        match v {
-            "NaN" => return Ok(f64::NAN),
-            "+Inf" | "Inf" => return Ok(f64::INFINITY),
-            "-Inf" => return Ok(f64::NEG_INFINITY),
-            _ => {}
-        }
-        if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) {
-            return Err(format!("bad value {v:?}"));
-        }
-        v.parse().map_err(|e| format!("bad value {v:?}: {e}"))
-    }
-
-    type Labels = Vec<(String, String)>;
-
-    /// `{k="v",...}` from the start of `s`; returns the labels and the rest of `s`.
-    fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
-        let mut labels: Labels = Vec::new();
-        let mut rest = s.strip_prefix('{').ok_or("expected {")?;
-        loop {
-            if let Some(r) = rest.strip_prefix('}') {
-                return Ok((labels, r));
-            }
-            let eq = rest.find('=').ok_or("label without =")?;
-            let name = &rest[..eq];
-            if !is_name(name, false) || name.starts_with("__") {
-                return Err(format!("bad label name {name:?}"));
-            }
-            if labels.iter().any(|(n, _)| n == name) {
-                return Err(format!("label {name} twice"));
-            }
-            rest = rest[eq + 1..]
-                .strip_prefix('"')
-                .ok_or("label value without \"")?;
-            let mut value = String::new();
-            let mut chars = rest.char_indices();
-            let end = loop {
-                match chars.next().ok_or("unterminated label value")? {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next().ok_or("dangling backslash")?.1 {
-                        '\\' => value.push('\\'),
-                        '"' => value.push('"'),
-                        'n' => value.push('\n'),
-                        c => return Err(format!("bad escape \\{c}")),
-                    },
-                    (_, '\n') => return Err("newline in label value".into()),
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.push((name.to_string(), value));
-            rest = &rest[end + 1..];
-            if let Some(r) = rest.strip_prefix(',') {
-                rest = r;
-            } else if !rest.starts_with('}') {
-                return Err(format!("expected , or }} at {rest:?}"));
-            }
-        }
-    }
-
-    /// Reads the whole exposition strictly: every line is a HELP, a TYPE or a sample; each
-    /// family has one HELP and one TYPE before its samples, which are contiguous; counters end
-    /// in `_total`; no series twice. Returns the samples and each family's type.
-    fn parse(text: &str) -> Result<(Vec<Sample>, HashMap<String, String>), String> {
-        let body = text.strip_suffix('\n').ok_or("no final newline")?;
-        let mut types = HashMap::new();
-        let mut helps = HashSet::new();
-        let mut finished = HashSet::new();
-        let mut current: Option<String> = None;
-        let mut series = HashSet::new();
-        let mut samples = Vec::new();
-        for (n, line) in body.split('\n').enumerate() {
-            let err = |e: String| format!("line {}: {e}: {line:?}", n + 1);
-            if let Some(rest) = line.strip_prefix("# ") {
-                let (kw, rest) = rest
-                    .split_once(' ')
-                    .ok_or_else(|| err("bare comment".into()))?;
-                let (name, arg) = rest.split_once(' ').ok_or_else(|| err("no text".into()))?;
-                if !is_name(name, true) {
-                    return Err(err(format!("bad metric name {name:?}")));
-                }
-                if finished.contains(name)
-                    || current.as_deref() == Some(name) && kw == "TYPE" && types.contains_key(name)
-                {
-                    return Err(err(format!("{name} declared again")));
-                }
-                if current.as_deref() != Some(name)
-                    && let Some(c) = current.replace(name.to_string())
-                {
-                    finished.insert(c);
-                }
-                match kw {
-                    "HELP" => {
-                        if !helps.insert(name.to_string()) || types.contains_key(name) {
-                            return Err(err("HELP twice or after TYPE".into()));
-                        }
-                        if arg.trim().is_empty() {
-                            return Err(err("empty HELP".into()));
-                        }
-                    }
-                    "TYPE" => {
-                        if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
-                            return Err(err(format!("bad type {arg:?}")));
-                        }
-                        if arg == "counter" && !name.ends_with("_total") {
-                            return Err(err("counter without _total".into()));
-                        }
-                        types.insert(name.to_string(), arg.to_string());
-                    }
-                    _ => return Err(err(format!("unknown comment {kw}"))),
-                }
-                continue;
-            }
-            let name_end = line
-                .find(['{', ' '])
-                .ok_or_else(|| err("no value".into()))?;
-            let name = &line[..name_end];
-            if !is_name(name, true) {
-                return Err(err(format!("bad metric name {name:?}")));
-            }
-            if current.as_deref() != Some(name)
-                || !types.contains_key(name)
-                || !helps.contains(name)
-            {
-                return Err(err(format!("{name} outside its declared family")));
-            }
-            let (labels, rest) = if line[name_end..].starts_with('{') {
-                parse_labels(&line[name_end..]).map_err(err)?
-            } else {
-                (Vec::new(), &line[name_end..])
-            };
-            let rest = rest
-                .strip_prefix(' ')
-                .ok_or_else(|| err("no space before value".into()))?;
-            let mut fields = rest.split(' ');
-            let value = parse_value(fields.next().unwrap_or_default()).map_err(err)?;
-            if let Some(ts) = fields.next() {
-                ts.parse::<i64>()
-                    .map_err(|e| err(format!("bad timestamp: {e}")))?;
-            }
-            if fields.next().is_some() {
-                return Err(err("trailing fields".into()));
-            }
-            let mut key = labels.clone();
-            key.sort();
-            if !series.insert((name.to_string(), key)) {
-                return Err(err("series twice".into()));
-            }
-            samples.push(Sample {
-                name: name.to_string(),
-                labels,
-                value,
-            });
-        }
-        if helps.len() != types.len() {
-            return Err("a family lacks HELP or TYPE".into());
-        }
-        Ok((samples, types))
     }
 
     /// The value of `name` with these labels (in any order), if there is such a sample.

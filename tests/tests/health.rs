@@ -492,6 +492,18 @@ fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
         "up"
     );
 
+    // The metrics as JSON samples, read by the same strict reader the unit tests use.
+    let (ok, out, err) = cli(Some(token), &["metrics", "--json"]);
+    assert!(ok, "{err}");
+    let samples = json(&out);
+    let weight_b2 = samples
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "xdplb_backend_weight" && s["labels"]["backend"] == b2.as_str())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(weight_b2["value"], 1.0);
+
     // Drain: no new flow reaches b2; undrain: it does again.
     let (ok, out, err) = cli(Some(token), &["backend", "drain", "web", &b2, "--json"]);
     assert!(ok, "{err}");
