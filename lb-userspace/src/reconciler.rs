@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{self, AllDown, Config, Protocol},
     dataplane::{AttachMode, Dataplane, DataplaneError},
-    health::{CheckKey, CheckSpec, Tracker},
+    health::{CheckKey, CheckSpec, Health, Tracker},
     logging::LogLevel,
     maglev::{self, MaglevBackend},
     net::{MacTable, fmt_mac},
@@ -915,6 +915,8 @@ impl<M: Maps> Reconciler<M> {
         let transition = h
             .tracker
             .record(outcome.ok, b.cfg.health.rise, b.cfg.health.fall);
+        h.last_at = Some(SystemTime::now());
+        let outcome = &*h.last.insert(outcome);
         let port = b.cfg.health.port.unwrap_or(vip.cfg.port);
         let what = format!("backend {}:{port} of vip {}", b.cfg.address, vip.cfg.name);
         let Some(t) = transition else {
@@ -926,34 +928,24 @@ impl<M: Maps> Reconciler<M> {
                     b.cfg.health.fall
                 );
             }
-            h.last = Some(outcome);
-            h.last_at = Some(SystemTime::now());
             return Ok(());
         };
         h.transitions += 1;
-        self.health_transitions += 1;
-        let first = t.from == crate::health::Health::Unknown;
-        let (word, tail) = match (t.to, first) {
-            (crate::health::Health::Down, false) => ("DOWN", format!(" {}/{}", t.streak, t.needed)),
-            (_, false) => ("UP", format!(" {}/{}", t.streak, t.needed)),
-            (crate::health::Health::Down, true) => ("DOWN", " (first check)".to_string()),
-            (_, true) => ("up", " (first check)".to_string()),
+        let tail = if t.from == Health::Unknown {
+            " (first check)".to_string()
+        } else {
+            format!(" {}/{}", t.streak, t.needed)
         };
-        let line = format!("{what} {word}: {}{tail}", outcome.detail);
-        match (t.to, first) {
-            (crate::health::Health::Down, _) => {
-                warn!(backend = %b.cfg.address, vip = %vip.cfg.name, "{line}")
+        let (backend, name) = (b.cfg.address, &vip.cfg.name);
+        match (t.to, t.from) {
+            (Health::Down, _) => {
+                warn!(%backend, vip = %name, "{what} DOWN: {}{tail}", outcome.detail)
             }
-            (_, false) => info!(backend = %b.cfg.address, vip = %vip.cfg.name, "{line}"),
-            (_, true) => debug!("{line}"),
+            (_, Health::Unknown) => debug!("{what} up: {}{tail}", outcome.detail),
+            _ => info!(%backend, vip = %name, "{what} UP: {}{tail}", outcome.detail),
         }
-        h.last = Some(outcome);
-        h.last_at = Some(SystemTime::now());
-        let r = self.sync_vip(i).await;
-        if r.is_err() {
-            self.needs_retry = true;
-        }
-        r
+        self.health_transitions += 1;
+        self.apply_vip(i).await
     }
 
     /// Finds a VIP by name or as `ADDRESS:PORT/PROTO`.
