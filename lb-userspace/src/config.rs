@@ -1329,6 +1329,11 @@ fn xdp_mode(text: &str) -> Result<XdpModeSetting, String> {
     ))
 }
 
+/// Checks a weight given at run time (API, CLI) with the config's rule and words.
+pub fn check_weight(weight: u32) -> Result<u32, String> {
+    self::weight(i64::from(weight))
+}
+
 fn weight(n: i64) -> Result<u32, String> {
     match u32::try_from(n) {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),

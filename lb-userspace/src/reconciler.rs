@@ -1024,12 +1024,7 @@ impl<M: Maps> Reconciler<M> {
         backend: Ipv4Addr,
         weight: u32,
     ) -> Result<String, ReconcileError> {
-        if weight > config::MAX_WEIGHT {
-            return Err(ReconcileError::Invalid(format!(
-                "weight {weight} is out of range; from 0 to {}",
-                config::MAX_WEIGHT
-            )));
-        }
+        config::check_weight(weight).map_err(ReconcileError::Invalid)?;
         let i = self.vip_position(vip)?;
         let j = self.backend_position(i, backend)?;
         self.check_table_fits(i, Some((j, weight)), 0)?;
@@ -1090,12 +1085,7 @@ impl<M: Maps> Reconciler<M> {
     ) -> Result<String, ReconcileError> {
         let i = self.vip_position(vip)?;
         config::check_backend_address(address).map_err(ReconcileError::Invalid)?;
-        if weight > config::MAX_WEIGHT {
-            return Err(ReconcileError::Invalid(format!(
-                "weight {weight} is out of range; from 0 to {}",
-                config::MAX_WEIGHT
-            )));
-        }
+        config::check_weight(weight).map_err(ReconcileError::Invalid)?;
         let v = &self.vips[i];
         if address == v.cfg.address {
             return Err(ReconcileError::Invalid(format!(
