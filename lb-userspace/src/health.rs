@@ -165,9 +165,9 @@ impl Scheduler {
     }
 
     /// Starts checks that are new or whose settings changed, and stops those no longer wanted.
-    /// Backends with `kind = "none"` get no task. Returns the keys whose check was (re)started,
-    /// whose state should start over.
-    pub fn sync(&mut self, wanted: Vec<CheckSpec>) -> Vec<CheckKey> {
+    /// Backends with `kind = "none"` get no task. A restarted check does not reset its
+    /// backend's state, which the reconciler keeps: a down backend stays down until it rises.
+    pub fn sync(&mut self, wanted: Vec<CheckSpec>) {
         let mut wanted: HashMap<CheckKey, CheckSpec> = wanted
             .into_iter()
             .filter(|s| s.check.probe != Probe::None)
@@ -182,7 +182,6 @@ impl Scheduler {
             }
             keep
         });
-        let mut started = Vec::new();
         for (key, spec) in wanted {
             let id = self.next_id;
             self.next_id += 1;
@@ -192,9 +191,7 @@ impl Scheduler {
                 .mul_f64(self.random.hash_one(id) as f64 / u64::MAX as f64);
             let task = tokio::spawn(check_loop(id, spec.clone(), jitter, self.tx.clone()));
             self.running.insert(key, Running { id, spec, task });
-            started.push(key);
         }
-        started
     }
 
     /// Whether `report` comes from the check currently running for its backend.
