@@ -1,13 +1,15 @@
 //! The reconciler: the only code that writes the data path's maps.
 //!
-//! It holds the desired state (the config, and the backend MACs the kernel reported), builds
-//! each VIP's Maglev table over the backends that can take traffic (weight > 0 and MAC known),
-//! and applies only what changed.
+//! It holds the desired state (the config, the backend MACs the kernel reported, the health
+//! checks' verdicts and the operator's drains, weights and additions), builds each VIP's Maglev
+//! table over the backends that can take traffic (see [`Serving`]: the ready primaries, else the
+//! ready backups, else what `all_down` says), and applies only what changed. Health reports,
+//! operator commands and reloads are inputs to it; none of them touches a map.
 //!
 //! Guarantees:
 //! - A table change is atomic for the data path: every VIP owns a ring region of two halves; the
-//!   new table is written into the half not in use, then the VIP's map entry is replaced (one
-//!   update of a non-preallocated hash map) to point at it. A half that stopped being live is
+//!   new table is written into the half not in use, then the VIP's entry in the data path's VIP
+//!   table is switched to it (one atomic store). A half that stopped being live is
 //!   not rewritten within [`HALF_REUSE_GRACE`], so a program run that read the old entry still
 //!   reads the old table.
 //! - A backend's map entry (with its MAC) is written before any table that references it is
