@@ -7,6 +7,7 @@
 //! traits so that the same code runs in the kernel and in host unit tests.
 #![no_std]
 
+pub mod flows;
 pub mod hash;
 pub mod maps;
 pub mod packet;

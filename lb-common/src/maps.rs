@@ -46,6 +46,17 @@ pub const REASON_STATS: &str = "REASON_STATS";
 /// `PerCpuArray<u64>`: per reason, the `bpf_ktime_get_ns` of the last diagnostic logged, so
 /// unusual events are logged at most once a second per CPU and reason.
 pub const LOG_RATE: &str = "LOG_RATE";
+/// `LruHashMap<FlowKey, FlowEntry>` (created `BPF_F_NO_COMMON_LRU`): the connection table,
+/// which backend each flow was sent to (see [`crate::flows`]). One table shared by all CPUs, so a
+/// flow whose packets arrive on different CPUs (veth, RSS or RPS changes) finds its entry
+/// anywhere; each CPU evicts from its own LRU list, so CPUs do not contend for one list lock
+/// and a flood on one CPU evicts only that CPU's share (`max_entries / CPUs`). Written by the
+/// data path only; the agent reads it (`xdplb flows`). Sized by the agent at load time.
+pub const FLOWS: &str = "FLOWS";
+/// `PerCpuArray<FlowRate>`, one entry: each CPU's insert budget for the current second.
+pub const FLOW_RATE: &str = "FLOW_RATE";
+/// `PerCpuArray<u64>`: indexed by [`crate::flows::FlowStat`].
+pub const FLOW_STATS: &str = "FLOW_STATS";
 
 /// Name of the load-balancing XDP program in the object.
 pub const PROG_XDPLB: &str = "xdplb";
@@ -115,6 +126,10 @@ pub const RING_CHUNK_ENTRIES: u32 = 16;
 /// log2 of [`RING_CHUNK_ENTRIES`].
 pub const RING_CHUNK_SHIFT: u32 = 4;
 const _: () = assert!(1 << RING_CHUNK_SHIFT == RING_CHUNK_ENTRIES);
+/// Placeholder size of [`FLOWS`] in the object; the agent always sets the real size at load time.
+pub const FLOWS_PLACEHOLDER: u32 = 1024;
+/// `BPF_F_NO_COMMON_LRU`, from `include/uapi/linux/bpf.h`.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `BPF_F_NO_PREALLOC`, from `include/uapi/linux/bpf.h`.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// `BPF_F_MMAPABLE`, from `include/uapi/linux/bpf.h`.
@@ -314,6 +329,54 @@ const _: () = assert!(core::mem::size_of::<BackendInfo>() == 24);
 
 /// The entry is filled and its MAC is known: packets may be sent to it.
 pub const BACKEND_F_READY: u16 = 1;
+/// The backend failed its health checks and is not in its VIP's live table: flows the
+/// connection table remembers on it are remapped through the table instead of blackholed.
+/// (A backend that failed but is still in the table, as `all_down = "keep-last"` keeps it, is
+/// not marked: remapping would only find it again.)
+pub const BACKEND_F_DOWN: u16 = 2;
+
+/// Key of [`FLOWS`]: a flow's 5-tuple as it is in the packet. Zero-initialise, padding included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Client address, network byte order.
+    pub src: [u8; 4],
+    /// VIP address, network byte order.
+    pub dst: [u8; 4],
+    /// Client port, network byte order.
+    pub sport: [u8; 2],
+    /// VIP port, network byte order.
+    pub dport: [u8; 2],
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Value of [`FLOWS`]. Written by the data path only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The backend id (index into [`BACKENDS`]) the flow goes to.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the entry was written; for UDP, refreshed by
+    /// every packet (the idle timeout counts from it). TCP entries are not refreshed: they live
+    /// until the LRU evicts them or a new SYN on the same 5-tuple replaces them.
+    pub atime: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);
+
+/// Value of [`FLOW_RATE`]: a CPU's inserts in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRate {
+    /// `bpf_ktime_get_ns` at the start of the window.
+    pub window_start: u64,
+    /// Inserts admitted in the window.
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowRate>() == 16);
 
 /// Value of [`SETTINGS`] (single entry). Written by the agent only.
 #[repr(C)]
@@ -326,18 +389,26 @@ pub struct Settings {
     /// Highest diagnostic level the program emits: 0 off, 1 error, 2 warn, 3 info, 4 debug,
     /// 5 trace (the numbering of `aya_log_common::Level`). Changed at run time by the agent.
     pub log_level: u32,
-    pub _pad2: u32,
+    /// Most connection-table inserts per CPU per second; 0 means no bound. Flows past the
+    /// bound are still forwarded (by the table), just not remembered.
+    pub flow_insert_rate: u32,
+    /// UDP connection-table entries idle longer than this (nanoseconds) are not honoured; the
+    /// flow is decided again by the table and counted as new. 0: they never expire.
+    pub flow_udp_timeout_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 24);
 
-/// Packet and byte counter (per CPU in the maps; the agent sums over CPUs).
+/// Packet, byte and new-flow counter (per CPU in the maps; the agent sums over CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
+    /// New flows: TCP SYNs, and UDP packets the connection table had no live entry for. Only
+    /// the VIP and backend counters count them.
+    pub flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<Counter>() == 24);
 
 impl Counter {
     #[inline(always)]
@@ -351,6 +422,7 @@ impl core::ops::AddAssign for Counter {
     fn add_assign(&mut self, rhs: Self) {
         self.packets += rhs.packets;
         self.bytes += rhs.bytes;
+        self.flows += rhs.flows;
     }
 }
 
@@ -391,4 +463,7 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::BenchFwd {}
     unsafe impl aya::Pod for super::VipSlot {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowRate {}
 }

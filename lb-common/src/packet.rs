@@ -8,7 +8,11 @@
 //! Guarantees:
 //! - every read is bounds-checked through [`Frame::ptr_at`]; there are no panics and no loops;
 //! - only a forwarded frame is modified, and only its two MAC addresses;
-//! - the outcome of every frame is one [`Reason`] (see its docs for the full list of cases).
+//! - the outcome of every frame is one [`Reason`] (see its docs for the full list of cases);
+//! - a packet for a VIP goes to the backend the connection table remembers for its flow while
+//!   that backend may keep it, else to the one its VIP's table picks (see [`crate::flows`] for
+//!   the rules); the table is consulted before the VIP's table, so established flows keep going
+//!   even when that table is empty (every backend drained).
 //!
 //! Defined outcomes for unusual frames:
 //! - shorter than 14 bytes: `DropMalformedEth`; ARP and other non-IP: `PassNotIp`; IPv6:
@@ -40,8 +44,12 @@ use network_types::{
 
 use crate::{
     Reason,
+    flows::FlowStat,
     hash::flow_slot_v4,
-    maps::{BACKEND_F_READY, BackendInfo, VipAddrKey, VipInfo, VipKey},
+    maps::{
+        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, FlowEntry, FlowKey, Settings, VipAddrKey,
+        VipInfo, VipKey,
+    },
 };
 
 /// A frame the decision can read and rewrite.
@@ -69,6 +77,18 @@ pub trait Tables {
     /// Entry `index` of the ring (a backend id, 0 = none); `None` if out of range.
     fn ring(&self, index: u32) -> Option<u32>;
     fn backend(&self, id: u32) -> Option<&BackendInfo>;
+    fn settings(&self) -> Option<&Settings>;
+    /// The connection table's entry for a flow. The pointer stays valid for the rest of the
+    /// packet (the kernel frees LRU elements only after an RCU grace period).
+    fn flow(&self, key: &FlowKey) -> Option<*mut FlowEntry>;
+    /// Writes a connection-table entry; `false` if the table refused it.
+    fn insert_flow(&self, key: &FlowKey, entry: &FlowEntry) -> bool;
+    /// Whether this CPU may insert one more entry (see [`crate::flows::admit`]).
+    fn admit_insert(&self, now: u64, limit: u32) -> bool;
+    /// Counts a connection-table event.
+    fn flow_event(&self, stat: FlowStat);
+    /// The monotonic clock, in nanoseconds (`bpf_ktime_get_ns`).
+    fn now_ns(&self) -> u64;
 }
 
 /// What [`process`] decided. `vip_index` and `backend_id` are meaningful when `reason` is
@@ -81,6 +101,9 @@ pub struct Verdict {
     pub backend_id: u32,
     pub dst: [u8; 4],
     pub dport: [u8; 2],
+    /// A forwarded packet that starts a flow (a TCP SYN, or a UDP packet without a live entry),
+    /// counted as a new flow of its VIP and backend.
+    pub new_flow: bool,
 }
 
 impl Verdict {
@@ -92,6 +115,7 @@ impl Verdict {
             backend_id: 0,
             dst: [0; 4],
             dport: [0; 2],
+            new_flow: false,
         }
     }
 }
@@ -104,6 +128,10 @@ const ETH_P_8021AD: u16 = 0x88a8;
 /// More-fragments flag and fragment offset bits of the IPv4 `frags` field.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const TCP: u8 = IpProto::Tcp as u8;
+/// Offset of the flags byte in the TCP header, and two of its bits.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const UDP: u8 = IpProto::Udp as u8;
 
 /// Decides the fate of one frame and, if it is forwarded, rewrites its MACs. See the module docs.
@@ -194,7 +222,67 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         backend_id: 0,
         dst,
         dport,
+        new_flow: false,
     };
+
+    // The connection table first: a flow keeps its backend even when the Maglev table no
+    // longer has it (drained) or is empty (every backend drained). See crate::flows.
+    let flow = FlowKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    };
+    let syn = if proto == TCP {
+        // Within the TCP header, which the length checks above put inside the frame.
+        let Some(flags) = frame.ptr_at::<u8>(l4 + TCP_FLAGS_OFFSET) else {
+            return Verdict::of(Reason::DropMalformedL4);
+        };
+        // SAFETY: in bounds.
+        (unsafe { *flags }) & (TCP_SYN | TCP_ACK) == TCP_SYN
+    } else {
+        false
+    };
+    // The clock, read only on the paths that need it.
+    let mut now = 0;
+    if syn {
+        tables.flow_event(FlowStat::Syn);
+        v.new_flow = true;
+    } else if let Some(entry) = tables.flow(&flow) {
+        // SAFETY: a valid map value for the rest of the packet (see Tables::flow).
+        let entry = unsafe { &mut *entry };
+        let id = entry.backend_id;
+        let mut live = true;
+        if proto == UDP {
+            now = tables.now_ns();
+            let timeout = tables.settings().map_or(0, |s| s.flow_udp_timeout_ns);
+            if timeout != 0 && now.wrapping_sub(entry.atime) > timeout {
+                tables.flow_event(FlowStat::Expired);
+                v.new_flow = true;
+                live = false;
+            }
+        }
+        if live {
+            if let Some(backend) = tables.backend(id)
+                && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
+                && backend.vip_index == vip.vip_index
+            {
+                if proto == UDP {
+                    entry.atime = now;
+                }
+                tables.flow_event(FlowStat::Hit);
+                v.backend_id = id;
+                return forward(frame, backend, v);
+            }
+            tables.flow_event(FlowStat::Remapped);
+        }
+    } else {
+        tables.flow_event(FlowStat::Miss);
+        v.new_flow = proto == UDP;
+    }
+
     if vip.ring_size == 0 {
         return v;
     }
@@ -215,9 +303,34 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         v.reason = Reason::DropBackendInvalid;
         return v;
     }
+    if now == 0 {
+        now = tables.now_ns();
+    }
+    let limit = tables.settings().map_or(0, |s| s.flow_insert_rate);
+    if !tables.admit_insert(now, limit) {
+        tables.flow_event(FlowStat::RateLimited);
+    } else if tables.insert_flow(
+        &flow,
+        &FlowEntry {
+            backend_id,
+            _pad: 0,
+            atime: now,
+        },
+    ) {
+        tables.flow_event(FlowStat::Insert);
+    } else {
+        tables.flow_event(FlowStat::InsertFailed);
+    }
+    forward(frame, backend, v)
+}
+
+/// Rewrites the frame's MACs towards `backend` and returns `v` as forwarded.
+#[inline(always)]
+fn forward<F: Frame>(frame: &mut F, backend: &BackendInfo, mut v: Verdict) -> Verdict {
     let Some(macs) = frame.ptr_at::<[[u8; 6]; 2]>(0) else {
         // Unreachable (the IPv4 header was read past these bytes); the verifier needs the check.
         v.reason = Reason::DropMalformedEth;
+        v.new_flow = false;
         return v;
     };
     // SAFETY: in bounds; alignment 1; nothing else refers to the frame's bytes.

@@ -14,14 +14,16 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::{debug, error, info, warn};
 use lb_common::{
     Action, Reason,
+    flows::{self, FlowStat},
     maps::{
-        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS,
+        BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, BackendInfo, Counter,
+        FLOWS_PLACEHOLDER, FlowEntry, FlowKey, FlowRate, MAX_BACKENDS, MAX_VIPS,
         RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings,
         VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot, vip_filter_test,
         vip_table_find,
@@ -51,6 +53,13 @@ static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_B
 static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 #[map]
 static LOG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(FLOWS_PLACEHOLDER, BPF_F_NO_COMMON_LRU);
+#[map]
+static FLOW_RATE: PerCpuArray<FlowRate> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FlowStat::COUNT, 0);
 
 /// Unusual events are logged at most this often per CPU and reason, so a flood of bad packets
 /// cannot flood the log ring buffer.
@@ -122,6 +131,44 @@ impl Tables for Maps {
     fn backend(&self, id: u32) -> Option<&BackendInfo> {
         BACKENDS.get(id)
     }
+
+    #[inline(always)]
+    fn settings(&self) -> Option<&Settings> {
+        SETTINGS.get(0)
+    }
+
+    #[inline(always)]
+    fn flow(&self, key: &FlowKey) -> Option<*mut FlowEntry> {
+        FLOWS.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn insert_flow(&self, key: &FlowKey, entry: &FlowEntry) -> bool {
+        FLOWS.insert(key, entry, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn admit_insert(&self, now: u64, limit: u32) -> bool {
+        match FLOW_RATE.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            Some(st) => flows::admit(unsafe { &mut *st }, now, limit),
+            None => true,
+        }
+    }
+
+    #[inline(always)]
+    fn flow_event(&self, stat: FlowStat) {
+        if let Some(c) = FLOW_STATS.get_ptr_mut(stat as u32) {
+            // SAFETY: per-CPU slot.
+            unsafe { *c += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 #[xdp]
@@ -157,20 +204,23 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn bump(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+fn bump(map: &PerCpuArray<Counter>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { (*c).add(bytes) };
+        unsafe {
+            (*c).add(bytes);
+            (*c).flows += new_flow as u64;
+        }
     }
 }
 
 #[inline(always)]
 fn count(v: &Verdict, bytes: u64) {
     if v.reason == Reason::Forwarded {
-        bump(&VIP_STATS, v.vip_index, bytes);
-        bump(&BACKEND_STATS, v.backend_id, bytes);
+        bump(&VIP_STATS, v.vip_index, bytes, v.new_flow);
+        bump(&BACKEND_STATS, v.backend_id, bytes, v.new_flow);
     } else {
-        bump(&REASON_STATS, v.reason as u32, bytes);
+        bump(&REASON_STATS, v.reason as u32, bytes, false);
     }
 }
 

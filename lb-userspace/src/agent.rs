@@ -224,7 +224,10 @@ pub async fn run(
 
     // 4. Program and maps.
     let ring_entries = config.ring_entries_needed().max(MIN_RING_ENTRIES);
-    let mut dp = Dataplane::load(LoadOptions { ring_entries })?;
+    let mut dp = Dataplane::load(LoadOptions {
+        ring_entries,
+        flow_entries: config.flows.entries,
+    })?;
     info!(
         program_id = ?dp.program_id(),
         ring_entries = dp.ring_capacity(),
@@ -364,8 +367,17 @@ async fn serve(
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Far enough to never fire when no removed backend is in its grace.
+        let grace_end = rec
+            .next_removal_deadline()
+            .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             why = stop.wait() => { info!("{why}, stopping"); break }
+            _ = tokio::time::sleep_until(grace_end.into()) => {
+                if let Err(e) = rec.expire_removed() {
+                    warn!("ending a removed backend's grace failed (retrying): {e}");
+                }
+            }
             _ = sighup.recv() => {
                 info!("SIGHUP received: reloading the configuration");
                 // The outcome is logged by reload() itself.

@@ -65,7 +65,62 @@ const MAX_SOCKET_PATH_LEN: usize = 107;
 pub struct Config {
     pub dataplane: Dataplane,
     pub api: Api,
+    pub flows: Flows,
     pub vips: Vec<Vip>,
+}
+
+/// `[flows]`: the data path's connection table (see `lb_common::flows`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Flows {
+    /// Entries, all CPUs together (each CPU's LRU list holds `entries / CPUs`). Fixed when the
+    /// agent starts.
+    pub entries: u32,
+    /// A UDP flow idle this long is decided again by its VIP's table (and counted as new).
+    /// Zero: UDP entries never expire (only the LRU evicts them).
+    #[serde(with = "humantime_serde_secs")]
+    pub udp_idle_timeout: std::time::Duration,
+    /// Most new entries per CPU per second (0: no bound). Flows past it are forwarded by the
+    /// table, only not remembered, so a flood of new flows cannot evict every established one.
+    pub insert_rate_limit: u32,
+    /// How long established flows keep going to a backend removed from its VIP, before they are
+    /// remapped.
+    #[serde(with = "humantime_serde_secs")]
+    pub remove_grace: std::time::Duration,
+}
+
+/// Default [`Flows::entries`]: about 100 MiB of kernel memory (see the README).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Smallest and largest [`Flows::entries`].
+pub const MIN_FLOW_ENTRIES: u32 = 1024;
+pub const MAX_FLOW_ENTRIES: u32 = 1 << 27;
+/// Default [`Flows::udp_idle_timeout`].
+pub const DEFAULT_UDP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default [`Flows::insert_rate_limit`]: per CPU per second.
+pub const DEFAULT_INSERT_RATE_LIMIT: u32 = 100_000;
+/// Default [`Flows::remove_grace`].
+pub const DEFAULT_REMOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Longest [`Flows::udp_idle_timeout`] and [`Flows::remove_grace`].
+pub const MAX_FLOW_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl Default for Flows {
+    fn default() -> Self {
+        Flows {
+            entries: DEFAULT_FLOW_ENTRIES,
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+            insert_rate_limit: DEFAULT_INSERT_RATE_LIMIT,
+            remove_grace: DEFAULT_REMOVE_GRACE,
+        }
+    }
+}
+
+/// Durations in JSON as seconds (a float), as the rest of the API reports times.
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
 }
 
 /// `[dataplane]`: where and how the XDP program runs.
@@ -395,8 +450,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
 struct RawConfig {
     dataplane: Option<Spanned<RawDataplane>>,
     api: Option<Spanned<RawApi>>,
+    flows: Option<Spanned<RawFlows>>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    entries: Option<Spanned<i64>>,
+    udp_idle_timeout: Option<Spanned<String>>,
+    insert_rate_limit: Option<Spanned<i64>>,
+    remove_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -551,6 +616,10 @@ fn expected_value(key: &str, element: bool) -> Option<&'static str> {
     Some(match (key, element) {
         ("dataplane", _) => "a `[dataplane]` section",
         ("api", _) => "an `[api]` section",
+        ("flows", _) => "a `[flows]` section",
+        ("entries", _) => "a whole number without quotes, like 1048576",
+        ("insert_rate_limit", _) => "a whole number without quotes, like 100000 (0: no bound)",
+        ("udp_idle_timeout" | "remove_grace", _) => "a duration in quotes, like \"30s\" or \"2m\"",
         ("vip", false) => "`[[vip]]` sections (double brackets: there can be several)",
         ("vip", true) => "a `[[vip]]` table",
         ("backend", false) => "`[[vip.backend]]` sections (double brackets: there can be several)",
@@ -715,11 +784,50 @@ impl Checker<'_> {
             }
         };
         let api = self.api(raw.api);
+        let flows = self.flows(raw.flows);
         let vips = self.vips(raw.vip);
         Some(Config {
             dataplane: dataplane?,
             api: api?,
+            flows: flows?,
             vips: vips?,
+        })
+    }
+
+    fn flows(&mut self, raw: Option<Spanned<RawFlows>>) -> Option<Flows> {
+        let Some(raw) = raw else {
+            return Some(Flows::default());
+        };
+        let raw = raw.into_inner();
+        let d = Flows::default();
+        let entries = match raw.entries {
+            Some(v) => self.value(v, "flows.entries", |n| flow_entries(*n)),
+            None => Some(d.entries),
+        };
+        let udp_idle_timeout = match raw.udp_idle_timeout {
+            Some(v) => self.value(v, "flows.udp_idle_timeout", |s| flow_duration(s)),
+            None => Some(d.udp_idle_timeout),
+        };
+        let insert_rate_limit = match raw.insert_rate_limit {
+            Some(v) => self.value(v, "flows.insert_rate_limit", |n| {
+                u32::try_from(*n).map_err(|_| {
+                    format!(
+                        "insert_rate_limit {n} is out of range; from 0 (no bound) to {}",
+                        u32::MAX
+                    )
+                })
+            }),
+            None => Some(d.insert_rate_limit),
+        };
+        let remove_grace = match raw.remove_grace {
+            Some(v) => self.value(v, "flows.remove_grace", |s| flow_duration(s)),
+            None => Some(d.remove_grace),
+        };
+        Some(Flows {
+            entries: entries?,
+            udp_idle_timeout: udp_idle_timeout?,
+            insert_rate_limit: insert_rate_limit?,
+            remove_grace: remove_grace?,
         })
     }
 
@@ -1384,6 +1492,24 @@ fn next_prime(n: u32) -> Option<u32> {
     (n..=MAX_TABLE_SIZE).find(|&k| is_prime(k))
 }
 
+fn flow_entries(n: i64) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(v) if (MIN_FLOW_ENTRIES..=MAX_FLOW_ENTRIES).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "entries {n} is out of range; from {MIN_FLOW_ENTRIES} to {MAX_FLOW_ENTRIES} (about \
+             100 bytes of kernel memory each)"
+        )),
+    }
+}
+
+fn flow_duration(text: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_FLOW_DURATION {
+        return Err(format!("{text} is too long; at most 1440m (24 hours)"));
+    }
+    Ok(d)
+}
+
 fn ring_entries(vips: &[Vip]) -> u64 {
     vips.iter().map(|v| 2 * u64::from(v.table_size)).sum()
 }
@@ -1625,6 +1751,7 @@ address = "10.0.0.21"
                     xdp_mode: XdpModeSetting::Auto,
                 },
                 api: Api::default(),
+                flows: Flows::default(),
                 vips: vec![
                     Vip {
                         name: "web".into(),
@@ -1720,7 +1847,7 @@ address = "10.0.0.21"
         assert_one(
             &text,
             "health",
-            &["unknown key `health`", "`dataplane`, `api`, `vip`"],
+            &["unknown key `health`", "`dataplane`, `api`, `flows`, `vip`"],
         );
         assert!(!errors(&text)[0].contains("did you mean"));
     }

@@ -33,10 +33,11 @@ use aya::{
 };
 use lb_common::{
     Reason,
+    flows::FlowStat,
     maps::{
-        self, BackendInfo, Counter, RING_CHUNK_ENTRIES, RingChunk, Settings, VIP_TABLE_PROBES,
-        VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot, vip_filter_set, vip_home,
-        vip_key_word, vip_table_ctl, vip_table_find, vip_table_word,
+        self, BackendInfo, Counter, FlowEntry, FlowKey, RING_CHUNK_ENTRIES, RingChunk, Settings,
+        VIP_TABLE_PROBES, VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot,
+        vip_filter_set, vip_home, vip_key_word, vip_table_ctl, vip_table_find, vip_table_word,
     },
 };
 use thiserror::Error;
@@ -131,6 +132,8 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 pub struct LoadOptions {
     /// Total ring entries (all tables, including the spare copies used for atomic swaps).
     pub ring_entries: u32,
+    /// Entries of the connection table (all CPUs together; each CPU's LRU list holds its share).
+    pub flow_entries: u32,
 }
 
 /// How the program is attached.
@@ -469,6 +472,9 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     reason_stats: PerCpuArray<MapData, Counter>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flow_stats: PerCpuArray<MapData, u64>,
+    flow_entries: u32,
     link: Option<(String, XdpLinkId)>,
 }
 
@@ -480,6 +486,7 @@ impl Dataplane {
         let chunks = opts.ring_entries.div_ceil(RING_CHUNK_ENTRIES).max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::RING, chunks)
+            .map_max_entries(maps::FLOWS, opts.flow_entries)
             .load(EBPF_OBJECT)?;
         for name in [maps::PROG_XDPLB, maps::PROG_PASS] {
             let program_err = |source| DataplaneError::Program {
@@ -518,8 +525,14 @@ impl Dataplane {
             .map_err(map_err(maps::BACKEND_STATS))?;
         let reason_stats = PerCpuArray::try_from(take(maps::REASON_STATS)?)
             .map_err(map_err(maps::REASON_STATS))?;
+        let flows = HashMap::try_from(take(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
+        let flow_stats =
+            PerCpuArray::try_from(take(maps::FLOW_STATS)?).map_err(map_err(maps::FLOW_STATS))?;
         let ring = Ring::new(ring_map, chunks)?;
         Ok(Dataplane {
+            flows,
+            flow_stats,
+            flow_entries: opts.flow_entries,
             ebpf,
             vips,
             vip_addrs,
@@ -809,6 +822,75 @@ impl Dataplane {
             *slot = sum(&self.reason_stats, i as u32).map_err(map_err(maps::REASON_STATS))?;
         }
         Ok(out)
+    }
+
+    /// Connection-table events, indexed by `FlowStat as usize`, summed over CPUs.
+    pub fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError> {
+        let mut out = [0; FlowStat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self
+                .flow_stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(maps::FLOW_STATS))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Capacity of the connection table.
+    pub fn flow_capacity(&self) -> u32 {
+        self.flow_entries
+    }
+
+    /// Up to `limit` entries of the connection table that `keep` accepts, and how many entries
+    /// were read. The kernel's iteration order is its hash order: the first entries are a fair
+    /// sample. Entries evicted while reading are skipped.
+    pub fn flows(
+        &self,
+        limit: usize,
+        mut keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
+        let mut out = Vec::new();
+        let mut read = 0;
+        for kv in self.flows.iter() {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(maps::FLOWS)(e)),
+            };
+            read += 1;
+            if keep(&k, &v) {
+                out.push((k, v));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok((out, read))
+    }
+
+    /// Writes a connection-table entry (tests: a flow as an earlier packet would have left it).
+    pub fn insert_flow(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), DataplaneError> {
+        self.flows
+            .insert(key, entry, 0)
+            .map_err(map_err(maps::FLOWS))
+    }
+
+    /// Empties the connection table (tests).
+    pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            match self.flows.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::FLOWS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection-table entry.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.get(key, 0).ok()
     }
 
     /// Kernel id of the load-balancing program.

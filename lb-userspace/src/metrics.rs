@@ -559,6 +559,8 @@ mod tests {
             bytes: 0,
             pps: 0.0,
             bps: 0.0,
+            new_flows: 0,
+            fps: 0.0,
         }
     }
 
@@ -588,6 +590,8 @@ mod tests {
                     bytes: 64000,
                     pps: 10.0,
                     bps: 640.0,
+                    new_flows: 0,
+                    fps: 0.0,
                     backends: vec![
                         BackendStatus {
                             weight: 3,
@@ -598,6 +602,8 @@ mod tests {
                             bytes: 64000,
                             pps: 10.0,
                             bps: 640.0,
+                            new_flows: 0,
+                            fps: 0.0,
                             ..backend("10.0.0.11", "up", health("tcp", "up", Some(0.25)))
                         },
                         BackendStatus {
@@ -630,6 +636,8 @@ mod tests {
                     bytes: 0,
                     pps: 0.0,
                     bps: 0.0,
+                    new_flows: 0,
+                    fps: 0.0,
                     backends: vec![BackendStatus {
                         in_table: true,
                         ..backend("10.0.0.31", "down", health("udp", "down", Some(300.0)))
@@ -642,6 +650,7 @@ mod tests {
                 packets: 5,
                 bytes: 300,
             }],
+            flows: Default::default(),
         }
     }
 

@@ -29,10 +29,11 @@ use std::{
 
 use lb_common::{
     Reason,
+    flows::FlowStat,
     hash::{flow_hash_between, flow_slot_between},
     maps::{
-        BACKEND_F_READY, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, Settings, VipAddrKey,
-        VipInfo, VipKey,
+        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, Settings,
+        VipAddrKey, VipInfo, VipKey,
     },
 };
 use thiserror::Error;
@@ -46,7 +47,10 @@ use crate::{
     maglev::{self, MaglevBackend},
     net::{MacTable, fmt_mac},
     probe::{Outcome, Probe, Target},
-    status::{BackendStatus, HealthStatus, ReasonStatus, Status, VipStatus, WhichBackend},
+    status::{
+        BackendStatus, FlowEventStatus, FlowTableStatus, HealthStatus, ReasonStatus,
+        RemovingStatus, Status, VipStatus, WhichBackend,
+    },
 };
 
 #[derive(Debug, Error)]
@@ -103,6 +107,8 @@ pub trait Maps {
     fn vip_counter(&self, index: u32) -> Result<Counter, DataplaneError>;
     fn backend_counter(&self, id: u32) -> Result<Counter, DataplaneError>;
     fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError>;
+    fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError>;
+    fn flow_capacity(&self) -> u32;
     fn program_id(&self) -> Option<u32>;
 }
 
@@ -148,6 +154,12 @@ impl Maps for Dataplane {
     }
     fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError> {
         Dataplane::reason_counters(self)
+    }
+    fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError> {
+        Dataplane::flow_counters(self)
+    }
+    fn flow_capacity(&self) -> u32 {
+        Dataplane::flow_capacity(self)
     }
     fn program_id(&self) -> Option<u32> {
         Dataplane::program_id(self)
@@ -244,6 +256,8 @@ struct Rate {
     prev: Option<(Counter, Instant)>,
     pps: f64,
     bps: f64,
+    /// New flows per second.
+    fps: f64,
 }
 
 impl Rate {
@@ -254,6 +268,7 @@ impl Rate {
                 // A counter that went backwards was reset (its id reused): no rate this time.
                 self.pps = now.packets.saturating_sub(before.packets) as f64 / dt;
                 self.bps = now.bytes.saturating_sub(before.bytes) as f64 / dt;
+                self.fps = now.flows.saturating_sub(before.flows) as f64 / dt;
             }
         }
         self.prev = Some((now, at));
@@ -277,6 +292,8 @@ struct BackendSlot {
     id: u32,
     /// The MAC in this backend's map entry, or `None` while unresolved.
     mac: Option<[u8; 6]>,
+    /// The `BACKEND_F_*` flags in its map entry (0 until the entry is written).
+    flags: u16,
     /// Whether the live table was built with this backend (it may still own no slot, if its
     /// share of the table rounds to zero).
     in_table: bool,
@@ -298,6 +315,7 @@ impl BackendSlot {
             cfg,
             id,
             mac: None,
+            flags: 0,
             in_table: false,
             table_weight: 0,
             slots: 0,
@@ -380,9 +398,9 @@ struct VipSlot {
     /// The table must be rebuilt even if eligibility and weights look unchanged (a backend was
     /// removed, the table size changed).
     dirty: bool,
-    /// Ids of removed backends the live table may still reference; retired once a table
-    /// without them is published.
-    removed_ids: Vec<u32>,
+    /// Removed backends (id, address) the live table may still reference; their grace starts
+    /// once a table without them is published.
+    removed_ids: Vec<(u32, Ipv4Addr)>,
     /// The region the live table is in, when a new table size moved the VIP to another one;
     /// retired once a table is published in the new region.
     old_region: Option<(u32, u32)>,
@@ -467,6 +485,16 @@ enum Retired {
     BackendId(u32),
 }
 
+/// A backend removed from a VIP, in its grace: its map entry stays ready so the connection
+/// table keeps its established flows on it until `until` (`flows.remove_grace`).
+#[derive(Debug)]
+struct Removing {
+    id: u32,
+    address: Ipv4Addr,
+    vip: String,
+    until: Instant,
+}
+
 /// Owns the data path's maps and is their only writer.
 pub struct Reconciler<M: Maps = Dataplane> {
     dp: M,
@@ -486,6 +514,8 @@ pub struct Reconciler<M: Maps = Dataplane> {
     macs: MacTable,
     /// Released resources, with the time of release; reusable after [`HALF_REUSE_GRACE`].
     retired: Vec<(Instant, Retired)>,
+    /// Removed backends whose established flows still go to them.
+    removing: Vec<Removing>,
     needs_retry: bool,
     rebuilds: u64,
     health_transitions: u64,
@@ -519,6 +549,7 @@ impl<M: Maps> Reconciler<M> {
             vip_addrs: BTreeMap::new(),
             macs: MacTable::new(),
             retired: Vec::new(),
+            removing: Vec::new(),
             needs_retry: false,
             rebuilds: 0,
             health_transitions: 0,
@@ -532,9 +563,13 @@ impl<M: Maps> Reconciler<M> {
     }
 
     fn settings(&self) -> Settings {
+        let flows = &self.config.flows;
         Settings {
             iface_mac: self.iface_mac,
             log_level: self.log_level.ebpf_level(),
+            flow_insert_rate: flows.insert_rate_limit,
+            flow_udp_timeout_ns: u64::try_from(flows.udp_idle_timeout.as_nanos())
+                .unwrap_or(u64::MAX),
             ..Default::default()
         }
     }
@@ -657,7 +692,11 @@ impl<M: Maps> Reconciler<M> {
             base: v.base,
             len: 2 * v.cfg.table_size,
         });
-        for id in v.backends.iter().map(|b| b.id).chain(v.removed_ids) {
+        // The VIP's packets go to the kernel from now on: no flow grace to wait for.
+        for id in v.backends.iter().map(|b| b.id) {
+            self.retire(Retired::BackendId(id));
+        }
+        for (id, _) in v.removed_ids {
             self.retire(Retired::BackendId(id));
         }
         if let Some((base, len)) = v.old_region {
@@ -732,42 +771,83 @@ impl<M: Maps> Reconciler<M> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Writes backend `j` of VIP `i`'s map entry with `flags` (its MAC known).
+    fn write_backend(&mut self, i: usize, j: usize, flags: u16) -> Result<(), ReconcileError> {
+        let (v, iface_mac) = (&self.vips[i], self.iface_mac);
+        let b = &v.backends[j];
+        let Some(mac) = b.mac else {
+            return Ok(());
+        };
+        let info = BackendInfo {
+            mac,
+            src_mac: iface_mac,
+            _pad: [0; 2],
+            flags,
+            addr: b.cfg.address.octets(),
+            vip_index: v.index,
+        };
+        self.dp.set_backend(b.id, &info)?;
+        self.vips[i].backends[j].flags = flags;
+        Ok(())
+    }
+
+    /// Marks backends of VIP `i` down (`BACKEND_F_DOWN`: the connection table remaps their
+    /// flows) or not, as `eligible` and their health say; only the marks `setting` asks for:
+    /// clearing ones go before a table is published, setting ones after, so a flow is never
+    /// remapped onto a table that still holds its backend.
+    fn mark_down(
+        &mut self,
+        i: usize,
+        eligible: &[bool],
+        setting: bool,
+    ) -> Result<(), ReconcileError> {
+        for (j, &e) in eligible.iter().enumerate() {
+            let b = &self.vips[i].backends[j];
+            if b.mac.is_none() {
+                continue;
+            }
+            let down = !b.healthy() && !e;
+            let want = BACKEND_F_READY | if down { BACKEND_F_DOWN } else { 0 };
+            if want != b.flags && down == setting {
+                self.write_backend(i, j, want)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn sync_vip(&mut self, i: usize) -> Result<(), ReconcileError> {
         // 1. Entries of backends that (re)gained or changed their MAC are written first.
-        let vip_index = self.vips[i].index;
-        for b in &mut self.vips[i].backends {
+        for j in 0..self.vips[i].backends.len() {
+            let b = &mut self.vips[i].backends[j];
             let mac = self.macs.get(&b.cfg.address).copied().flatten();
             if mac == b.mac {
                 continue;
             }
-            if let Some(m) = mac {
-                self.dp.set_backend(
-                    b.id,
-                    &BackendInfo {
-                        mac: m,
-                        src_mac: self.iface_mac,
-                        _pad: [0; 2],
-                        flags: BACKEND_F_READY,
-                        addr: b.cfg.address.octets(),
-                        vip_index,
-                    },
-                )?;
-            }
             // A lost MAC leaves the entry as it is: the table published below stops using it,
             // and packets still in flight with the previous table keep a valid destination.
-            b.mac = mac;
+            let before = std::mem::replace(&mut b.mac, mac);
+            if mac.is_some() {
+                let flags = BACKEND_F_READY | (b.flags & BACKEND_F_DOWN);
+                if let Err(e) = self.write_backend(i, j, flags) {
+                    self.vips[i].backends[j].mac = before;
+                    return Err(e);
+                }
+            }
         }
         let vip = &self.vips[i];
         let (eligible, serving) = vip.eligible();
+        self.mark_down(i, &eligible, false)?;
+        let vip = &self.vips[i];
         let unchanged = vip
             .backends
             .iter()
             .zip(&eligible)
             .all(|(b, &e)| e == b.in_table && (!e || b.weight() == b.table_weight));
         if !vip.dirty && vip.live.is_some() && unchanged {
+            self.mark_down(i, &eligible, true)?;
             // The same backends for another reason (keep-last holding what backups served):
             // nothing to publish, but say why.
-            if vip.serving != serving {
+            if self.vips[i].serving != serving {
                 let before = std::mem::replace(&mut self.vips[i].serving, serving);
                 if self.attach_mode.is_some() {
                     log_serving(&self.vips[i], before);
@@ -837,7 +917,7 @@ impl<M: Maps> Reconciler<M> {
             vip.retired_at = Some(Instant::now());
         }
         vip.live = Some(half);
-        for ((b, n), e) in vip.backends.iter_mut().zip(slots).zip(eligible) {
+        for ((b, n), &e) in vip.backends.iter_mut().zip(slots).zip(&eligible) {
             b.in_table = e;
             b.table_weight = if e { b.weight() } else { 0 };
             b.slots = n;
@@ -865,13 +945,49 @@ impl<M: Maps> Reconciler<M> {
                 "table published"
             );
         }
-        for id in removed {
-            self.retire(Retired::BackendId(id));
+        let until = Instant::now() + self.config.flows.remove_grace;
+        for (id, address) in removed {
+            self.removing.push(Removing {
+                id,
+                address,
+                vip: vip.cfg.name.clone(),
+                until,
+            });
         }
         if let Some((base, len)) = old_region {
             self.retire(Retired::Region { base, len });
         }
-        Ok(())
+        self.mark_down(i, &eligible, true)
+    }
+
+    /// When the next removed backend's grace ends, if any is running.
+    pub fn next_removal_deadline(&self) -> Option<Instant> {
+        self.removing.iter().map(|r| r.until).min()
+    }
+
+    /// Ends the grace of removed backends whose time is up: their map entries are cleared (the
+    /// connection table remaps their flows from now on) and their ids retired.
+    pub fn expire_removed(&mut self) -> Result<(), ReconcileError> {
+        let now = Instant::now();
+        let mut first_err = None;
+        for r in std::mem::take(&mut self.removing) {
+            if r.until > now {
+                self.removing.push(r);
+                continue;
+            }
+            if let Err(e) = self.dp.set_backend(r.id, &BackendInfo::default()) {
+                warn!(
+                    "clearing removed backend {} of vip {} failed, will retry: {e}",
+                    r.address, r.vip
+                );
+                first_err.get_or_insert(e);
+                self.removing.push(r);
+                continue;
+            }
+            info!(vip = %r.vip, backend = %r.address, "backend {} of vip {}: removal grace over; flows still on it are remapped", r.address, r.vip);
+            self.retire(Retired::BackendId(r.id));
+        }
+        first_err.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// The backends to health-check, with their settings.
@@ -1143,12 +1259,16 @@ impl<M: Maps> Reconciler<M> {
         let j = self.backend_position(i, backend)?;
         let v = &mut self.vips[i];
         let b = v.backends.remove(j);
-        v.removed_ids.push(b.id);
+        v.removed_ids.push((b.id, b.cfg.address));
         v.dirty = true;
         let name = v.cfg.name.clone();
-        info!(vip = %name, backend = %backend, "backend {backend} removed from vip {name} by the operator");
+        let grace = self.config.flows.remove_grace;
+        info!(vip = %name, backend = %backend, "backend {backend} removed from vip {name} by the operator; its established flows keep going to it for {grace:?}");
         self.apply_vip(i).await?;
-        Ok(format!("backend {backend} removed from vip {name}"))
+        Ok(format!(
+            "backend {backend} removed from vip {name}; its established flows keep going to it \
+             for {grace:?} (flows.remove_grace)"
+        ))
     }
 
     /// Adds a VIP (validated by the config parser) to the running agent.
@@ -1197,6 +1317,12 @@ impl<M: Maps> Reconciler<M> {
         if new.api != self.config.api {
             restart.push("[api] changed".to_string());
         }
+        if new.flows.entries != self.config.flows.entries {
+            restart.push(format!(
+                "flows.entries {} -> {} (the connection table is sized when the agent starts)",
+                self.config.flows.entries, new.flows.entries
+            ));
+        }
         if !restart.is_empty() {
             return Err(ReconcileError::NeedsRestart(restart.join(", ")));
         }
@@ -1204,6 +1330,38 @@ impl<M: Maps> Reconciler<M> {
         self.dry_run(&new)?;
 
         let mut changes = Vec::new();
+        let (old_flows, new_flows) = (&self.config.flows, &new.flows);
+        if old_flows != new_flows {
+            let settings = Settings {
+                flow_insert_rate: new_flows.insert_rate_limit,
+                flow_udp_timeout_ns: u64::try_from(new_flows.udp_idle_timeout.as_nanos())
+                    .unwrap_or(u64::MAX),
+                ..self.settings()
+            };
+            self.dp.set_settings(&settings)?;
+            let mut say = |what: &str, a: String, b: String| {
+                if a != b {
+                    changes.push(format!("flows.{what} {a} -> {b}"));
+                }
+            };
+            say(
+                "udp_idle_timeout",
+                format!("{:?}", old_flows.udp_idle_timeout),
+                format!("{:?}", new_flows.udp_idle_timeout),
+            );
+            say(
+                "insert_rate_limit",
+                old_flows.insert_rate_limit.to_string(),
+                new_flows.insert_rate_limit.to_string(),
+            );
+            say(
+                "remove_grace",
+                format!("{:?}", old_flows.remove_grace),
+                format!("{:?}", new_flows.remove_grace),
+            );
+            // Backends already in their grace keep the deadline they were given.
+            self.config.flows = new_flows.clone();
+        }
         // 1. VIPs that are gone.
         let mut i = 0;
         while i < self.vips.len() {
@@ -1325,7 +1483,7 @@ impl<M: Maps> Reconciler<M> {
             }
             let b = v.backends.remove(j);
             changes.push(format!("vip {name}: backend {} removed", b.cfg.address));
-            v.removed_ids.push(b.id);
+            v.removed_ids.push((b.id, b.cfg.address));
             v.dirty = true;
         }
         // Backends that stay, and new ones.
@@ -1523,6 +1681,8 @@ impl<M: Maps> Reconciler<M> {
                     bytes: bc.bytes,
                     pps: b.rate.pps,
                     bps: b.rate.bps,
+                    new_flows: bc.flows,
+                    fps: b.rate.fps,
                 });
             }
             vips.push(VipStatus {
@@ -1538,6 +1698,8 @@ impl<M: Maps> Reconciler<M> {
                 bytes: c.bytes,
                 pps: v.rate.pps,
                 bps: v.rate.bps,
+                new_flows: c.flows,
+                fps: v.rate.fps,
                 backends,
             });
         }
@@ -1577,6 +1739,36 @@ impl<M: Maps> Reconciler<M> {
             health_transitions: self.health_transitions,
             vips,
             reasons,
+            flows: self.flow_status()?,
+        })
+    }
+
+    fn flow_status(&self) -> Result<FlowTableStatus, ReconcileError> {
+        let counts = self.dp.flow_counters()?;
+        let now = Instant::now();
+        let f = &self.config.flows;
+        Ok(FlowTableStatus {
+            capacity: self.dp.flow_capacity(),
+            udp_idle_timeout_secs: f.udp_idle_timeout.as_secs_f64(),
+            insert_rate_limit: f.insert_rate_limit,
+            remove_grace_secs: f.remove_grace.as_secs_f64(),
+            events: FlowStat::ALL
+                .iter()
+                .zip(counts)
+                .map(|(e, count)| FlowEventStatus {
+                    event: e.name().to_string(),
+                    count,
+                })
+                .collect(),
+            removing: self
+                .removing
+                .iter()
+                .map(|r| RemovingStatus {
+                    vip: r.vip.clone(),
+                    backend: r.address.to_string(),
+                    remaining_secs: r.until.saturating_duration_since(now).as_secs_f64(),
+                })
+                .collect(),
         })
     }
 }
@@ -1712,6 +1904,12 @@ mod tests {
         fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError> {
             Ok([Counter::default(); Reason::COUNT as usize])
         }
+        fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError> {
+            Ok([0; FlowStat::COUNT as usize])
+        }
+        fn flow_capacity(&self) -> u32 {
+            0
+        }
         fn program_id(&self) -> Option<u32> {
             None
         }
@@ -1732,6 +1930,7 @@ mod tests {
                 xdp_mode: Default::default(),
             },
             api: Default::default(),
+            flows: Default::default(),
             vips: vec![Vip {
                 name: "web".into(),
                 address: Ipv4Addr::new(10, 0, 0, 100),

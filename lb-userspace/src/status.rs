@@ -27,6 +27,39 @@ pub struct Status {
     pub vips: Vec<VipStatus>,
     /// Every reason, in index order, with its totals.
     pub reasons: Vec<ReasonStatus>,
+    /// The connection table.
+    #[serde(default)]
+    pub flows: FlowTableStatus,
+}
+
+/// The connection table: its size and what it did (see `lb_common::flows`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    /// Entries it holds at most (all CPUs).
+    pub capacity: u32,
+    pub udp_idle_timeout_secs: f64,
+    /// Most inserts per CPU per second; 0: no bound.
+    pub insert_rate_limit: u32,
+    pub remove_grace_secs: f64,
+    /// Every event (`lb_common::flows::FlowStat`), in index order, with its total.
+    pub events: Vec<FlowEventStatus>,
+    /// Backends removed from a VIP whose established flows still go to them.
+    pub removing: Vec<RemovingStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowEventStatus {
+    /// hit | miss | syn | insert | insert_rate_limited | remapped | expired | insert_failed
+    pub event: String,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemovingStatus {
+    pub vip: String,
+    pub backend: String,
+    /// Seconds until its flows are remapped.
+    pub remaining_secs: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +83,12 @@ pub struct VipStatus {
     /// ([`RATE_PERIOD_SECS`]); 0 until two samples exist.
     pub pps: f64,
     pub bps: f64,
+    /// New flows (TCP SYNs, UDP flows without a live connection-table entry), in total and per
+    /// second.
+    #[serde(default)]
+    pub new_flows: u64,
+    #[serde(default)]
+    pub fps: f64,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -77,6 +116,11 @@ pub struct BackendStatus {
     pub bytes: u64,
     pub pps: f64,
     pub bps: f64,
+    /// New flows sent to it, in total and per second.
+    #[serde(default)]
+    pub new_flows: u64,
+    #[serde(default)]
+    pub fps: f64,
 }
 
 /// A backend's health check and what it last said.
@@ -430,6 +474,8 @@ mod tests {
             bytes: 0,
             pps: 0.0,
             bps: 0.0,
+            new_flows: 0,
+            fps: 0.0,
         }
     }
 
@@ -469,6 +515,8 @@ mod tests {
                     bytes: 987_654_321,
                     pps: 1520.0,
                     bps: 1_540_000.0,
+                    new_flows: 0,
+                    fps: 0.0,
                     backends: vec![
                         up,
                         backend(
@@ -509,6 +557,8 @@ mod tests {
                     bytes: 4200,
                     pps: 0.5,
                     bps: 50.0,
+                    new_flows: 0,
+                    fps: 0.0,
                     backends: vec![BackendStatus {
                         in_table: true,
                         slots: 251,
@@ -517,6 +567,8 @@ mod tests {
                         bytes: 4200,
                         pps: 0.5,
                         bps: 50.0,
+                        new_flows: 0,
+                        fps: 0.0,
                         ..backend(
                             "10.0.0.31",
                             "down",
@@ -538,6 +590,8 @@ mod tests {
                     bytes: 0,
                     pps: 0.0,
                     bps: 0.0,
+                    new_flows: 0,
+                    fps: 0.0,
                     backends: vec![backend(
                         "10.0.0.41",
                         "unresolved",
@@ -552,6 +606,7 @@ mod tests {
                 packets: 3,
                 bytes: 180,
             }],
+            flows: Default::default(),
         }
     }
 

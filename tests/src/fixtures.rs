@@ -6,14 +6,20 @@
 //! names its input frame, the reason (and so the XDP action) expected, and the expected output
 //! frame.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use lb_common::{
     Reason,
+    flows::{self, FlowStat},
     hash::flow_slot_between,
     maps::{
-        BACKEND_F_READY, BackendInfo, Settings, VIP_FILTER_BITS, VipAddrKey, VipFilter, VipInfo,
-        VipKey, vip_filter_bit, vip_filter_set, vip_filter_test,
+        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, FlowEntry, FlowKey, FlowRate, Settings,
+        VIP_FILTER_BITS, VipAddrKey, VipFilter, VipInfo, VipKey, vip_filter_bit, vip_filter_set,
+        vip_filter_test,
     },
     packet::Tables,
 };
@@ -24,6 +30,12 @@ use crate::packet::{self, ETH_P_8021AD, ETH_P_8021Q, LB_MAC, Packet, TCP_ACK, TC
 pub const M: u32 = 13;
 
 pub const MAC_B1: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// Backend 2 of the TCP VIP: ready but in no slot (drained), holding established flows.
+pub const MAC_B2: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+/// Backend 6 of the VIP whose table is empty: ready, holding an established flow.
+pub const MAC_B6: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+/// UDP idle timeout of the standard world.
+pub const UDP_TIMEOUT_NS: u64 = 30_000_000_000;
 /// The UDP VIP's table has a different backend in every slot (ids from this one on), so a flow
 /// that the kernel and the host hash to different slots cannot end at the same MAC.
 pub const UDP_FIRST_ID: u32 = 10;
@@ -48,7 +60,34 @@ pub struct World {
     pub ring: Vec<u32>,
     /// Backend entries by id.
     pub backends: BTreeMap<u32, BackendInfo>,
+    /// Connection-table entries: the flow, its backend id, and how long ago (ns) it was
+    /// written or last refreshed.
+    pub flows: Vec<(FlowKey, u32, u64)>,
 }
+
+/// A connection-table key for a flow from `src` to `dst`.
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src: src.ip().octets(),
+        dst: dst.ip().octets(),
+        sport: src.port().to_be_bytes(),
+        dport: dst.port().to_be_bytes(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Clients whose flows the standard world's connection table holds (see [`World::standard`]).
+pub const FLOW_ON_DRAINED: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41000);
+pub const FLOW_ON_DOWN: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41001);
+pub const FLOW_ON_CLEARED: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41002);
+pub const FLOW_ON_OTHER_VIP: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41003);
+pub const FLOW_ON_EMPTY_VIP: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41004);
+pub const FLOW_ON_BAD_ID: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41005);
+pub const UDP_FLOW_IDLE: SocketAddrV4 = SocketAddrV4::new(CLIENT, 5100);
+pub const UDP_FLOW_FRESH: SocketAddrV4 = SocketAddrV4::new(CLIENT, 5101);
+/// A backend id beyond the BACKENDS array.
+pub const BAD_BACKEND_ID: u32 = 70_000;
 
 pub fn key(addr: Ipv4Addr, port: u16, proto: u8) -> VipKey {
     VipKey {
@@ -65,6 +104,13 @@ impl World {
     /// - 10.0.0.101:80/tcp (vip 2): ring_size 0.
     /// - 10.0.0.102:80/tcp (vip 3): every slot -> backend 4, which is not ready.
     /// - 10.0.0.103:80/tcp (vip 4): all slots 0.
+    ///
+    /// Backends beyond the tables: 2 (vip 0, ready, in no slot: drained), 3 (vip 0, marked
+    /// down), 5 (vip 0, cleared: a removed backend past its grace), 6 (vip 2, ready).
+    ///
+    /// The connection table holds one flow on each of them, one on a UDP backend of vip 1 but
+    /// keyed to vip 0 (an id of another VIP), one on an id beyond the array, and two UDP flows of
+    /// vip 1 on a backend other than the table's: one idle past the timeout, one fresh.
     pub fn standard() -> World {
         let mut ring = Vec::new();
         let mut vips = BTreeMap::new();
@@ -106,6 +152,16 @@ impl World {
         };
         let mut backends = BTreeMap::from([
             (1, ready(MAC_B1, [10, 0, 0, 11], 0)),
+            (2, ready(MAC_B2, [10, 0, 0, 12], 0)),
+            (
+                3,
+                BackendInfo {
+                    flags: BACKEND_F_READY | BACKEND_F_DOWN,
+                    ..ready([0x02, 0, 0, 0, 0, 0x0d], [10, 0, 0, 13], 0)
+                },
+            ),
+            (5, BackendInfo::default()),
+            (6, ready(MAC_B6, [10, 0, 0, 16], 2)),
             (
                 4,
                 BackendInfo {
@@ -125,57 +181,179 @@ impl World {
             .into_iter()
             .map(|a| (VipAddrKey { addr: a.octets() }, 1))
             .collect();
-        World {
+        let web = SocketAddrV4::new(VIP, 80);
+        let dns = SocketAddrV4::new(VIP, 53);
+        let mut w = World {
             settings: Settings {
                 iface_mac: LB_MAC,
                 log_level: 0,
+                flow_insert_rate: 0,
+                flow_udp_timeout_ns: UDP_TIMEOUT_NS,
                 ..Default::default()
             },
             vips,
             vip_addrs,
             ring,
             backends,
+            flows: vec![
+                (flow_key(FLOW_ON_DRAINED, web, 6), 2, 0),
+                (flow_key(FLOW_ON_DOWN, web, 6), 3, 0),
+                (flow_key(FLOW_ON_CLEARED, web, 6), 5, 0),
+                (flow_key(FLOW_ON_OTHER_VIP, web, 6), UDP_FIRST_ID, 0),
+                (
+                    flow_key(FLOW_ON_EMPTY_VIP, SocketAddrV4::new(VIP_EMPTY, 80), 6),
+                    6,
+                    0,
+                ),
+                (flow_key(FLOW_ON_BAD_ID, web, 6), BAD_BACKEND_ID, 0),
+            ],
+        };
+        // The UDP flows sit on the backend after the one the table picks, so a packet that
+        // follows the table cannot end at the same MAC as one that follows the entry.
+        for (client, idle) in [
+            (UDP_FLOW_IDLE, UDP_TIMEOUT_NS + 1_000_000_000),
+            (UDP_FLOW_FRESH, 1_000_000_000),
+        ] {
+            let other = UDP_FIRST_ID + (w.expected_id(client, dns, 17) - UDP_FIRST_ID + 1) % M;
+            w.flows.push((flow_key(client, dns, 17), other, idle));
         }
+        w
+    }
+
+    /// The backend id the world's connection table holds for a flow.
+    pub fn flow_backend(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u32 {
+        let k = flow_key(src, dst, proto);
+        self.flows
+            .iter()
+            .find(|(f, _, _)| *f == k)
+            .map(|&(_, id, _)| id)
+            .expect("a flow of the world")
+    }
+
+    /// The backend id the VIP's table gives a flow.
+    pub fn expected_id(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u32 {
+        let info = self.vips[&key(*dst.ip(), dst.port(), proto)];
+        let slot = flow_slot_between(src, dst, proto, info.ring_size);
+        self.ring[(info.ring_base + slot) as usize]
     }
 
     /// The backend MAC the world sends a flow to, computed from the ring as the data path does.
     pub fn expected_mac(&self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> [u8; 6] {
-        let info = self.vips[&key(dst.0, dst.1, proto)];
-        let slot = flow_slot_between(
-            std::net::SocketAddrV4::new(src.0, src.1),
-            std::net::SocketAddrV4::new(dst.0, dst.1),
+        let id = self.expected_id(
+            SocketAddrV4::new(src.0, src.1),
+            SocketAddrV4::new(dst.0, dst.1),
             proto,
-            info.ring_size,
         );
-        let id = self.ring[(info.ring_base + slot) as usize];
         self.backends[&id].mac
     }
 }
 
-/// [`Tables`] over a [`World`], for host runs.
-pub struct HostTables<'a>(pub &'a World);
+/// The host's clock in [`HostTables`]: far from 0, like the kernel's time since boot.
+pub const HOST_NOW_NS: u64 = 1_000_000_000_000;
+
+/// [`Tables`] over a [`World`], for host runs: the world's maps, plus the state the program
+/// writes (connection table, insert budget, event counters), starting from the world's.
+pub struct HostTables<'a> {
+    pub world: &'a World,
+    pub flows: RefCell<BTreeMap<FlowKey, Box<FlowEntry>>>,
+    pub rate: RefCell<FlowRate>,
+    pub events: RefCell<[u64; FlowStat::COUNT as usize]>,
+    pub now: u64,
+}
+
+impl<'a> HostTables<'a> {
+    pub fn new(world: &'a World) -> Self {
+        let now = HOST_NOW_NS;
+        HostTables {
+            world,
+            flows: RefCell::new(
+                world
+                    .flows
+                    .iter()
+                    .map(|&(k, id, idle)| {
+                        (
+                            k,
+                            Box::new(FlowEntry {
+                                backend_id: id,
+                                _pad: 0,
+                                atime: now - idle,
+                            }),
+                        )
+                    })
+                    .collect(),
+            ),
+            rate: RefCell::new(FlowRate::default()),
+            events: RefCell::new([0; FlowStat::COUNT as usize]),
+            now,
+        }
+    }
+
+    /// The events counted, as (event, count) for those above 0, in index order.
+    pub fn events(&self) -> Vec<(FlowStat, u64)> {
+        FlowStat::ALL
+            .iter()
+            .zip(*self.events.borrow())
+            .filter(|(_, n)| *n > 0)
+            .map(|(e, n)| (*e, n))
+            .collect()
+    }
+}
 
 impl Tables for HostTables<'_> {
     fn vip(&self, key: &VipKey) -> Option<VipInfo> {
-        self.0.vips.get(key).copied()
+        self.world.vips.get(key).copied()
     }
     fn maybe_vip_addr(&self, addr: [u8; 4]) -> bool {
         // The kernel's filter, built the way the agent builds it (false positives included).
         let mut filter: VipFilter = [0; (VIP_FILTER_BITS / 64) as usize];
-        for k in self.0.vip_addrs.keys() {
+        for k in self.world.vip_addrs.keys() {
             vip_filter_set(&mut filter, k.addr);
         }
         vip_filter_test(&filter, addr)
     }
 
     fn is_vip_addr(&self, key: &VipAddrKey) -> bool {
-        self.0.vip_addrs.contains_key(key)
+        self.world.vip_addrs.contains_key(key)
     }
     fn ring(&self, index: u32) -> Option<u32> {
-        self.0.ring.get(index as usize).copied()
+        self.world.ring.get(index as usize).copied()
     }
     fn backend(&self, id: u32) -> Option<&BackendInfo> {
-        self.0.backends.get(&id)
+        // The kernel's BACKENDS array has every id below its size, zeroed until written.
+        static EMPTY: BackendInfo = BackendInfo {
+            mac: [0; 6],
+            flags: 0,
+            src_mac: [0; 6],
+            _pad: [0; 2],
+            addr: [0; 4],
+            vip_index: 0,
+        };
+        match self.world.backends.get(&id) {
+            Some(b) => Some(b),
+            None if id < lb_common::maps::MAX_BACKENDS => Some(&EMPTY),
+            None => None,
+        }
+    }
+    fn settings(&self) -> Option<&Settings> {
+        Some(&self.world.settings)
+    }
+    fn flow(&self, key: &FlowKey) -> Option<*mut FlowEntry> {
+        let mut flows = self.flows.borrow_mut();
+        // The box keeps the entry where it is until it is replaced or removed.
+        flows.get_mut(key).map(|b| &mut **b as *mut FlowEntry)
+    }
+    fn insert_flow(&self, key: &FlowKey, entry: &FlowEntry) -> bool {
+        self.flows.borrow_mut().insert(*key, Box::new(*entry));
+        true
+    }
+    fn admit_insert(&self, now: u64, limit: u32) -> bool {
+        flows::admit(&mut self.rate.borrow_mut(), now, limit)
+    }
+    fn flow_event(&self, stat: FlowStat) {
+        self.events.borrow_mut()[stat as usize] += 1;
+    }
+    fn now_ns(&self) -> u64 {
+        self.now
     }
 }
 
@@ -196,6 +374,23 @@ pub struct Fixture {
     pub output: Output,
     /// Why this fixture cannot run through `BPF_PROG_TEST_RUN`, if it cannot.
     pub host_only: Option<&'static str>,
+    /// The connection-table events the packet causes, each counted once.
+    pub flow_events: &'static [FlowStat],
+    /// Whether it counts as a new flow of its VIP and backend.
+    pub new_flow: bool,
+}
+
+/// A TCP SYN decided by the table and remembered.
+pub const SYN_INSERT: &[FlowStat] = &[FlowStat::Syn, FlowStat::Insert];
+/// A packet of a flow the connection table does not know, decided by the table and remembered.
+pub const MISS_INSERT: &[FlowStat] = &[FlowStat::Miss, FlowStat::Insert];
+
+impl Fixture {
+    fn flows(mut self, events: &'static [FlowStat], new_flow: bool) -> Self {
+        self.flow_events = events;
+        self.new_flow = new_flow;
+        self
+    }
 }
 
 fn fwd(name: &'static str, input: Vec<u8>, mac: [u8; 6]) -> Fixture {
@@ -208,6 +403,8 @@ fn fwd(name: &'static str, input: Vec<u8>, mac: [u8; 6]) -> Fixture {
         reason: Reason::Forwarded,
         output: Output::Frame(out),
         host_only: None,
+        flow_events: &[],
+        new_flow: false,
     }
 }
 
@@ -218,11 +415,13 @@ fn same(name: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         reason,
         output: Output::Unchanged,
         host_only: None,
+        flow_events: &[],
+        new_flow: false,
     }
 }
 
-fn sa(ip: Ipv4Addr, port: u16) -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(ip, port)
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
 }
 
 /// An address that is not a VIP address but has the same bit in the VIP address filter as
@@ -259,44 +458,51 @@ pub fn all() -> Vec<Fixture> {
             p.frame(),
             w.expected_mac((CLIENT, port), (VIP, 53), 17),
         )
+        .flows(MISS_INSERT, true)
     })
     .collect();
     let mut v = vec![
-        fwd("tcp_syn_to_vip", syn.frame(), MAC_B1),
+        fwd("tcp_syn_to_vip", syn.frame(), MAC_B1).flows(SYN_INSERT, true),
         fwd(
             "tcp_data_to_vip",
             Packet::tcp(client, web, TCP_ACK | TCP_PSH)
                 .payload(b"GET / HTTP/1.1\r\n\r\n")
                 .frame(),
             MAC_B1,
-        ),
+        )
+        .flows(MISS_INSERT, false),
         fwd(
             "tcp_to_vip_with_ip_options",
             syn.clone().ip_options(&[0x01, 0x01, 0x01, 0x00]).frame(),
             MAC_B1,
-        ),
+        )
+        .flows(SYN_INSERT, true),
         fwd(
             "tcp_to_vip_with_max_ip_options",
             syn.clone().ip_options(&[0x01; 40]).frame(),
             MAC_B1,
-        ),
-        fwd("tcp_to_vip_ttl_0", syn.clone().ttl(0).frame(), MAC_B1),
-        fwd("tcp_to_vip_ttl_1", syn.clone().ttl(1).frame(), MAC_B1),
+        )
+        .flows(SYN_INSERT, true),
+        fwd("tcp_to_vip_ttl_0", syn.clone().ttl(0).frame(), MAC_B1).flows(SYN_INSERT, true),
+        fwd("tcp_to_vip_ttl_1", syn.clone().ttl(1).frame(), MAC_B1).flows(SYN_INSERT, true),
         fwd(
             "tcp_to_vip_with_ethernet_padding",
             syn.clone().padding(6).frame(),
             MAC_B1,
-        ),
+        )
+        .flows(SYN_INSERT, true),
         fwd(
             "tcp_to_vip_dont_fragment_is_not_a_fragment",
             syn.clone().frags(0x4000).frame(),
             MAC_B1,
-        ),
+        )
+        .flows(SYN_INSERT, true),
         fwd(
             "tcp_to_vip_from_any_source_mac",
             syn.clone().macs(LB_MAC, [0x0e, 1, 2, 3, 4, 5]).frame(),
             MAC_B1,
-        ),
+        )
+        .flows(SYN_INSERT, true),
         same(
             "tcp_to_vip_address_unconfigured_port",
             Packet::tcp(client, sa(VIP, 22), TCP_SYN).frame(),
@@ -467,20 +673,105 @@ pub fn all() -> Vec<Fixture> {
             "vip_with_empty_table",
             Packet::tcp(client, sa(VIP_EMPTY, 80), TCP_SYN).frame(),
             Reason::DropNoBackend,
-        ),
+        )
+        .flows(&[FlowStat::Syn], false),
         same(
             "vip_with_zero_slots",
             Packet::tcp(client, sa(VIP_ZEROS, 80), TCP_SYN).frame(),
             Reason::DropNoBackend,
-        ),
+        )
+        .flows(&[FlowStat::Syn], false),
         same(
             "vip_backend_not_ready",
             Packet::tcp(client, sa(VIP_BROKEN, 80), TCP_SYN).frame(),
             Reason::DropBackendInvalid,
-        ),
+        )
+        .flows(&[FlowStat::Syn], false),
     ];
     v.extend(udp_flows);
+    v.extend(flow_fixtures(&w));
     v
+}
+
+/// The connection table: packets of flows the standard world remembers.
+fn flow_fixtures(w: &World) -> Vec<Fixture> {
+    let web = sa(VIP, 80);
+    let dns = sa(VIP, 53);
+    let ack = |client| {
+        Packet::tcp(client, web, TCP_ACK)
+            .payload(b"more data")
+            .frame()
+    };
+    let udp = |client| Packet::udp(client, dns).payload(b"query").frame();
+    let mac_of = |id: u32| w.backends[&id].mac;
+    vec![
+        fwd(
+            "established_flow_stays_on_drained_backend",
+            ack(FLOW_ON_DRAINED),
+            MAC_B2,
+        )
+        .flows(&[FlowStat::Hit], false),
+        fwd(
+            "syn_on_remembered_tuple_is_decided_by_the_table",
+            Packet::tcp(FLOW_ON_DRAINED, web, TCP_SYN).frame(),
+            MAC_B1,
+        )
+        .flows(SYN_INSERT, true),
+        fwd(
+            "syn_ack_is_not_a_new_connection",
+            Packet::tcp(FLOW_ON_DRAINED, web, TCP_SYN | TCP_ACK).frame(),
+            MAC_B2,
+        )
+        .flows(&[FlowStat::Hit], false),
+        fwd(
+            "flow_on_backend_marked_down_is_remapped",
+            ack(FLOW_ON_DOWN),
+            MAC_B1,
+        )
+        .flows(&[FlowStat::Remapped, FlowStat::Insert], false),
+        fwd(
+            "flow_on_cleared_backend_is_remapped",
+            ack(FLOW_ON_CLEARED),
+            MAC_B1,
+        )
+        .flows(&[FlowStat::Remapped, FlowStat::Insert], false),
+        fwd(
+            "flow_on_backend_of_another_vip_is_remapped",
+            ack(FLOW_ON_OTHER_VIP),
+            MAC_B1,
+        )
+        .flows(&[FlowStat::Remapped, FlowStat::Insert], false),
+        fwd(
+            "flow_on_backend_id_beyond_the_array_is_remapped",
+            ack(FLOW_ON_BAD_ID),
+            MAC_B1,
+        )
+        .flows(&[FlowStat::Remapped, FlowStat::Insert], false),
+        fwd(
+            "established_flow_survives_an_empty_table",
+            Packet::tcp(FLOW_ON_EMPTY_VIP, sa(VIP_EMPTY, 80), TCP_ACK).frame(),
+            MAC_B6,
+        )
+        .flows(&[FlowStat::Hit], false),
+        same(
+            "unknown_flow_to_empty_table_is_dropped",
+            Packet::tcp(sa(CLIENT, 41999), sa(VIP_EMPTY, 80), TCP_ACK).frame(),
+            Reason::DropNoBackend,
+        )
+        .flows(&[FlowStat::Miss], false),
+        fwd(
+            "udp_flow_within_idle_timeout_sticks",
+            udp(UDP_FLOW_FRESH),
+            mac_of(w.flow_backend(UDP_FLOW_FRESH, dns, 17)),
+        )
+        .flows(&[FlowStat::Hit], false),
+        fwd(
+            "udp_flow_idle_past_timeout_is_a_new_flow",
+            udp(UDP_FLOW_IDLE),
+            mac_of(w.expected_id(UDP_FLOW_IDLE, dns, 17)),
+        )
+        .flows(&[FlowStat::Expired, FlowStat::Insert], true),
+    ]
 }
 
 /// Hex dump diff of two frames, for assertion messages.

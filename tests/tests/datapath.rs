@@ -2,11 +2,17 @@
 //! - `host_decision`: `lb_common::packet::process` on the host;
 //! - `kernel_program`: the real, verified XDP program through `BPF_PROG_TEST_RUN`, with the maps
 //!   filled through the agent's own `Dataplane` API, checking the XDP action, the output frame
-//!   (hex diff on mismatch) and that exactly the expected counter moved.
+//!   (hex diff on mismatch) and that exactly the expected counters moved.
+//!
+//! Every fixture starts from the world's connection table (the kernel's is emptied and refilled
+//! before each), and both runs check the connection-table events it caused, whether it counted
+//! as a new flow, and what the table remembers afterwards.
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
     Action, Reason,
+    flows::FlowStat,
+    maps::{FlowEntry, FlowKey},
     packet::{SliceFrame, process},
 };
 use lb_tests::{
@@ -15,12 +21,69 @@ use lb_tests::{
 };
 use lb_userspace::dataplane::{Dataplane, LoadOptions};
 
+/// Connection-table size of the test loads.
+const FLOW_ENTRIES: u32 = 4096;
+
+/// The 5-tuple of an IPv4 TCP/UDP frame, as the data path keys it.
+fn frame_flow(frame: &[u8]) -> Option<FlowKey> {
+    let ihl = (frame.get(14)? & 0x0f) as usize * 4;
+    let l4 = 14 + ihl;
+    Some(FlowKey {
+        src: frame.get(26..30)?.try_into().ok()?,
+        dst: frame.get(30..34)?.try_into().ok()?,
+        sport: frame.get(l4..l4 + 2)?.try_into().ok()?,
+        dport: frame.get(l4 + 2..l4 + 4)?.try_into().ok()?,
+        proto: *frame.get(23)?,
+        _pad: [0; 3],
+    })
+}
+
+/// What the connection table must hold for the fixture's flow afterwards, given the backend id
+/// the frame went to (`None` if not forwarded): the id when an entry was written, else the
+/// world's entry (or none).
+fn expected_entry(f: &Fixture, world: &World, sent_to: Option<u32>) -> Option<u32> {
+    let key = frame_flow(&f.input)?;
+    if f.flow_events.contains(&FlowStat::Insert) {
+        return sent_to;
+    }
+    world
+        .flows
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|&(_, id, _)| id)
+}
+
+/// The backend id a forwarded frame went to, from its output MAC and destination VIP.
+fn sent_to(world: &World, f: &Fixture, out: &[u8]) -> Option<u32> {
+    if f.reason != Reason::Forwarded {
+        return None;
+    }
+    let key = frame_flow(&f.input)?;
+    let vip_index = world
+        .vips
+        .iter()
+        .find(|(k, _)| k.addr == key.dst && k.port == key.dport && k.proto == key.proto)
+        .map(|(_, v)| v.vip_index)?;
+    world
+        .backends
+        .iter()
+        .find(|(_, b)| b.mac[..] == out[0..6] && b.vip_index == vip_index)
+        .map(|(id, _)| *id)
+}
+
+/// The flow events a fixture expects, as (event, count).
+fn expected_events(f: &Fixture) -> Vec<(FlowStat, u64)> {
+    let mut e: Vec<(FlowStat, u64)> = f.flow_events.iter().map(|&e| (e, 1)).collect();
+    e.sort_by_key(|(e, _)| *e as u32);
+    e
+}
+
 #[test]
 fn host_decision() {
     let world = World::standard();
-    let tables = HostTables(&world);
     let mut failures = Vec::new();
     for f in fixtures::all() {
+        let tables = HostTables::new(&world);
         let mut frame = f.input.clone();
         let verdict = process(&mut SliceFrame::new(&mut frame), &tables);
         if verdict.reason != f.reason {
@@ -31,6 +94,44 @@ fn host_decision() {
             continue;
         }
         failures.extend(output_mismatch(&f, &frame));
+        let events = tables.events();
+        if events != expected_events(&f) {
+            failures.push(format!(
+                "{}: flow events {events:?}, expected {:?}",
+                f.name,
+                expected_events(&f)
+            ));
+        }
+        let counted_new = verdict.reason == Reason::Forwarded && verdict.new_flow;
+        if counted_new != f.new_flow {
+            failures.push(format!(
+                "{}: new flow {counted_new}, expected {}",
+                f.name, f.new_flow
+            ));
+        }
+        let sent = sent_to(&world, &f, &frame);
+        if f.reason == Reason::Forwarded && sent != Some(verdict.backend_id) {
+            failures.push(format!(
+                "{}: verdict names backend {}, the frame went to {sent:?}",
+                f.name, verdict.backend_id
+            ));
+        }
+        let entry = frame_flow(&f.input).and_then(|k| tables.flows.borrow().get(&k).map(|e| **e));
+        let want = expected_entry(&f, &world, sent);
+        if entry.map(|e| e.backend_id) != want {
+            failures.push(format!(
+                "{}: connection table holds {entry:?} afterwards, expected backend {want:?}",
+                f.name
+            ));
+        }
+        if f.flow_events.contains(&FlowStat::Insert)
+            || f.flow_events == [FlowStat::Hit] && f.input[23] == 17
+        {
+            // Written or refreshed now: the idle clock restarts.
+            if entry.map(|e| e.atime) != Some(tables.now) {
+                failures.push(format!("{}: entry {entry:?} not stamped with now", f.name));
+            }
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -62,9 +163,40 @@ fn fixture_table_covers_every_reason() {
     }
 }
 
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Empties the kernel's connection table and fills it with the world's flows, stamped
+/// relative to the kernel's clock now.
+fn load_flows(dp: &mut Dataplane, world: &World) {
+    dp.clear_flows().unwrap();
+    let now = monotonic_ns();
+    for &(k, id, idle) in &world.flows {
+        dp.insert_flow(
+            &k,
+            &FlowEntry {
+                backend_id: id,
+                _pad: 0,
+                atime: now - idle,
+            },
+        )
+        .unwrap();
+    }
+}
+
 fn load_world(world: &World) -> Dataplane {
     let mut dp = Dataplane::load(LoadOptions {
         ring_entries: world.ring.len() as u32,
+        flow_entries: FLOW_ENTRIES,
     })
     .expect("load and verify the XDP program");
     dp.set_settings(&world.settings).unwrap();
@@ -78,22 +210,27 @@ fn load_world(world: &World) -> Dataplane {
     for (k, n) in &world.vip_addrs {
         dp.set_vip_addr(k, *n).unwrap();
     }
+    load_flows(&mut dp, world);
     dp
 }
 
-/// Packets and bytes per counter the program maintains: per reason, per VIP, per backend.
-fn snapshot(dp: &Dataplane, world: &World) -> Vec<(String, u64, u64)> {
+/// Packets, bytes and new flows per counter the program maintains: per reason, per VIP, per
+/// backend; and the connection-table events (as packets).
+fn snapshot(dp: &Dataplane, world: &World) -> Vec<(String, u64, u64, u64)> {
     let mut out = Vec::new();
     for (r, c) in Reason::ALL.iter().zip(dp.reason_counters().unwrap()) {
-        out.push((format!("reason {}", r.name()), c.packets, c.bytes));
+        out.push((format!("reason {}", r.name()), c.packets, c.bytes, c.flows));
     }
     for v in world.vips.values() {
         let c = dp.vip_counter(v.vip_index).unwrap();
-        out.push((format!("vip {}", v.vip_index), c.packets, c.bytes));
+        out.push((format!("vip {}", v.vip_index), c.packets, c.bytes, c.flows));
     }
     for id in world.backends.keys() {
         let c = dp.backend_counter(*id).unwrap();
-        out.push((format!("backend {id}"), c.packets, c.bytes));
+        out.push((format!("backend {id}"), c.packets, c.bytes, c.flows));
+    }
+    for (e, n) in FlowStat::ALL.iter().zip(dp.flow_counters().unwrap()) {
+        out.push((format!("flow {}", e.name()), n, 0, 0));
     }
     out
 }
@@ -119,7 +256,7 @@ fn kernel_program() {
         return;
     }
     let world = World::standard();
-    let dp = load_world(&world);
+    let mut dp = load_world(&world);
     let mut failures = Vec::new();
     let mut ran = 0;
     for f in fixtures::all() {
@@ -128,7 +265,9 @@ fn kernel_program() {
             continue;
         }
         ran += 1;
+        load_flows(&mut dp, &world);
         let before = snapshot(&dp, &world);
+        let started = monotonic_ns();
         let (action, frame) = run_one(&dp, &f);
         let after = snapshot(&dp, &world);
         if action != f.reason.action() as u32 {
@@ -147,35 +286,64 @@ fn kernel_program() {
             .iter()
             .zip(&after)
             .filter(|(b, a)| b != a)
-            .map(|(b, a)| format!("{} +{} pkts +{} bytes", b.0, a.1 - b.1, a.2 - b.2))
+            .map(|(b, a)| {
+                if b.0.starts_with("flow ") {
+                    format!("{} +{}", b.0, a.1 - b.1)
+                } else {
+                    format!(
+                        "{} +{} pkts +{} bytes +{} flows",
+                        b.0,
+                        a.1 - b.1,
+                        a.2 - b.2,
+                        a.3 - b.3
+                    )
+                }
+            })
             .collect();
         let len = f.input.len();
-        let expected_moves: Vec<String> = if f.reason == Reason::Forwarded {
-            // Which VIP and backend: found from the frame's destination and the output MAC.
+        let sent = sent_to(&world, &f, &frame);
+        let mut expected_moves: Vec<String> = if f.reason == Reason::Forwarded {
+            let key = frame_flow(&f.input).expect("forwarded frames are TCP/UDP");
             let info = world
                 .vips
                 .iter()
-                .find(|(k, _)| {
-                    let ihl = (f.input[14] & 0x0f) as usize * 4;
-                    k.addr[..] == f.input[30..34]
-                        && k.proto == f.input[23]
-                        && k.port[..] == f.input[14 + ihl + 2..14 + ihl + 4]
-                })
+                .find(|(k, _)| k.addr == key.dst && k.port == key.dport && k.proto == key.proto)
                 .map(|(_, v)| *v)
                 .expect("forwarded fixture targets a world VIP");
-            let id = world
-                .backends
-                .iter()
-                .find(|(_, b)| b.mac[..] == frame[0..6])
-                .map(|(id, _)| *id)
-                .expect("output MAC is a world backend");
+            let id = sent.expect("output MAC is a backend of the VIP");
+            let new = u64::from(f.new_flow);
             vec![
-                format!("vip {} +1 pkts +{len} bytes", info.vip_index),
-                format!("backend {id} +1 pkts +{len} bytes"),
+                format!("vip {} +1 pkts +{len} bytes +{new} flows", info.vip_index),
+                format!("backend {id} +1 pkts +{len} bytes +{new} flows"),
             ]
         } else {
-            vec![format!("reason {} +1 pkts +{len} bytes", f.reason.name())]
+            vec![format!(
+                "reason {} +1 pkts +{len} bytes +0 flows",
+                f.reason.name()
+            )]
         };
+        expected_moves.extend(
+            expected_events(&f)
+                .iter()
+                .map(|(e, n)| format!("flow {} +{n}", e.name())),
+        );
+        let entry = frame_flow(&f.input).and_then(|k| dp.flow(&k));
+        let want = expected_entry(&f, &world, sent);
+        if entry.map(|e| e.backend_id) != want {
+            failures.push(format!(
+                "{}: connection table holds {entry:?} afterwards, expected backend {want:?}",
+                f.name
+            ));
+        }
+        if (f.flow_events.contains(&FlowStat::Insert)
+            || f.flow_events == [FlowStat::Hit] && f.input[23] == 17)
+            && entry.is_some_and(|e| e.atime < started)
+        {
+            failures.push(format!(
+                "{}: entry {entry:?} not stamped with the run's time",
+                f.name
+            ));
+        }
         if moved != expected_moves {
             failures.push(format!(
                 "{}: counters moved {moved:?}, expected {expected_moves:?}",
@@ -247,4 +415,71 @@ fn vip_table_remove_and_add_back() {
     assert_eq!(dp.vip(&udp_key), Some(udp_info));
     let (action, _) = run_one(&dp, &find("udp_to_vip_flow_a"));
     assert_eq!(action, 3, "added back, forwarded again");
+}
+
+/// The per-CPU insert bound, with 3 inserts a second: of 10 SYNs in a burst, 3 are remembered,
+/// 7 counted as rate-limited, and all 10 forwarded by the table.
+#[test]
+fn host_insert_rate_bound() {
+    let mut world = World::standard();
+    world.settings.flow_insert_rate = 3;
+    let tables = HostTables::new(&world);
+    let syn = syn_fixture();
+    for _ in 0..10 {
+        let mut frame = syn.input.clone();
+        let v = process(&mut SliceFrame::new(&mut frame), &tables);
+        assert_eq!(v.reason, Reason::Forwarded);
+    }
+    assert_eq!(
+        tables.events(),
+        [
+            (FlowStat::Syn, 10),
+            (FlowStat::Insert, 3),
+            (FlowStat::RateLimited, 7)
+        ]
+    );
+}
+
+fn syn_fixture() -> Fixture {
+    fixtures::all()
+        .into_iter()
+        .find(|f| f.name == "tcp_syn_to_vip")
+        .unwrap()
+}
+
+#[test]
+fn kernel_insert_rate_bound() {
+    if !require_privileges("kernel_insert_rate_bound") {
+        return;
+    }
+    let mut world = World::standard();
+    world.settings.flow_insert_rate = 3;
+    // A fresh load: every CPU's budget is untouched.
+    let dp = load_world(&world);
+    let syn = syn_fixture();
+    let mut out = vec![0u8; syn.input.len() + 256];
+    // One run of 10 repetitions: the kernel keeps a test run on one CPU, so one budget.
+    let r = dp
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(&syn.input),
+            data_out: Some(&mut out),
+            repeat: 10,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.return_value, Action::Tx as u32);
+    let c = dp.flow_counters().unwrap();
+    let got: Vec<(&str, u64)> = FlowStat::ALL
+        .iter()
+        .zip(c)
+        .filter(|(_, n)| *n > 0)
+        .map(|(e, n)| (e.name(), n))
+        .collect();
+    assert_eq!(
+        got,
+        [("syn", 10), ("insert", 3), ("insert_rate_limited", 7)]
+    );
+    let vip = dp.vip_counter(0).unwrap();
+    assert_eq!((vip.packets, vip.flows), (10, 10), "all forwarded, all new");
 }

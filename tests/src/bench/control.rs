@@ -621,8 +621,11 @@ async fn measure_changes(
     changes: &[Change<'_>],
 ) -> Result<Vec<ChangeRow>> {
     let ring_entries = s.config.ring_entries_needed().max(MIN_RING_ENTRIES);
-    let dp = Dataplane::load(LoadOptions { ring_entries })
-        .context("loading the data path (root, BPF)")?;
+    let dp = Dataplane::load(LoadOptions {
+        ring_entries,
+        flow_entries: s.config.flows.entries,
+    })
+    .context("loading the data path (root, BPF)")?;
     let mut rec = Reconciler::new(
         dp,
         &s.config,

@@ -251,6 +251,7 @@ impl Bed {
             .config;
         let dp = Dataplane::load(LoadOptions {
             ring_entries: cfg.ring_entries_needed(),
+            flow_entries: cfg.flows.entries,
         })
         .context("load the XDP object")?;
         let mut reconciler = Reconciler::new(dp, &cfg, "bench0", 1, LB_MAC, LogLevel::Info)?;
