@@ -252,6 +252,15 @@ impl Protocol {
         }
     }
 
+    /// The protocol with this IP protocol number, if it is one a VIP can have.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Self::Tcp),
+            17 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
     /// The name used in the config file and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {

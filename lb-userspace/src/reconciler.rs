@@ -32,8 +32,8 @@ use lb_common::{
     flows::FlowStat,
     hash::{flow_hash_between, flow_slot_between},
     maps::{
-        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, MAX_BACKENDS, MAX_VIPS, Settings,
-        VipAddrKey, VipInfo, VipKey,
+        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, FlowEntry, FlowKey, MAX_BACKENDS,
+        MAX_VIPS, Settings, VipAddrKey, VipInfo, VipKey,
     },
 };
 use thiserror::Error;
@@ -48,8 +48,8 @@ use crate::{
     net::{MacTable, fmt_mac},
     probe::{Outcome, Probe, Target},
     status::{
-        BackendStatus, FlowEventStatus, FlowTableStatus, HealthStatus, ReasonStatus,
-        RemovingStatus, Status, VipStatus, WhichBackend,
+        BackendStatus, FlowEventStatus, FlowStatus, FlowTableStatus, FlowsReport, HealthStatus,
+        ReasonStatus, RemovingStatus, Status, VipStatus, WhichBackend,
     },
 };
 
@@ -109,6 +109,12 @@ pub trait Maps {
     fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError>;
     fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError>;
     fn flow_capacity(&self) -> u32;
+    /// See [`Dataplane::flows`].
+    fn flows(
+        &self,
+        limit: usize,
+        keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError>;
     fn program_id(&self) -> Option<u32>;
 }
 
@@ -160,6 +166,13 @@ impl Maps for Dataplane {
     }
     fn flow_capacity(&self) -> u32 {
         Dataplane::flow_capacity(self)
+    }
+    fn flows(
+        &self,
+        limit: usize,
+        keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
+        Dataplane::flows(self, limit, keep)
     }
     fn program_id(&self) -> Option<u32> {
         Dataplane::program_id(self)
@@ -483,6 +496,18 @@ enum Retired {
     VipIndex(u32),
     Region { base: u32, len: u32 },
     BackendId(u32),
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
+/// connection table's entries.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A backend removed from a VIP, in its grace: its map entry stays ready so the connection
@@ -1621,6 +1646,70 @@ impl<M: Maps> Reconciler<M> {
         })
     }
 
+    /// Up to `limit` flows of the connection table, of one VIP (name or `ADDRESS:PORT/PROTO`)
+    /// or of all, with what the data path does with their next packet.
+    pub fn flows(&self, vip: Option<&str>, limit: usize) -> Result<FlowsReport, ReconcileError> {
+        let only = vip.map(|v| self.vip_position(v)).transpose()?;
+        let only_key = only.map(|i| self.vips[i].key);
+        let (entries, scanned) = self.dp.flows(limit, |k, _| {
+            only_key.is_none_or(|v| v.addr == k.dst && v.port == k.dport && v.proto == k.proto)
+        })?;
+        let now = monotonic_ns();
+        let udp_timeout = self.config.flows.udp_idle_timeout;
+        let flows = entries
+            .into_iter()
+            .map(|(k, e)| {
+                let dst = Ipv4Addr::from(k.dst);
+                let port = u16::from_be_bytes(k.dport);
+                let proto = Protocol::from_number(k.proto);
+                let v = self.vips.iter().find(|v| {
+                    v.key.addr == k.dst && v.key.port == k.dport && v.key.proto == k.proto
+                });
+                let backend = v.and_then(|v| v.backends.iter().find(|b| b.id == e.backend_id));
+                let removing = self
+                    .removing
+                    .iter()
+                    .find(|r| r.id == e.backend_id && v.is_some_and(|v| v.cfg.name == r.vip));
+                let idle = Duration::from_nanos(now.saturating_sub(e.atime));
+                let state =
+                    if proto == Some(Protocol::Udp) && !udp_timeout.is_zero() && idle > udp_timeout
+                    {
+                        "expired"
+                    } else if let Some(b) = backend {
+                        if b.flags & BACKEND_F_READY != 0 && b.flags & BACKEND_F_DOWN == 0 {
+                            "stays"
+                        } else {
+                            "remapped"
+                        }
+                    } else if removing.is_some() {
+                        "removing"
+                    } else {
+                        "remapped"
+                    };
+                FlowStatus {
+                    client: SocketAddrV4::new(Ipv4Addr::from(k.src), u16::from_be_bytes(k.sport))
+                        .to_string(),
+                    service: match proto {
+                        Some(p) => format!("{dst}:{port}/{p}"),
+                        None => format!("{dst}:{port}/{}", k.proto),
+                    },
+                    vip: v.map(|v| v.cfg.name.clone()),
+                    backend_id: e.backend_id,
+                    backend: backend
+                        .map(|b| b.cfg.address.to_string())
+                        .or_else(|| removing.map(|r| r.address.to_string())),
+                    state: state.to_string(),
+                    idle_secs: idle.as_secs_f64(),
+                }
+            })
+            .collect();
+        Ok(FlowsReport {
+            capacity: self.dp.flow_capacity(),
+            scanned,
+            flows,
+        })
+    }
+
     pub fn status(&self) -> Result<Status, ReconcileError> {
         let mut vips = Vec::new();
         let mut forwarded = Counter::default();
@@ -1909,6 +1998,13 @@ mod tests {
         }
         fn flow_capacity(&self) -> u32 {
             0
+        }
+        fn flows(
+            &self,
+            _: usize,
+            _: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+        ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
+            Ok((Vec::new(), 0))
         }
         fn program_id(&self) -> Option<u32> {
             None

@@ -152,6 +152,36 @@ pub struct ReasonStatus {
     pub bytes: u64,
 }
 
+/// A sample of the connection table (`xdplb flows`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowsReport {
+    /// Entries the table holds at most.
+    pub capacity: u32,
+    /// Entries read to find these: the table is walked in the kernel's hash order (a fair
+    /// sample) until `limit` flows matched.
+    pub scanned: usize,
+    pub flows: Vec<FlowStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowStatus {
+    /// Client address and port.
+    pub client: String,
+    /// The service, `ADDRESS:PORT/PROTO`, and its VIP's name (absent if no VIP has it now).
+    pub service: String,
+    pub vip: Option<String>,
+    pub backend_id: u32,
+    /// The remembered backend's address (absent if the id is no longer a backend of the VIP).
+    pub backend: Option<String>,
+    /// What its next packet does: "stays" (on the remembered backend, up or draining),
+    /// "removing" (stays until the removed backend's grace ends), "remapped" (the backend
+    /// failed or is gone: the VIP's table decides again) or "expired" (UDP idle past the
+    /// timeout: decided again as a new flow).
+    pub state: String,
+    /// Seconds since the entry was written or, for UDP, since its last packet.
+    pub idle_secs: f64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WhichBackend {
     pub vip: String,
