@@ -2468,4 +2468,60 @@ address = "10.0.0.21"
         }
         assert!(checked > 0, "no *.toml in {}", dir.display());
     }
+
+    #[test]
+    fn flows_defaults_and_every_key() {
+        let c = parse(DATAPLANE, Path::new("t.toml")).unwrap().config;
+        assert_eq!(c.flows, Flows::default());
+        assert_eq!(c.flows.entries, 1 << 20);
+        let text = format!(
+            "{DATAPLANE}[flows]\nentries = 4096\nudp_idle_timeout = \"0s\"\n\
+             insert_rate_limit = 0\nremove_grace = \"2m\"\n"
+        );
+        let c = parse(&text, Path::new("t.toml")).unwrap().config;
+        assert_eq!(
+            c.flows,
+            Flows {
+                entries: 4096,
+                udp_idle_timeout: std::time::Duration::ZERO,
+                insert_rate_limit: 0,
+                remove_grace: std::time::Duration::from_secs(120),
+            }
+        );
+    }
+
+    #[test]
+    fn flows_values_out_of_range_are_named() {
+        let flows = |body: &str| format!("{DATAPLANE}[flows]\n{body}\n");
+        assert_one(
+            &flows("entries = 10"),
+            "flows.entries",
+            &["entries 10 is out of range", "1024", "134217728"],
+        );
+        assert_one(
+            &flows("insert_rate_limit = -1"),
+            "flows.insert_rate_limit",
+            &["out of range"],
+        );
+        assert_one(
+            &flows("udp_idle_timeout = \"30\""),
+            "flows.udp_idle_timeout",
+            &["no unit"],
+        );
+        assert_one(
+            &flows("remove_grace = \"2000m\""),
+            "flows.remove_grace",
+            &["too long", "1440m"],
+        );
+        assert_one(
+            &flows("entries = \"4096\""),
+            "flows.entries",
+            &["whole number without quotes"],
+        );
+        assert_one(
+            &flows("size = 4096"),
+            "flows.size",
+            &["unknown key", "`entries`"],
+        );
+    }
 }

@@ -1355,37 +1355,35 @@ impl<M: Maps> Reconciler<M> {
         self.dry_run(&new)?;
 
         let mut changes = Vec::new();
-        let (old_flows, new_flows) = (&self.config.flows, &new.flows);
-        if old_flows != new_flows {
-            let settings = Settings {
-                flow_insert_rate: new_flows.insert_rate_limit,
-                flow_udp_timeout_ns: u64::try_from(new_flows.udp_idle_timeout.as_nanos())
-                    .unwrap_or(u64::MAX),
-                ..self.settings()
-            };
-            self.dp.set_settings(&settings)?;
-            let mut say = |what: &str, a: String, b: String| {
+        if new.flows != self.config.flows {
+            // Backends already in their grace keep the deadline they were given.
+            let old = std::mem::replace(&mut self.config.flows, new.flows.clone());
+            if let Err(e) = self.dp.set_settings(&self.settings()) {
+                self.config.flows = old;
+                return Err(e.into());
+            }
+            let f = &new.flows;
+            for (what, a, b) in [
+                (
+                    "udp_idle_timeout",
+                    format!("{:?}", old.udp_idle_timeout),
+                    format!("{:?}", f.udp_idle_timeout),
+                ),
+                (
+                    "insert_rate_limit",
+                    old.insert_rate_limit.to_string(),
+                    f.insert_rate_limit.to_string(),
+                ),
+                (
+                    "remove_grace",
+                    format!("{:?}", old.remove_grace),
+                    format!("{:?}", f.remove_grace),
+                ),
+            ] {
                 if a != b {
                     changes.push(format!("flows.{what} {a} -> {b}"));
                 }
-            };
-            say(
-                "udp_idle_timeout",
-                format!("{:?}", old_flows.udp_idle_timeout),
-                format!("{:?}", new_flows.udp_idle_timeout),
-            );
-            say(
-                "insert_rate_limit",
-                old_flows.insert_rate_limit.to_string(),
-                new_flows.insert_rate_limit.to_string(),
-            );
-            say(
-                "remove_grace",
-                format!("{:?}", old_flows.remove_grace),
-                format!("{:?}", new_flows.remove_grace),
-            );
-            // Backends already in their grace keep the deadline they were given.
-            self.config.flows = new_flows.clone();
+            }
         }
         // 1. VIPs that are gone.
         let mut i = 0;
@@ -1918,6 +1916,7 @@ mod tests {
         ring: Vec<u32>,
         vips: HashMap<VipKey, VipInfo>,
         backends: HashMap<u32, BackendInfo>,
+        settings: Settings,
         fail_ring_writes: u32,
     }
 
@@ -1930,7 +1929,8 @@ mod tests {
     }
 
     impl Maps for FakeMaps {
-        fn set_settings(&mut self, _: &Settings) -> Result<(), DataplaneError> {
+        fn set_settings(&mut self, s: &Settings) -> Result<(), DataplaneError> {
+            self.settings = *s;
             Ok(())
         }
         fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
@@ -2553,5 +2553,137 @@ backup = true
         ));
         let after = r.status().unwrap();
         assert_eq!(before.vips, after.vips);
+    }
+
+    /// The flags of `backend`'s map entry in VIP web.
+    fn flags(r: &Reconciler<FakeMaps>, backend: Ipv4Addr) -> u16 {
+        let id = r.vips[0].backend(backend).unwrap().id;
+        r.dp.backends[&id].flags
+    }
+
+    #[tokio::test]
+    async fn a_failed_backend_is_marked_down_after_the_table_without_it_and_cleared_before_it_returns()
+     {
+        let mut r = running(TOML).await;
+        report(&mut r, addr(11), "+").await;
+        report(&mut r, addr(12), "+").await;
+        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY);
+        r.dp.ops.clear();
+        report(&mut r, addr(12), "---").await;
+        let id = r.vips[0].backend(addr(12)).unwrap().id;
+        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY | BACKEND_F_DOWN);
+        let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
+        let mark =
+            r.dp.ops
+                .iter()
+                .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
+        assert!(
+            flip.is_some() && mark > flip,
+            "marked down only once its table is gone: {:?}",
+            r.dp.ops
+        );
+
+        r.dp.ops.clear();
+        report(&mut r, addr(12), "++").await;
+        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY);
+        let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
+        let clear =
+            r.dp.ops
+                .iter()
+                .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
+        assert!(
+            clear.is_some() && clear < flip,
+            "the mark goes before the table that holds it again: {:?}",
+            r.dp.ops
+        );
+    }
+
+    #[tokio::test]
+    async fn keep_last_and_drained_backends_are_not_marked_down() {
+        let mut r = running(TOML).await;
+        // A drained backend keeps its established flows.
+        r.set_drain("web", addr(11), true).await.unwrap();
+        assert_eq!(flags(&r, addr(11)), BACKEND_F_READY);
+        // Every backend fails: keep-last keeps the last table (the backup's), so its flows are
+        // not remapped; the others are out of the table and marked.
+        for a in [11, 12, 13] {
+            report(&mut r, addr(a), "-").await;
+        }
+        assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
+        assert_eq!(flags(&r, addr(13)), BACKEND_F_READY, "kept in the table");
+        assert_eq!(flags(&r, addr(11)), BACKEND_F_READY | BACKEND_F_DOWN);
+        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY | BACKEND_F_DOWN);
+    }
+
+    #[tokio::test]
+    async fn a_removed_backend_stays_ready_for_its_grace_then_is_cleared_and_its_id_reused() {
+        let mut r =
+            running(&TOML.replace("[[vip]]", "[flows]\nremove_grace = \"100ms\"\n\n[[vip]]")).await;
+        let id = r.vips[0].backend(addr(12)).unwrap().id;
+        let msg = r.remove_backend("web", addr(12)).await.unwrap();
+        assert!(msg.contains("100ms"), "{msg}");
+        assert!(!vip_table(&r, "web").contains(&id));
+        assert_eq!(
+            r.dp.backends[&id].flags, BACKEND_F_READY,
+            "its flows keep going to it"
+        );
+        let s = r.status().unwrap();
+        assert_eq!(s.flows.removing.len(), 1);
+        assert_eq!(s.flows.removing[0].backend, "10.0.0.12");
+        let deadline = r.next_removal_deadline().expect("a grace runs");
+
+        // Before the deadline nothing happens; the id is not free.
+        r.expire_removed().unwrap();
+        assert_eq!(r.dp.backends[&id].flags, BACKEND_F_READY);
+        r.reclaim(false).await;
+        assert!(r.backend_ids.used.contains(&id));
+
+        tokio::time::sleep_until(deadline.into()).await;
+        r.expire_removed().unwrap();
+        assert_eq!(
+            r.dp.backends[&id].flags, 0,
+            "cleared: its flows are remapped"
+        );
+        assert_eq!(r.next_removal_deadline(), None);
+        assert!(r.status().unwrap().flows.removing.is_empty());
+        // Reused once packets that read the entry are gone.
+        r.reclaim(true).await;
+        r.add_backend("web", addr(14), 1, false).await.unwrap();
+        assert_eq!(r.vips[0].backend(addr(14)).unwrap().id, id);
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_flow_settings_live_but_refuses_a_new_table_size() {
+        let mut r = running(TOML).await;
+        assert_eq!(r.dp.settings.flow_insert_rate, 100_000);
+        assert_eq!(r.dp.settings.flow_udp_timeout_ns, 30_000_000_000);
+        let changed = TOML.replace(
+            "[[vip]]",
+            "[flows]\nudp_idle_timeout = \"2m\"\ninsert_rate_limit = 500\nremove_grace = \"5s\"\n\n[[vip]]",
+        );
+        let changes = r.apply_config(parse(&changed)).await.unwrap();
+        assert_eq!(
+            changes,
+            [
+                "flows.udp_idle_timeout 30s -> 120s",
+                "flows.insert_rate_limit 100000 -> 500",
+                "flows.remove_grace 60s -> 5s"
+            ]
+        );
+        assert_eq!(r.dp.settings.flow_insert_rate, 500);
+        assert_eq!(r.dp.settings.flow_udp_timeout_ns, 120_000_000_000);
+        assert_eq!(
+            r.dp.settings.iface_mac,
+            mac(1),
+            "the rest of the settings kept"
+        );
+
+        let resized = changed.replace("[flows]", "[flows]\nentries = 2048");
+        let e = r.apply_config(parse(&resized)).await.unwrap_err();
+        assert!(
+            matches!(&e, ReconcileError::NeedsRestart(m) if m.contains("flows.entries")),
+            "{e}"
+        );
+        assert_eq!(r.dp.settings.flow_insert_rate, 500, "nothing applied");
     }
 }
