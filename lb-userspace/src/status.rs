@@ -1,5 +1,5 @@
-//! What `xdplb status` and `xdplb which-backend` show: the JSON model the agent's API returns, and
-//! its rendering for a terminal (in the spirit of `ipvsadm -Ln --stats`).
+//! What `xdplb status`, `xdplb flows` and `xdplb which-backend` show: the JSON model the agent's
+//! API returns, and its rendering for a terminal (in the spirit of `ipvsadm -Ln --stats`).
 
 use std::fmt::Write as _;
 
@@ -197,12 +197,14 @@ pub struct WhichBackend {
 
 /// Renders the status for a terminal, in the spirit of `ipvsadm -Ln --stats --rate`: a line about
 /// the agent; a table with a line per service and an indented `->` line per backend, on one grid
-/// of columns (the two heading lines name the columns of each); then the totals per reason.
+/// of columns (the two heading lines name the columns of each); then the totals per reason; then
+/// the connection table (see `render_flow_table`).
 ///
-/// Units: `Pkt/s` is packets per second and `bit/s` is bits per second (the agent's bytes per
-/// second times 8), both over the agent's last sampling period; `Packets` and `Bytes` are totals
-/// since the counters were created. The four are shortened with decimal prefixes (K = 10^3,
-/// M = 10^6, G, T, P, E); `xdplb status --json` has the exact figures.
+/// Units: `Conn/s` is new flows per second (TCP SYNs, and UDP packets the connection table had
+/// no live entry for), `Pkt/s` packets per second and `bit/s` bits per second (the agent's bytes
+/// per second times 8), all over the agent's last sampling period; `Packets` and `Bytes` are
+/// totals since the counters were created. The five are shortened with decimal prefixes
+/// (K = 10^3, M = 10^6, G, T, P, E); `xdplb status --json` has the exact figures.
 ///
 /// A service's line ends with what its table is built from when that is not the healthy
 /// primaries (`[BACKUP]`, `[ALL DOWN: keep-last]`, `[NO BACKEND]`); a backend's line ends with its
@@ -230,13 +232,16 @@ pub fn render(s: &Status) -> String {
         Row {
             lead: "Prot Service".into(),
             mid: Mid::Span("Name".into()),
-            cols: ["Table", "Usable", "Pkt/s", "bit/s", "Packets", "Bytes"].map(String::from),
+            cols: [
+                "Table", "Usable", "Conn/s", "Pkt/s", "bit/s", "Packets", "Bytes",
+            ]
+            .map(String::from),
             tail: "Serving".into(),
         },
         Row {
             lead: "  -> Backend".into(),
             mid: Mid::Split("State".into(), "Weight".into()),
-            cols: ["Slots", "Share", "", "", "", ""].map(String::from),
+            cols: ["Slots", "Share", "", "", "", "", ""].map(String::from),
             tail: "Health".into(),
         },
     ];
@@ -247,6 +252,7 @@ pub fn render(s: &Status) -> String {
             cols: [
                 v.table_size.to_string(),
                 format!("{}/{}", v.usable_backends, v.backends.len()),
+                human(v.fps),
                 human(v.pps),
                 human(v.bps * 8.0),
                 human(v.packets as f64),
@@ -261,6 +267,7 @@ pub fn render(s: &Status) -> String {
                 cols: [
                     b.slots.to_string(),
                     format!("{:.1}%", b.share * 100.0),
+                    human(b.fps),
                     human(b.pps),
                     human(b.bps * 8.0),
                     human(b.packets as f64),
@@ -288,8 +295,88 @@ pub fn render(s: &Status) -> String {
             r.reason, r.action, r.packets, r.bytes
         );
     }
+    // An agent from before the connection table sends none of it.
+    if !s.flows.events.is_empty() {
+        let _ = writeln!(out);
+        render_flow_table(&mut out, &s.flows);
+    }
     out
 }
+
+/// The connection table's part of `xdplb status`: its capacity and hit ratio, its settings, the
+/// total of every event (in the data path's order, on the grid of the reasons above), then a line
+/// per backend removed from its VIP whose established flows still go to it.
+///
+/// The hit ratio is the share of lookups (every packet to a VIP but a TCP SYN) that went to the
+/// remembered backend: hit / (hit + miss + remapped + expired). Remapped and expired lookups
+/// found an entry that could not be honoured; leaving them out (hit / (hit + miss)) would hide a
+/// table whose entries keep pointing at failed backends or outlive the UDP timeout. `-` before
+/// the first lookup.
+fn render_flow_table(out: &mut String, f: &FlowTableStatus) {
+    let count = |name: &str| {
+        f.events
+            .iter()
+            .find(|e| e.event == name)
+            .map_or(0, |e| e.count)
+    };
+    let hit = count("hit");
+    let lookups = hit + count("miss") + count("remapped") + count("expired");
+    let ratio = if lookups == 0 {
+        "- (no lookups yet)".to_string()
+    } else if hit == lookups {
+        format!("100% of {} lookups", human(lookups as f64))
+    } else {
+        // Never rounded up to 100%: that would claim no lookup went astray.
+        format!(
+            "{:.1}% of {} lookups",
+            (100.0 * hit as f64 / lookups as f64).min(99.9),
+            human(lookups as f64)
+        )
+    };
+    let _ = writeln!(
+        out,
+        "Connection table  capacity {}  hit ratio {ratio}",
+        f.capacity
+    );
+    let _ = writeln!(
+        out,
+        "udp idle timeout {}  insert bound {}  remove grace {}",
+        if f.udp_idle_timeout_secs == 0.0 {
+            "never".to_string()
+        } else {
+            fmt_secs(f.udp_idle_timeout_secs)
+        },
+        if f.insert_rate_limit == 0 {
+            "none".to_string()
+        } else {
+            format!("{}/s per CPU", f.insert_rate_limit)
+        },
+        fmt_secs(f.remove_grace_secs),
+    );
+    let _ = writeln!(out, "{:<24} {:>12}", "Flow event", "Count");
+    for e in &f.events {
+        let _ = writeln!(out, "{:<24} {:>12}", e.event, e.count);
+    }
+    for r in &f.removing {
+        let left = if r.remaining_secs > 0.0 {
+            // Rounded up: "0s more" would read as already over.
+            format!(
+                "flows stay for {} more",
+                fmt_duration(r.remaining_secs.ceil() as u64)
+            )
+        } else {
+            "its flows are being remapped".to_string()
+        };
+        let _ = writeln!(
+            out,
+            "backend {} of vip {}: removed, {left}",
+            r.backend, r.vip
+        );
+    }
+}
+
+/// Figure columns of the services table.
+const FIGURES: usize = 7;
 
 /// One line of the services table.
 struct Row {
@@ -297,7 +384,7 @@ struct Row {
     lead: String,
     mid: Mid,
     /// Right-aligned figures.
-    cols: [String; 6],
+    cols: [String; FIGURES],
     /// Free text at the end of the line (not padded).
     tail: String,
 }
@@ -313,7 +400,7 @@ fn render_rows(out: &mut String, rows: &[Row]) {
     let width = |s: &str| s.chars().count();
     let lead_w = rows.iter().map(|r| width(&r.lead)).max().unwrap_or(0);
     let (mut state_w, mut weight_w, mut span_w) = (0, 0, 0);
-    let mut col_w = [0; 6];
+    let mut col_w = [0; FIGURES];
     for r in rows {
         match &r.mid {
             Mid::Span(name) => span_w = span_w.max(width(name)),
@@ -454,6 +541,92 @@ pub fn render_which(w: &WhichBackend) -> String {
     }
 }
 
+/// Renders a sample of the connection table (`xdplb flows`): a line per flow, then what the
+/// sample covers. `limit` is the most flows asked for: fewer means the walk read the whole
+/// table, so every matching flow is shown; as many means more may follow.
+///
+/// `Updated` is how long ago the entry was written: for UDP by the flow's last packet, for TCP
+/// by its SYN (or the packet that remapped it), so it is a UDP flow's idle time but a TCP
+/// flow's age; the data path does not track TCP idleness.
+pub fn render_flows(r: &FlowsReport, limit: usize) -> String {
+    let mut rows: Vec<[String; 6]> =
+        vec![["Client", "Service", "VIP", "Backend", "State", "Updated"].map(String::from)];
+    for f in &r.flows {
+        rows.push([
+            f.client.clone(),
+            f.service.clone(),
+            f.vip.clone().unwrap_or_else(|| "-".into()),
+            // The id is all that is left of a backend no longer in its VIP; it tells two such
+            // flows apart.
+            f.backend
+                .clone()
+                .unwrap_or_else(|| format!("- (id {})", f.backend_id)),
+            f.state.to_uppercase(),
+            fmt_ago(f.idle_secs),
+        ]);
+    }
+    let mut width = [0; 6];
+    for row in &rows {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    if r.flows.is_empty() {
+        let _ = writeln!(out, "(no flows)");
+    } else {
+        for row in &rows {
+            let mut line = String::new();
+            for (i, (w, c)) in width.iter().zip(row).enumerate() {
+                // The time, the only figure, is right-aligned.
+                if i == 5 {
+                    let _ = write!(line, "{c:>w$}");
+                } else {
+                    let _ = write!(line, "{c:<w$}  ");
+                }
+            }
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+    }
+    let n = r.flows.len();
+    let flows = if n == 1 { "flow" } else { "flows" };
+    if n < limit {
+        let _ = writeln!(
+            out,
+            "showing {n} {flows}, all found in the table's {} entries; capacity {}",
+            r.scanned, r.capacity
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "showing {n} {flows}, the first found in {} entries scanned (there may be more: \
+             --limit); capacity {}",
+            r.scanned, r.capacity
+        );
+    }
+    out
+}
+
+/// How long ago a flow's entry was written: `0.3s ago`, `12s ago`, `5m3s ago`.
+fn fmt_ago(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        "-".into()
+    } else if secs < 9.95 {
+        format!("{secs:.1}s ago")
+    } else {
+        format!("{} ago", fmt_duration(secs.round() as u64))
+    }
+}
+
+/// A setting's duration: `30s`, `1m0s`, `500ms`, `1.50s`.
+fn fmt_secs(secs: f64) -> String {
+    if secs.fract() == 0.0 {
+        fmt_duration(secs as u64)
+    } else {
+        fmt_latency(secs * 1000.0)
+    }
+}
+
 fn fmt_duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     if d > 0 {
@@ -520,6 +693,7 @@ mod tests {
         up.slots = 65537;
         up.share = 1.0;
         (up.packets, up.bytes, up.pps, up.bps) = (1_234_567, 987_654_321, 1520.0, 1_540_000.0);
+        (up.new_flows, up.fps) = (81_234, 1234.0);
         Status {
             version: "0.1.0".into(),
             interface: "eth0".into(),
@@ -545,8 +719,8 @@ mod tests {
                     bytes: 987_654_321,
                     pps: 1520.0,
                     bps: 1_540_000.0,
-                    new_flows: 0,
-                    fps: 0.0,
+                    new_flows: 81_234,
+                    fps: 1234.0,
                     backends: vec![
                         up,
                         backend(
@@ -587,8 +761,8 @@ mod tests {
                     bytes: 4200,
                     pps: 0.5,
                     bps: 50.0,
-                    new_flows: 0,
-                    fps: 0.0,
+                    new_flows: 40,
+                    fps: 0.5,
                     backends: vec![BackendStatus {
                         in_table: true,
                         slots: 251,
@@ -597,8 +771,8 @@ mod tests {
                         bytes: 4200,
                         pps: 0.5,
                         bps: 50.0,
-                        new_flows: 0,
-                        fps: 0.0,
+                        new_flows: 40,
+                        fps: 0.5,
                         ..backend(
                             "10.0.0.31",
                             "down",
@@ -636,8 +810,38 @@ mod tests {
                 packets: 3,
                 bytes: 180,
             }],
-            flows: Default::default(),
+            flows: FlowTableStatus {
+                capacity: 1_048_576,
+                udp_idle_timeout_secs: 30.0,
+                insert_rate_limit: 100_000,
+                remove_grace_secs: 60.0,
+                events: events(&[
+                    ("hit", 990),
+                    ("miss", 4),
+                    ("syn", 81_274),
+                    ("insert", 81_277),
+                    ("insert_rate_limited", 1),
+                    ("remapped", 5),
+                    ("expired", 1),
+                    ("insert_failed", 0),
+                ]),
+                removing: vec![RemovingStatus {
+                    vip: "web".into(),
+                    backend: "10.0.0.14".into(),
+                    remaining_secs: 41.3,
+                }],
+            },
         }
+    }
+
+    fn events(counts: &[(&str, u64)]) -> Vec<FlowEventStatus> {
+        counts
+            .iter()
+            .map(|(event, count)| FlowEventStatus {
+                event: event.to_string(),
+                count: *count,
+            })
+            .collect()
     }
 
     /// The line of the table that starts with `lead`.
@@ -727,11 +931,11 @@ mod tests {
         for l in table[2..].iter().filter(|l| l.starts_with("  ->")) {
             assert_eq!(l.as_bytes()[share - 1], b'%', "{l:?}\n{text}");
         }
-        // Even with the widest state and an operator's weight, the grid leaves room for a health
-        // check's usual words within 120 columns; only a long detail (the last column) goes
-        // past it.
+        // Even with the widest state and an operator's weight side by side, seven figure columns
+        // leave room for a health check's usual words (`tcp:8080 connected 0.3ms`) within 125
+        // columns; only a long detail (the last column) goes past it.
         let tail = table[0].find("Serving").unwrap();
-        assert!(tail <= 95, "the last column starts at {tail}\n{text}");
+        assert!(tail <= 101, "the last column starts at {tail}\n{text}");
         assert_eq!(table[1].find("Health"), Some(tail), "{text}");
         for l in text.lines().filter(|l| !table.contains(l)) {
             assert!(
@@ -785,6 +989,250 @@ mod tests {
             ..w
         };
         assert!(render_which(&none).contains("-> no backend"));
+    }
+
+    #[test]
+    fn new_flows_per_second_sit_before_the_packet_rates() {
+        let text = render(&sample());
+        let head = line(&text, "Prot Service");
+        let conn = head.find("Conn/s").unwrap();
+        assert!(conn < head.find("Pkt/s").unwrap(), "{head}");
+        let end = conn + "Conn/s".len();
+        for (lead, want) in [
+            ("TCP  10.0.0.100:80", "1.2K"),
+            ("  -> 10.0.0.11", "1.2K"),
+            ("UDP  10.0.0.101:53", "0.5"),
+            ("  -> 10.0.0.31", "0.5"),
+            ("  -> 10.0.0.12", "0"),
+        ] {
+            let l = line(&text, lead);
+            assert_eq!(&l[end - want.len()..end], want, "{l}\n{text}");
+            assert_eq!(l.as_bytes()[end - want.len() - 1], b' ', "{l}");
+        }
+    }
+
+    #[test]
+    fn renders_the_connection_table_after_the_reasons() {
+        let text = render(&sample());
+        let section = &text[text.find("Connection table").expect("no section")..];
+        assert!(
+            text.find("pass_not_vip").unwrap() < text.find("Connection table").unwrap(),
+            "{text}"
+        );
+        let lines: Vec<&str> = section.lines().collect();
+        assert_eq!(
+            lines[0],
+            "Connection table  capacity 1048576  hit ratio 99.0% of 1.0K lookups"
+        );
+        assert_eq!(
+            lines[1],
+            "udp idle timeout 30s  insert bound 100000/s per CPU  remove grace 1m0s"
+        );
+        assert_eq!(lines[2], format!("{:<24} {:>12}", "Flow event", "Count"));
+        // Every event in the data path's order, on the grid of the reasons table.
+        let rows: Vec<(&str, &str)> = lines[3..11]
+            .iter()
+            .map(|l| {
+                assert_eq!(l.len(), 37, "{l:?}");
+                (l[..24].trim_end(), l[25..].trim_start())
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("hit", "990"),
+                ("miss", "4"),
+                ("syn", "81274"),
+                ("insert", "81277"),
+                ("insert_rate_limited", "1"),
+                ("remapped", "5"),
+                ("expired", "1"),
+                ("insert_failed", "0"),
+            ]
+        );
+        assert_eq!(
+            lines[11],
+            "backend 10.0.0.14 of vip web: removed, flows stay for 42s more"
+        );
+        assert_eq!(lines.len(), 12, "{section}");
+    }
+
+    #[test]
+    fn the_hit_ratio_counts_every_lookup_and_never_rounds_up_to_all() {
+        let ratio = |counts: &[(&str, u64)]| {
+            let mut s = sample();
+            s.flows.events = events(counts);
+            let text = render(&s);
+            line(&text, "Connection table").to_string()
+        };
+        // SYNs are decided without a lookup; remapped and expired ones found an entry they
+        // could not use.
+        assert!(
+            ratio(&[("hit", 0), ("syn", 50)]).ends_with("hit ratio - (no lookups yet)"),
+            "{}",
+            ratio(&[("syn", 50)])
+        );
+        assert!(ratio(&[("hit", 7), ("syn", 50)]).ends_with("hit ratio 100% of 7 lookups"));
+        assert!(
+            ratio(&[("hit", 1), ("miss", 1), ("remapped", 1), ("expired", 1)])
+                .ends_with("hit ratio 25.0% of 4 lookups")
+        );
+        assert!(
+            ratio(&[("hit", 99_999), ("remapped", 1)]).ends_with("hit ratio 99.9% of 100K lookups")
+        );
+    }
+
+    #[test]
+    fn connection_table_settings_and_grace_in_words() {
+        let mut s = sample();
+        s.flows.udp_idle_timeout_secs = 0.0;
+        s.flows.insert_rate_limit = 0;
+        s.flows.remove_grace_secs = 0.5;
+        s.flows.removing.push(RemovingStatus {
+            vip: "dns".into(),
+            backend: "10.0.0.32".into(),
+            remaining_secs: 0.0,
+        });
+        s.flows.removing[0].remaining_secs = 3599.2;
+        let text = render(&s);
+        assert!(
+            text.lines()
+                .any(|l| l == "udp idle timeout never  insert bound none  remove grace 500ms"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "backend 10.0.0.14 of vip web: removed, flows stay for 1h0m0s more"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "backend 10.0.0.32 of vip dns: removed, its flows are being remapped"),
+            "{text}"
+        );
+        assert_eq!(fmt_secs(30.0), "30s");
+        assert_eq!(fmt_secs(90.0), "1m30s");
+        assert_eq!(fmt_secs(1.5), "1.50s");
+    }
+
+    #[test]
+    fn an_agent_without_a_connection_table_gets_no_section() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("flows");
+        let s: Status = serde_json::from_value(v).unwrap();
+        let text = render(&s);
+        assert!(!text.contains("Connection table"), "{text}");
+        assert!(text.ends_with(&format!(
+            "{:<24} {:<6} {:>12} {:>14}\n",
+            "pass_not_vip", "pass", 3, 180
+        )));
+    }
+
+    fn flows_report() -> FlowsReport {
+        let flow = |client: &str, backend: Option<&str>, state: &str, idle_secs: f64| FlowStatus {
+            client: client.into(),
+            service: "10.0.0.100:80/tcp".into(),
+            vip: Some("web".into()),
+            backend_id: 3,
+            backend: backend.map(String::from),
+            state: state.into(),
+            idle_secs,
+        };
+        FlowsReport {
+            capacity: 1_048_576,
+            scanned: 1200,
+            flows: vec![
+                flow("192.0.2.1:40000", Some("10.0.0.11"), "stays", 0.31),
+                flow("192.0.2.200:61234", Some("10.0.0.14"), "removing", 125.4),
+                FlowStatus {
+                    service: "10.0.0.101:53/udp".into(),
+                    vip: None,
+                    backend: None,
+                    ..flow("198.51.100.7:5353", None, "expired", 31.0)
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn renders_flows_as_a_table_with_what_the_sample_covers() {
+        let text = render_flows(&flows_report(), 100);
+        println!("{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let head = lines[0];
+        for (l, cells) in lines[1..4].iter().zip([
+            [
+                "192.0.2.1:40000",
+                "10.0.0.100:80/tcp",
+                "web",
+                "10.0.0.11",
+                "STAYS",
+                "0.3s ago",
+            ],
+            [
+                "192.0.2.200:61234",
+                "10.0.0.100:80/tcp",
+                "web",
+                "10.0.0.14",
+                "REMOVING",
+                "2m5s ago",
+            ],
+            [
+                "198.51.100.7:5353",
+                "10.0.0.101:53/udp",
+                "-",
+                "- (id 3)",
+                "EXPIRED",
+                "31s ago",
+            ],
+        ]) {
+            // Each text cell starts under its heading; the time ends under its own.
+            for (cell, heading) in cells[..5]
+                .iter()
+                .zip(["Client", "Service", "VIP", "Backend", "State"])
+            {
+                let at = head.find(heading).unwrap();
+                assert!(
+                    l[at..].starts_with(cell),
+                    "{cell:?} under {heading}\n{text}"
+                );
+            }
+            assert!(l.ends_with(cells[5]), "{l}");
+            assert_eq!(l.len(), head.len(), "{text}");
+        }
+        assert_eq!(
+            lines[4],
+            "showing 3 flows, all found in the table's 1200 entries; capacity 1048576"
+        );
+    }
+
+    #[test]
+    fn a_full_sample_says_there_may_be_more() {
+        let text = render_flows(&flows_report(), 3);
+        assert!(
+            text.ends_with(
+                "showing 3 flows, the first found in 1200 entries scanned (there may be more: \
+                 --limit); capacity 1048576\n"
+            ),
+            "{text}"
+        );
+        let empty = FlowsReport {
+            scanned: 0,
+            flows: Vec::new(),
+            ..flows_report()
+        };
+        assert_eq!(
+            render_flows(&empty, 100),
+            "(no flows)\nshowing 0 flows, all found in the table's 0 entries; capacity 1048576\n"
+        );
+        let one = FlowsReport {
+            flows: flows_report().flows[..1].to_vec(),
+            ..flows_report()
+        };
+        assert!(render_flows(&one, 100).contains("showing 1 flow,"));
+        assert_eq!(fmt_ago(9.96), "10s ago");
+        assert_eq!(fmt_ago(f64::NAN), "-");
     }
 
     #[test]
