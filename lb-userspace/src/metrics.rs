@@ -2,8 +2,9 @@
 //!
 //! Names follow Prometheus conventions: `xdplb_` prefix, `_total` for counters, base units
 //! (bytes, seconds). Every series of a VIP carries `vip` (its name) and `service`
-//! (`address:port/protocol`); backend series add `backend` (its address). The figures are the
-//! same ones `xdplb status` shows, read from the kernel's maps at scrape time.
+//! (`address:port/protocol`); backend series add `backend` (its address). The connection table's
+//! series (`xdplb_flow_table_*`) belong to the whole data path and carry no VIP. The figures are
+//! the same ones `xdplb status` shows, read from the kernel's maps at scrape time.
 //!
 //! States are exposed as enums-as-labels: one gauge per possible value, 1 for the current one
 //! and 0 for the others (`xdplb_backend_state{state="down"} 1`), so a series exists before its
@@ -16,7 +17,7 @@ use std::{
     fmt::Write as _,
 };
 
-use crate::status::{BackendStatus, ReasonStatus, Status, VipStatus};
+use crate::status::{BackendStatus, FlowTableStatus, ReasonStatus, Status, VipStatus};
 
 /// Every value of `BackendStatus::state`.
 const BACKEND_STATES: [&str; 5] = ["up", "down", "draining", "backup", "unresolved"];
@@ -153,6 +154,14 @@ pub fn render(s: &Status) -> String {
     );
     family(
         &mut out,
+        "xdplb_vip_new_flows_total",
+        "counter",
+        "New flows of the service: TCP SYNs, and UDP packets the connection table had no live \
+         entry for.",
+        &per_vip(&|v| v.new_flows.to_string()),
+    );
+    family(
+        &mut out,
         "xdplb_vip_usable_backends",
         "gauge",
         "Backends the service's live table was built with.",
@@ -211,6 +220,14 @@ pub fn render(s: &Status) -> String {
         "counter",
         "Bytes forwarded to the backend for the service.",
         &per_backend(&|b| b.bytes.to_string()),
+    );
+    family(
+        &mut out,
+        "xdplb_backend_new_flows_total",
+        "counter",
+        "New flows of the service sent to the backend: TCP SYNs, and UDP packets the connection \
+         table had no live entry for.",
+        &per_backend(&|b| b.new_flows.to_string()),
     );
     family(
         &mut out,
@@ -343,7 +360,42 @@ pub fn render(s: &Status) -> String {
         "Bytes the data path decided on, by reason and action.",
         &per_reason(&|r| r.bytes.to_string()),
     );
+    flow_table(&mut out, &s.flows);
     out
+}
+
+/// The connection table's families.
+fn flow_table(out: &mut String, f: &FlowTableStatus) {
+    family(
+        out,
+        "xdplb_flow_table_capacity",
+        "gauge",
+        "Entries the connection table holds at most, all CPUs together ([flows] entries).",
+        &[(String::new(), f.capacity.to_string())],
+    );
+    family(
+        out,
+        "xdplb_flow_table_events_total",
+        "counter",
+        "What the connection table did, by event: hit (a packet went to its flow's remembered \
+         backend), miss (no entry: the service's table decided), syn (a TCP SYN, decided by the \
+         table without a lookup), insert (an entry written), insert_rate_limited (not written: \
+         the CPU's insert bound for the second was spent), remapped (the remembered backend \
+         failed, is gone or left the service: the table decided again), expired (a UDP entry \
+         idle past the timeout: decided again), insert_failed (the kernel refused the write).",
+        &f.events
+            .iter()
+            .map(|e| (format!("event=\"{}\"", esc(&e.event)), e.count.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "xdplb_flow_table_removing_backends",
+        "gauge",
+        "Backends removed from a service whose established flows still go to them, until \
+         [flows] remove_grace ends.",
+        &[(String::new(), f.removing.len().to_string())],
+    );
 }
 
 /// One sample of the exposition, as a strict reader sees it.
@@ -524,8 +576,10 @@ pub fn parse(text: &str) -> Result<(Vec<Sample>, HashMap<String, String>), Strin
 
 #[cfg(test)]
 mod tests {
+    use lb_common::flows::FlowStat;
+
     use super::*;
-    use crate::status::HealthStatus;
+    use crate::status::{FlowEventStatus, HealthStatus, RemovingStatus};
 
     fn health(check: &str, state: &str, latency_ms: Option<f64>) -> HealthStatus {
         HealthStatus {
@@ -590,8 +644,8 @@ mod tests {
                     bytes: 64000,
                     pps: 10.0,
                     bps: 640.0,
-                    new_flows: 0,
-                    fps: 0.0,
+                    new_flows: 250,
+                    fps: 2.5,
                     backends: vec![
                         BackendStatus {
                             weight: 3,
@@ -602,8 +656,8 @@ mod tests {
                             bytes: 64000,
                             pps: 10.0,
                             bps: 640.0,
-                            new_flows: 0,
-                            fps: 0.0,
+                            new_flows: 240,
+                            fps: 2.4,
                             ..backend("10.0.0.11", "up", health("tcp", "up", Some(0.25)))
                         },
                         BackendStatus {
@@ -650,7 +704,25 @@ mod tests {
                 packets: 5,
                 bytes: 300,
             }],
-            flows: Default::default(),
+            flows: FlowTableStatus {
+                capacity: 1_048_576,
+                udp_idle_timeout_secs: 30.0,
+                insert_rate_limit: 100_000,
+                remove_grace_secs: 60.0,
+                events: FlowStat::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| FlowEventStatus {
+                        event: e.name().to_string(),
+                        count: 1000 + i as u64,
+                    })
+                    .collect(),
+                removing: vec![RemovingStatus {
+                    vip: "web \"main\"".into(),
+                    backend: "10.0.0.15".into(),
+                    remaining_secs: 12.5,
+                }],
+            },
         }
     }
 
@@ -679,6 +751,9 @@ mod tests {
             "xdplb_health_transitions_total 5".into(),
             format!("xdplb_vip_packets_total{{{vip}}} 1000"),
             format!("xdplb_vip_bytes_total{{{vip}}} 64000"),
+            format!("xdplb_vip_new_flows_total{{{vip}}} 250"),
+            format!(r#"xdplb_backend_new_flows_total{{{vip},backend="10.0.0.11"}} 240"#),
+            format!(r#"xdplb_backend_new_flows_total{{{vip},backend="10.0.0.12"}} 0"#),
             format!("xdplb_vip_usable_backends{{{vip}}} 1"),
             format!(r#"xdplb_vip_serving{{{vip},serving="ok"}} 1"#),
             format!(r#"xdplb_vip_serving{{{vip},serving="keep_last"}} 0"#),
@@ -701,6 +776,10 @@ mod tests {
             r#"xdplb_vip_serving{vip="dns\\a\nb",service="10.0.0.101:53/udp",serving="keep_last"} 1"#.into(),
             r#"xdplb_reason_packets_total{reason="pass_not_vip",action="pass"} 5"#.into(),
             r#"xdplb_reason_bytes_total{reason="pass_not_vip",action="pass"} 300"#.into(),
+            "xdplb_flow_table_capacity 1048576".into(),
+            r#"xdplb_flow_table_events_total{event="hit"} 1000"#.into(),
+            r#"xdplb_flow_table_events_total{event="insert_failed"} 1007"#.into(),
+            "xdplb_flow_table_removing_backends 1".into(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
@@ -741,6 +820,11 @@ mod tests {
             "xdplb_backend_config_weight",
             "xdplb_vip_serving",
             "xdplb_health_transitions_total",
+            "xdplb_vip_new_flows_total",
+            "xdplb_backend_new_flows_total",
+            "xdplb_flow_table_capacity",
+            "xdplb_flow_table_events_total",
+            "xdplb_flow_table_removing_backends",
         ] {
             assert!(declared.contains(&name), "no family {name}");
         }
@@ -816,6 +900,71 @@ mod tests {
         }
         // No rates: Prometheus derives them from the counters.
         assert!(!samples.iter().any(|s| s.name.contains("per_second")));
+    }
+
+    #[test]
+    fn the_connection_table_parses_with_every_event_once() {
+        let s = status();
+        let text = render(&s);
+        let (samples, types) = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(types["xdplb_flow_table_events_total"], "counter");
+        assert_eq!(types["xdplb_flow_table_capacity"], "gauge");
+        assert_eq!(types["xdplb_flow_table_removing_backends"], "gauge");
+        assert_eq!(types["xdplb_vip_new_flows_total"], "counter");
+        assert_eq!(types["xdplb_backend_new_flows_total"], "counter");
+        // Every event of the data path, in its order, and nothing else.
+        let events: Vec<(&str, f64)> = samples
+            .iter()
+            .filter(|x| x.name == "xdplb_flow_table_events_total")
+            .map(|x| {
+                assert_eq!(x.labels.len(), 1, "{:?}", x.labels);
+                assert_eq!(x.labels[0].0, "event");
+                (x.labels[0].1.as_str(), x.value)
+            })
+            .collect();
+        let want: Vec<(&str, f64)> = FlowStat::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name(), 1000.0 + i as f64))
+            .collect();
+        assert_eq!(events, want);
+        assert_eq!(
+            value(&samples, "xdplb_flow_table_capacity", &[]),
+            Some(1_048_576.0)
+        );
+        assert_eq!(
+            value(&samples, "xdplb_flow_table_removing_backends", &[]),
+            Some(1.0)
+        );
+        // New flows on every service and backend, with the labels of their packets.
+        for v in &s.vips {
+            let svc = format!("{}:{}/{}", v.address, v.port, v.protocol);
+            let vl = [("vip", v.name.as_str()), ("service", &svc)];
+            assert_eq!(
+                value(&samples, "xdplb_vip_new_flows_total", &vl),
+                Some(v.new_flows as f64)
+            );
+            for b in &v.backends {
+                let mut bl = vl.to_vec();
+                bl.push(("backend", &b.address));
+                assert_eq!(
+                    value(&samples, "xdplb_backend_new_flows_total", &bl),
+                    Some(b.new_flows as f64),
+                    "{}",
+                    b.address
+                );
+            }
+        }
+        // Nothing removed reads 0 rather than an absent series (alerts compare it), and a
+        // family without samples still parses.
+        let mut quiet = status();
+        quiet.flows = FlowTableStatus::default();
+        let text = render(&quiet);
+        let (samples, _) = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            value(&samples, "xdplb_flow_table_removing_backends", &[]),
+            Some(0.0)
+        );
     }
 
     #[test]
