@@ -522,6 +522,9 @@ async fn handle(rec: &mut Reconciler, req: Request, config_path: Option<&Path>) 
         } => {
             let _ = reply.send(rec.which_backend(vip, proto, src).map_err(failure));
         }
+        Request::Flows { vip, limit, reply } => {
+            let _ = reply.send(rec.flows(vip.as_deref(), limit).map_err(failure));
+        }
         Request::SetLogLevel { level, reply } => {
             let r = rec.set_log_level(level).map_err(failure);
             if r.is_ok() {

@@ -5,6 +5,9 @@
 //! - `GET /v1/status` -> [`Status`]
 //! - `GET /metrics` -> the Prometheus exposition (text)
 //! - `GET /v1/which-backend?vip=ADDR:PORT/PROTO&src=ADDR:PORT` -> [`WhichBackend`]
+//! - `GET /v1/flows?vip=VIP&limit=N` -> [`FlowsReport`]: up to `N` flows of the connection table
+//!   (default [`DEFAULT_FLOWS_LIMIT`], at most [`MAX_FLOWS_LIMIT`]), of one VIP (name or
+//!   `ADDR:PORT/PROTO`) or, without `vip`, of all
 //! - `PUT /v1/log-level` with `{"level": "debug"}` -> `{"level": "debug"}`
 //! - Operator changes, each `POST` with a JSON body, answered `{"message": "..."}` once the change
 //!   is live in the data path (VIPs are named by name or `ADDR:PORT/PROTO`):
@@ -78,7 +81,7 @@ use tracing::{info, warn};
 use crate::{
     config::Protocol,
     logging::LogLevel,
-    status::{Status, WhichBackend},
+    status::{FlowsReport, Status, WhichBackend},
 };
 
 /// Why the agent could not answer a request: the HTTP status and the message for the client.
@@ -118,6 +121,12 @@ pub enum Request {
     SetLogLevel {
         level: LogLevel,
         reply: oneshot::Sender<Result<(), Failure>>,
+    },
+    /// Up to `limit` flows of the connection table, of `vip` (name or `ADDR:PORT/PROTO`) or all.
+    Flows {
+        vip: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Result<FlowsReport, Failure>>,
     },
     Drain {
         vip: String,
@@ -434,6 +443,7 @@ fn router(tx: mpsc::Sender<Request>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/which-backend", get(which_backend))
+        .route("/v1/flows", get(flows))
         .route("/v1/log-level", put(log_level))
         .route("/v1/backend/drain", post(backend_drain))
         .route("/v1/backend/undrain", post(backend_undrain))
@@ -580,6 +590,63 @@ async fn which_backend(
     .await
     {
         Ok(w) => Json(w).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Flows `GET /v1/flows` returns when the query sets no `limit`.
+pub const DEFAULT_FLOWS_LIMIT: usize = 100;
+/// The most flows one request may ask for: the agent reads the table while every other request
+/// and health report waits, and the answer is held in memory twice (the entries, their JSON).
+pub const MAX_FLOWS_LIMIT: usize = 100_000;
+
+/// `GET /v1/flows`' query as it came. `limit` is text so that a bad one is answered with the
+/// allowed range rather than serde's words about integers.
+#[derive(Deserialize)]
+struct FlowsQuery {
+    vip: Option<String>,
+    limit: Option<String>,
+}
+
+/// The VIP (if any) and the limit of a flows query, or what is wrong with it (answered 400).
+fn flows_query(q: FlowsQuery) -> Result<(Option<String>, usize), String> {
+    let vip = match q.vip {
+        Some(v) if v.trim().is_empty() => {
+            return Err(
+                "vip: empty; name a VIP (its name or ADDRESS:PORT/PROTO), or leave vip out for \
+                 every VIP's flows"
+                    .to_string(),
+            );
+        }
+        v => v,
+    };
+    let limit = match q.limit {
+        None => DEFAULT_FLOWS_LIMIT,
+        Some(text) => match text.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_FLOWS_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "limit: `{text}` is not a number of flows from 1 to {MAX_FLOWS_LIMIT}"
+                ));
+            }
+        },
+    };
+    Ok((vip, limit))
+}
+
+async fn flows(
+    State(tx): State<mpsc::Sender<Request>>,
+    q: Result<Query<FlowsQuery>, QueryRejection>,
+) -> Response {
+    let parsed = q
+        .map_err(|e| e.body_text())
+        .and_then(|Query(q)| flows_query(q));
+    let (vip, limit) = match parsed {
+        Ok(v) => v,
+        Err(m) => return bad(m),
+    };
+    match ask(&tx, |reply| Request::Flows { vip, limit, reply }).await {
+        Ok(r) => Json(r).into_response(),
         Err(r) => r,
     }
 }
@@ -1030,6 +1097,17 @@ impl Client {
         self.call("GET", &q, None).await
     }
 
+    /// Up to `limit` flows of the connection table, of `vip` (name or `ADDR:PORT/PROTO`) or of
+    /// every VIP.
+    pub async fn flows(&self, vip: Option<&str>, limit: usize) -> Result<FlowsReport, ClientError> {
+        let mut q = format!("/v1/flows?limit={limit}");
+        if let Some(vip) = vip {
+            q.push_str("&vip=");
+            q.push_str(&urlencode(vip));
+        }
+        self.call("GET", &q, None).await
+    }
+
     async fn op(&self, path: &str, body: OpBody) -> Result<String, ClientError> {
         let body = serde_json::to_value(body).map_err(|e| ClientError::Http {
             target: self.target(),
@@ -1185,6 +1263,46 @@ mod tests {
         );
     }
 
+    fn flows_q(vip: Option<&str>, limit: Option<&str>) -> Result<(Option<String>, usize), String> {
+        flows_query(FlowsQuery {
+            vip: vip.map(String::from),
+            limit: limit.map(String::from),
+        })
+    }
+
+    #[test]
+    fn flows_queries_parse() {
+        assert_eq!(flows_q(None, None).unwrap(), (None, DEFAULT_FLOWS_LIMIT));
+        assert_eq!(
+            flows_q(Some("web"), Some("5")).unwrap(),
+            (Some("web".to_string()), 5)
+        );
+        assert_eq!(
+            flows_q(Some("10.0.0.100:80/tcp"), Some("100000")).unwrap(),
+            (Some("10.0.0.100:80/tcp".to_string()), MAX_FLOWS_LIMIT)
+        );
+        for bad in [
+            "0",
+            "-1",
+            "abc",
+            "1.5",
+            "100001",
+            "",
+            "99999999999999999999999",
+        ] {
+            let e = flows_q(None, Some(bad)).unwrap_err();
+            assert_eq!(
+                e,
+                format!("limit: `{bad}` is not a number of flows from 1 to 100000"),
+                "{bad}"
+            );
+        }
+        for empty in ["", "  "] {
+            let e = flows_q(Some(empty), None).unwrap_err();
+            assert!(e.starts_with("vip: empty;"), "{e}");
+        }
+    }
+
     #[test]
     fn query_values_are_encoded() {
         assert_eq!(urlencode("10.0.0.1:80/tcp"), "10.0.0.1:80%2Ftcp");
@@ -1306,6 +1424,9 @@ mod tests {
                     Request::SetLogLevel { reply, .. } => {
                         let _ = reply.send(Ok(()));
                     }
+                    Request::Flows { vip, limit, reply } => {
+                        let _ = reply.send(fake_flows(vip, limit));
+                    }
                     Request::Drain { vip, reply, .. } => {
                         let _ = reply.send(Ok(format!("drained in {vip}")));
                     }
@@ -1318,6 +1439,81 @@ mod tests {
             let _ = stop_rx.await;
         }));
         (stop_tx, server)
+    }
+
+    /// What the fake reconciler answers a flows request: the VIP and limit it was asked for,
+    /// echoed in the flow and in `scanned`; "nope" is an unknown VIP.
+    fn fake_flows(vip: Option<String>, limit: usize) -> Result<FlowsReport, Failure> {
+        if vip.as_deref() == Some("nope") {
+            return Err(Failure::not_found("no VIP named nope"));
+        }
+        Ok(FlowsReport {
+            capacity: 1024,
+            scanned: limit,
+            flows: vec![crate::status::FlowStatus {
+                client: "192.0.2.1:40000".into(),
+                service: "10.0.0.100:80/tcp".into(),
+                vip,
+                backend_id: 1,
+                backend: Some("10.0.0.11".into()),
+                state: "stays".into(),
+                idle_secs: 1.5,
+            }],
+        })
+    }
+
+    #[tokio::test]
+    async fn flows_reach_the_reconciler_and_bad_queries_do_not() {
+        let sock = TempPath::new("flows.sock");
+        let api = crate::config::Api {
+            socket: sock.0.clone(),
+            ..Default::default()
+        };
+        let (stop, server) = start(bind_all(&api).await.unwrap());
+        let client = Client::new(&sock.0);
+        let all = client.flows(None, DEFAULT_FLOWS_LIMIT).await.unwrap();
+        assert_eq!((all.flows[0].vip.as_deref(), all.scanned), (None, 100));
+        // A service's slash survives the query string.
+        let one = client.flows(Some("10.0.0.100:80/tcp"), 7).await.unwrap();
+        assert_eq!(
+            (one.flows[0].vip.as_deref(), one.scanned),
+            (Some("10.0.0.100:80/tcp"), 7)
+        );
+        // Without a limit the agent takes its default.
+        let raw = client
+            .call_raw("GET", "/v1/flows?vip=web", None)
+            .await
+            .unwrap();
+        let r: FlowsReport = serde_json::from_slice(&raw).unwrap();
+        assert_eq!((r.flows[0].vip.as_deref(), r.scanned), (Some("web"), 100));
+
+        let e = client.flows(Some("nope"), 10).await.unwrap_err();
+        let text = e.to_string();
+        assert_eq!(status_code(e), 404);
+        assert!(text.contains("no VIP named nope"), "{text}");
+        for limit in [0, MAX_FLOWS_LIMIT + 1] {
+            let e = client.flows(None, limit).await.unwrap_err();
+            let text = e.to_string();
+            assert_eq!(status_code(e), 400, "{limit}");
+            assert!(
+                text.contains(&format!("limit: `{limit}` is not a number of flows")),
+                "{text}"
+            );
+        }
+        for query in ["limit=ten", "limit=-3", "vip=&limit=3"] {
+            let e = client
+                .call_raw("GET", &format!("/v1/flows?{query}"), None)
+                .await
+                .unwrap_err();
+            let text = e.to_string();
+            assert_eq!(status_code(e), 400, "{query}");
+            assert!(
+                text.contains("limit:") || text.contains("vip: empty"),
+                "{text}"
+            );
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     fn status_code(e: ClientError) -> u16 {
@@ -1370,6 +1566,10 @@ mod tests {
         let right = Client::tcp(addr, Some(TOKEN.into()));
         assert_eq!(right.status().await.unwrap(), sample_status());
         assert!(right.metrics().await.is_ok());
+        // The connection table names clients: it is guarded like the rest.
+        let e = Client::tcp(addr, None).flows(None, 10).await.unwrap_err();
+        assert_eq!(status_code(e), 401);
+        assert_eq!(right.flows(Some("web"), 10).await.unwrap().scanned, 10);
         right.set_log_level(LogLevel::Debug).await.unwrap();
         // Unknown paths are guarded too.
         let e = Client::tcp(addr, None)
