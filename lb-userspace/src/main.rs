@@ -28,7 +28,7 @@ const DEFAULT_SOCKET: &str = "/run/xdplb/xdplb.sock";
     long_about = None
 )]
 struct Cli {
-    /// The agent's API socket (status, which-backend, log-level, metrics talk to it).
+    /// The agent's API socket (the commands that ask the running agent talk to it).
     #[arg(long, global = true, env = "XDPLB_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Talk to the agent's TCP API at ADDR:PORT ([api] listen) instead of its socket.
@@ -94,6 +94,17 @@ enum Command {
         /// backend is reachable).
         #[arg(short, long)]
         config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show flows of the running agent's connection table: client, service, the backend the
+    /// flow sticks to, and what its next packet does.
+    Flows {
+        /// Only this VIP's flows (its name or ADDRESS:PORT/PROTO); all VIPs' without it.
+        vip: Option<String>,
+        /// Show at most N flows (1 to 100000), the first the table yields.
+        #[arg(long, value_name = "N", default_value_t = api::DEFAULT_FLOWS_LIMIT)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -325,6 +336,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&w)?);
             } else {
                 print!("{}", status::render_which(&w));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flows { vip, limit, json } => {
+            let client = client(&cli)?;
+            let r = runtime()?.block_on(client.flows(vip.as_deref(), *limit))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", status::render_flows(&r, *limit));
             }
             Ok(ExitCode::SUCCESS)
         }
