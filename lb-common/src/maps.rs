@@ -302,7 +302,7 @@ pub struct VipAddrKey {
 }
 const _: () = assert!(core::mem::size_of::<VipAddrKey>() == 4);
 
-/// Value of [`BACKENDS`]. Written by the agent only.
+/// Value of [`BACKENDS`]. Written by the agent only. A removed VIP's entries are cleared.
 ///
 /// An entry is written before any table that references it is published. On a MAC change the
 /// agent overwrites the entry in place (the kernel copies array values with `memcpy`), so a
@@ -324,8 +324,12 @@ pub struct BackendInfo {
     pub addr: [u8; 4],
     /// The VIP this backend id belongs to (ids are per (VIP, backend) pair).
     pub vip_index: u32,
+    /// That VIP's key as [`vip_key_word`]. A connection-table hit is checked against it instead
+    /// of looking the VIP up: a flow is only sent to a backend of the service it was addressed
+    /// to, whatever ids were reused since.
+    pub vip: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 32);
 
 /// The entry is filled and its MAC is known: packets may be sent to it.
 pub const BACKEND_F_READY: u16 = 1;

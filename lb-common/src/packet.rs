@@ -48,7 +48,7 @@ use crate::{
     hash::flow_slot_v4,
     maps::{
         BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, FlowEntry, FlowKey, Settings, VipAddrKey,
-        VipInfo, VipKey,
+        VipInfo, VipKey, vip_key_word,
     },
 };
 
@@ -213,20 +213,11 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         proto,
         _pad: 0,
     };
-    let Some(vip) = tables.vip(&key) else {
-        return Verdict::of(Reason::PassNotVip);
-    };
-    let mut v = Verdict {
-        reason: Reason::DropNoBackend,
-        vip_index: vip.vip_index,
-        backend_id: 0,
-        dst,
-        dport,
-        new_flow: false,
-    };
 
-    // The connection table first: a flow keeps its backend even when the Maglev table no
-    // longer has it (drained) or is empty (every backend drained). See crate::flows.
+    // The connection table first, before the VIP is even looked up: an established flow costs
+    // one hash lookup, and keeps its backend even when the VIP's table no longer has it
+    // (drained) or is empty (every backend drained). See crate::flows. Events are counted only
+    // once the packet is known to be for a VIP.
     let flow = FlowKey {
         src,
         dst,
@@ -247,41 +238,60 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     };
     // The clock, read only on the paths that need it.
     let mut now = 0;
-    if syn {
-        tables.flow_event(FlowStat::Syn);
-        v.new_flow = true;
+    let mut new_flow = syn;
+    let lookup = if syn {
+        FlowStat::Syn
     } else if let Some(entry) = tables.flow(&flow) {
         // SAFETY: a valid map value for the rest of the packet (see Tables::flow).
         let entry = unsafe { &mut *entry };
         let id = entry.backend_id;
-        let mut live = true;
+        let mut expired = false;
         if proto == UDP {
             now = tables.now_ns();
             let timeout = tables.settings().map_or(0, |s| s.flow_udp_timeout_ns);
-            if timeout != 0 && now.wrapping_sub(entry.atime) > timeout {
-                tables.flow_event(FlowStat::Expired);
-                v.new_flow = true;
-                live = false;
-            }
+            expired = timeout != 0 && now.wrapping_sub(entry.atime) > timeout;
         }
-        if live {
+        if expired {
+            new_flow = true;
+            FlowStat::Expired
+        } else {
             if let Some(backend) = tables.backend(id)
                 && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
-                && backend.vip_index == vip.vip_index
+                && backend.vip == vip_key_word(&key)
             {
                 if proto == UDP {
                     entry.atime = now;
                 }
                 tables.flow_event(FlowStat::Hit);
-                v.backend_id = id;
+                let v = Verdict {
+                    reason: Reason::Forwarded,
+                    vip_index: backend.vip_index,
+                    backend_id: id,
+                    dst,
+                    dport,
+                    new_flow: false,
+                };
                 return forward(frame, backend, v);
             }
-            tables.flow_event(FlowStat::Remapped);
+            FlowStat::Remapped
         }
     } else {
-        tables.flow_event(FlowStat::Miss);
-        v.new_flow = proto == UDP;
-    }
+        new_flow = proto == UDP;
+        FlowStat::Miss
+    };
+
+    let Some(vip) = tables.vip(&key) else {
+        return Verdict::of(Reason::PassNotVip);
+    };
+    tables.flow_event(lookup);
+    let mut v = Verdict {
+        reason: Reason::DropNoBackend,
+        vip_index: vip.vip_index,
+        backend_id: 0,
+        dst,
+        dport,
+        new_flow,
+    };
 
     if vip.ring_size == 0 {
         return v;

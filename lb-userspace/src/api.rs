@@ -1450,6 +1450,7 @@ mod tests {
         Ok(FlowsReport {
             capacity: 1024,
             scanned: limit,
+            scan_capped: false,
             flows: vec![crate::status::FlowStatus {
                 client: "192.0.2.1:40000".into(),
                 service: "10.0.0.100:80/tcp".into(),

@@ -842,17 +842,19 @@ impl Dataplane {
         self.flow_entries
     }
 
-    /// Up to `limit` entries of the connection table that `keep` accepts, and how many entries
-    /// were read. The kernel's iteration order is its hash order: the first entries are a fair
-    /// sample. Entries evicted while reading are skipped.
+    /// Up to `limit` entries of the connection table that `keep` accepts, reading at most
+    /// `max_read` entries, and how many entries were read. The kernel's iteration order is its
+    /// hash order: the first entries are a fair sample. Entries evicted while reading are
+    /// skipped.
     pub fn flows(
         &self,
         limit: usize,
+        max_read: usize,
         mut keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
         let mut out = Vec::new();
         let mut read = 0;
-        for kv in self.flows.iter() {
+        for kv in self.flows.iter().take(max_read) {
             let (k, v) = match kv {
                 Ok(kv) => kv,
                 Err(MapError::KeyNotFound) => continue,

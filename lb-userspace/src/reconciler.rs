@@ -33,7 +33,7 @@ use lb_common::{
     hash::{flow_hash_between, flow_slot_between},
     maps::{
         BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, FlowEntry, FlowKey, MAX_BACKENDS,
-        MAX_VIPS, Settings, VipAddrKey, VipInfo, VipKey,
+        MAX_VIPS, Settings, VipAddrKey, VipInfo, VipKey, vip_key_word,
     },
 };
 use thiserror::Error;
@@ -113,6 +113,7 @@ pub trait Maps {
     fn flows(
         &self,
         limit: usize,
+        max_read: usize,
         keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError>;
     fn program_id(&self) -> Option<u32>;
@@ -170,9 +171,10 @@ impl Maps for Dataplane {
     fn flows(
         &self,
         limit: usize,
+        max_read: usize,
         keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
-        Dataplane::flows(self, limit, keep)
+        Dataplane::flows(self, limit, max_read, keep)
     }
     fn program_id(&self) -> Option<u32> {
         Dataplane::program_id(self)
@@ -498,6 +500,11 @@ enum Retired {
     BackendId(u32),
 }
 
+/// Most connection-table entries one `xdplb flows` reads: two syscalls each, on the task that
+/// also applies health reports and operator changes, so a listing takes at most a few hundred
+/// milliseconds of it.
+pub const MAX_FLOW_SCAN: usize = 100_000;
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
 /// connection table's entries.
 fn monotonic_ns() -> u64 {
@@ -517,6 +524,7 @@ struct Removing {
     id: u32,
     address: Ipv4Addr,
     vip: String,
+    key: VipKey,
     until: Instant,
 }
 
@@ -717,17 +725,35 @@ impl<M: Maps> Reconciler<M> {
             base: v.base,
             len: 2 * v.cfg.table_size,
         });
-        // The VIP's packets go to the kernel from now on: no flow grace to wait for.
-        for id in v.backends.iter().map(|b| b.id) {
-            self.retire(Retired::BackendId(id));
-        }
-        for (id, _) in v.removed_ids {
+        // The VIP's packets go to the kernel from now on: no flow grace to wait for. Its
+        // backends' entries are cleared, or the connection table, which is read before the VIP
+        // table, would keep forwarding its established flows.
+        let (removing, others): (Vec<Removing>, Vec<Removing>) = std::mem::take(&mut self.removing)
+            .into_iter()
+            .partition(|r| r.key == v.key);
+        self.removing = others;
+        let ids: Vec<u32> = v
+            .backends
+            .iter()
+            .map(|b| b.id)
+            .chain(v.removed_ids.iter().map(|&(id, _)| id))
+            .chain(removing.iter().map(|r| r.id))
+            .collect();
+        let mut cleared = Ok(());
+        for id in ids {
+            if let Err(e) = self.dp.set_backend(id, &BackendInfo::default()) {
+                // Its id is not reused: a VIP laid out again later could find the stale entry.
+                warn!(vip = %v.cfg.name, "clearing backend id {id} of removed vip {} failed: {e}", v.cfg.name);
+                cleared = Err(e);
+                continue;
+            }
             self.retire(Retired::BackendId(id));
         }
         if let Some((base, len)) = v.old_region {
             self.retire(Retired::Region { base, len });
         }
         filter?;
+        cleared?;
         Ok(())
     }
 
@@ -810,6 +836,7 @@ impl<M: Maps> Reconciler<M> {
             flags,
             addr: b.cfg.address.octets(),
             vip_index: v.index,
+            vip: vip_key_word(&v.key),
         };
         self.dp.set_backend(b.id, &info)?;
         self.vips[i].backends[j].flags = flags;
@@ -976,6 +1003,7 @@ impl<M: Maps> Reconciler<M> {
                 id,
                 address,
                 vip: vip.cfg.name.clone(),
+                key: vip.key,
                 until,
             });
         }
@@ -1649,12 +1677,12 @@ impl<M: Maps> Reconciler<M> {
     pub fn flows(&self, vip: Option<&str>, limit: usize) -> Result<FlowsReport, ReconcileError> {
         let only = vip.map(|v| self.vip_position(v)).transpose()?;
         let only_key = only.map(|i| self.vips[i].key);
-        let (entries, scanned) = self.dp.flows(limit, |k, _| {
+        let (entries, scanned) = self.dp.flows(limit, MAX_FLOW_SCAN, |k, _| {
             only_key.is_none_or(|v| v.addr == k.dst && v.port == k.dport && v.proto == k.proto)
         })?;
         let now = monotonic_ns();
         let udp_timeout = self.config.flows.udp_idle_timeout;
-        let flows = entries
+        let flows: Vec<FlowStatus> = entries
             .into_iter()
             .map(|(k, e)| {
                 let dst = Ipv4Addr::from(k.dst);
@@ -1703,6 +1731,7 @@ impl<M: Maps> Reconciler<M> {
             .collect();
         Ok(FlowsReport {
             capacity: self.dp.flow_capacity(),
+            scan_capped: scanned >= MAX_FLOW_SCAN && flows.len() < limit,
             scanned,
             flows,
         })
@@ -2001,6 +2030,7 @@ mod tests {
         }
         fn flows(
             &self,
+            _: usize,
             _: usize,
             _: impl FnMut(&FlowKey, &FlowEntry) -> bool,
         ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
@@ -2470,9 +2500,22 @@ backup = true
     async fn vips_are_removed_and_added_at_run_time() {
         let mut r = running(TOML).await;
         let key = r.vips[0].key;
+        let ids: Vec<u32> = r.vips[0].backends.iter().map(|b| b.id).collect();
+        assert!(
+            ids.iter()
+                .all(|id| r.dp.backends[id].vip == vip_key_word(&key))
+        );
+        // One backend in its removal grace when the VIP goes: cleared too.
+        r.remove_backend("web", addr(12)).await.unwrap();
         r.remove_vip("web").await.unwrap();
         assert!(!r.dp.vips.contains_key(&key));
         assert!(r.status().unwrap().vips.is_empty());
+        assert!(
+            ids.iter()
+                .all(|id| r.dp.backends[id] == BackendInfo::default()),
+            "the connection table, read before the VIP table, must not keep forwarding"
+        );
+        assert_eq!(r.next_removal_deadline(), None);
         let vip = config::parse_vip(
             "[[vip]]\nname = \"web2\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
              table_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",

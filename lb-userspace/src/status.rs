@@ -158,8 +158,12 @@ pub struct FlowsReport {
     /// Entries the table holds at most.
     pub capacity: u32,
     /// Entries read to find these: the table is walked in the kernel's hash order (a fair
-    /// sample) until `limit` flows matched.
+    /// sample) until `limit` flows matched, or the scan cap was reached.
     pub scanned: usize,
+    /// The scan stopped at its cap (a listing must not hold up the agent) before the table's
+    /// end or `limit` flows.
+    #[serde(default)]
+    pub scan_capped: bool,
     pub flows: Vec<FlowStatus>,
 }
 
@@ -590,7 +594,14 @@ pub fn render_flows(r: &FlowsReport, limit: usize) -> String {
     }
     let n = r.flows.len();
     let flows = if n == 1 { "flow" } else { "flows" };
-    if n < limit {
+    if n < limit && r.scan_capped {
+        let _ = writeln!(
+            out,
+            "showing {n} {flows} found in the first {} entries of the table (a listing reads at \
+             most that many); capacity {}",
+            r.scanned, r.capacity
+        );
+    } else if n < limit {
         let _ = writeln!(
             out,
             "showing {n} {flows}, all found in the table's {} entries; capacity {}",
@@ -1141,6 +1152,7 @@ mod tests {
         FlowsReport {
             capacity: 1_048_576,
             scanned: 1200,
+            scan_capped: false,
             flows: vec![
                 flow("192.0.2.1:40000", Some("10.0.0.11"), "stays", 0.31),
                 flow("192.0.2.200:61234", Some("10.0.0.14"), "removing", 125.4),
@@ -1219,6 +1231,7 @@ mod tests {
         );
         let empty = FlowsReport {
             scanned: 0,
+            scan_capped: false,
             flows: Vec::new(),
             ..flows_report()
         };
@@ -1231,6 +1244,19 @@ mod tests {
             ..flows_report()
         };
         assert!(render_flows(&one, 100).contains("showing 1 flow,"));
+        let capped = FlowsReport {
+            scanned: 100_000,
+            scan_capped: true,
+            ..flows_report()
+        };
+        assert!(
+            render_flows(&capped, 100).ends_with(
+                "showing 3 flows found in the first 100000 entries of the table (a listing \
+                 reads at most that many); capacity 1048576\n"
+            ),
+            "{}",
+            render_flows(&capped, 100)
+        );
         assert_eq!(fmt_ago(9.96), "10s ago");
         assert_eq!(fmt_ago(f64::NAN), "-");
     }

@@ -19,7 +19,7 @@ use lb_common::{
     maps::{
         BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, FlowEntry, FlowKey, FlowRate, Settings,
         VIP_FILTER_BITS, VipAddrKey, VipFilter, VipInfo, VipKey, vip_filter_bit, vip_filter_set,
-        vip_filter_test,
+        vip_filter_test, vip_key_word,
     },
     packet::Tables,
 };
@@ -84,6 +84,8 @@ pub const FLOW_ON_CLEARED: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41002);
 pub const FLOW_ON_OTHER_VIP: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41003);
 pub const FLOW_ON_EMPTY_VIP: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41004);
 pub const FLOW_ON_BAD_ID: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41005);
+/// A flow to VIP:22, a port with no VIP (as after the VIP was removed), remembered on backend 1.
+pub const FLOW_OF_NO_VIP: SocketAddrV4 = SocketAddrV4::new(CLIENT, 41006);
 pub const UDP_FLOW_IDLE: SocketAddrV4 = SocketAddrV4::new(CLIENT, 5100);
 pub const UDP_FLOW_FRESH: SocketAddrV4 = SocketAddrV4::new(CLIENT, 5101);
 /// A backend id beyond the BACKENDS array.
@@ -142,6 +144,11 @@ impl World {
         add(key(VIP_EMPTY, 80, 6), 2, None);
         add(key(VIP_BROKEN, 80, 6), 3, Some(vec![4; M as usize]));
         add(key(VIP_ZEROS, 80, 6), 4, Some(vec![0; M as usize]));
+        let vip_word = |index: u32| {
+            vips.iter()
+                .find(|(_, v)| v.vip_index == index)
+                .map_or(0, |(k, _)| vip_key_word(k))
+        };
         let ready = |mac, addr: [u8; 4], vip_index| BackendInfo {
             mac,
             src_mac: LB_MAC,
@@ -149,6 +156,7 @@ impl World {
             flags: BACKEND_F_READY,
             addr,
             vip_index,
+            vip: vip_word(vip_index),
         };
         let mut backends = BTreeMap::from([
             (1, ready(MAC_B1, [10, 0, 0, 11], 0)),
@@ -206,6 +214,11 @@ impl World {
                     0,
                 ),
                 (flow_key(FLOW_ON_BAD_ID, web, 6), BAD_BACKEND_ID, 0),
+                (
+                    flow_key(FLOW_OF_NO_VIP, SocketAddrV4::new(VIP, 22), 6),
+                    1,
+                    0,
+                ),
             ],
         };
         // The UDP flows sit on the backend after the one the table picks, so a packet that
@@ -327,6 +340,7 @@ impl Tables for HostTables<'_> {
             _pad: [0; 2],
             addr: [0; 4],
             vip_index: 0,
+            vip: 0,
         };
         match self.world.backends.get(&id) {
             Some(b) => Some(b),
@@ -753,6 +767,11 @@ fn flow_fixtures(w: &World) -> Vec<Fixture> {
             MAC_B6,
         )
         .flows(&[FlowStat::Hit], false),
+        same(
+            "remembered_flow_of_a_port_without_vip_is_passed",
+            Packet::tcp(FLOW_OF_NO_VIP, sa(VIP, 22), TCP_ACK).frame(),
+            Reason::PassNotVip,
+        ),
         same(
             "unknown_flow_to_empty_table_is_dropped",
             Packet::tcp(sa(CLIENT, 41999), sa(VIP_EMPTY, 80), TCP_ACK).frame(),

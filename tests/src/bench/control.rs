@@ -565,11 +565,23 @@ fn verify_live(
     Ok(())
 }
 
+/// What happens to the chosen backends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The kernel forgets their MAC (a neighbour entry failed), and learns it back.
+    MacLost,
+    /// The operator drains them (`xdplb backend drain`), and undrains them.
+    Drain,
+    /// The operator sets their weight to 4 (`xdplb backend weight`), and back to 1.
+    Weight,
+}
+
 /// One kind of change, applied and undone `rounds` times.
 struct Change<'a> {
     what: &'a str,
     undo: &'a str,
-    /// For round `r`: the backends whose MAC is lost (one per affected VIP).
+    kind: Kind,
+    /// For round `r`: the backends changed (one per affected VIP).
     victims: &'a dyn Fn(usize) -> Vec<(usize, usize)>,
 }
 
@@ -585,11 +597,26 @@ fn change_latencies(rounds: usize) -> Result<Vec<ChangeRow>> {
     rows.extend(rt.block_on(measure_changes(
         &small,
         rounds,
-        &[Change {
-            what: "one backend's MAC lost",
-            undo: "that backend's MAC back",
-            victims: &one,
-        }],
+        &[
+            Change {
+                what: "one backend's MAC lost",
+                undo: "that backend's MAC back",
+                kind: Kind::MacLost,
+                victims: &one,
+            },
+            Change {
+                what: "operator drains one backend",
+                undo: "operator undrains it",
+                kind: Kind::Drain,
+                victims: &one,
+            },
+            Change {
+                what: "operator sets one backend's weight 1 -> 4",
+                undo: "operator sets it back to 1",
+                kind: Kind::Weight,
+                victims: &one,
+            },
+        ],
     ))?);
 
     let large = setup(100, 100)?;
@@ -603,12 +630,26 @@ fn change_latencies(rounds: usize) -> Result<Vec<ChangeRow>> {
             Change {
                 what: "one backend's MAC lost",
                 undo: "that backend's MAC back",
+                kind: Kind::MacLost,
                 victims: &one,
             },
             Change {
                 what: "one backend lost in every VIP",
                 undo: "those backends back",
+                kind: Kind::MacLost,
                 victims: &every,
+            },
+            Change {
+                what: "operator drains one backend",
+                undo: "operator undrains it",
+                kind: Kind::Drain,
+                victims: &one,
+            },
+            Change {
+                what: "operator sets one backend's weight 1 -> 4",
+                undo: "operator sets it back to 1",
+                kind: Kind::Weight,
+                victims: &one,
             },
         ],
     ))?);
@@ -665,12 +706,35 @@ async fn measure_changes(
             for &(v, b) in &victims {
                 without.insert(s.config.vips[v].backends[b].address, None);
             }
-            for (macs, samples) in [(without, &mut lost), (all.clone(), &mut back)] {
+            // The backends the kernel's tables must name afterwards: a drained backend leaves
+            // them like one whose MAC is lost; a weight change keeps every backend.
+            let expect_changed = match c.kind {
+                Kind::MacLost | Kind::Drain => without.clone(),
+                Kind::Weight => all.clone(),
+            };
+            for (undo, macs, samples) in [
+                (false, expect_changed, &mut lost),
+                (true, all.clone(), &mut back),
+            ] {
                 tokio::time::sleep(CHANGE_SPACING).await;
                 // The agent hands over a table it owns; copying 10k entries is not the change.
                 let handed = macs.clone();
                 let t = Instant::now();
-                rec.apply_macs(handed).await?;
+                match c.kind {
+                    Kind::MacLost => rec.apply_macs(handed).await?,
+                    Kind::Drain | Kind::Weight => {
+                        for &(v, b) in &victims {
+                            let vip = &s.config.vips[v];
+                            let addr = vip.backends[b].address;
+                            if c.kind == Kind::Drain {
+                                rec.set_drain(&vip.name, addr, !undo).await?;
+                            } else {
+                                rec.set_weight(&vip.name, addr, if undo { 1 } else { 4 })
+                                    .await?;
+                            }
+                        }
+                    }
+                }
                 let took = t.elapsed();
                 verify_live(rec.dataplane(), &vips, &mut bases, &macs)
                     .with_context(|| format!("{} ({}), round {r}", c.what, s.name))?;
@@ -689,8 +753,13 @@ async fn measure_changes(
                 latency_ms: Stats::of(samples),
                 vips_rebuilt: touched,
                 note: format!(
-                    "apply_macs until the VIP entry points at the new table; excludes the {} ms \
+                    "{} until the VIP entry points at the new table; excludes the {} ms \
                      HALF_REUSE_GRACE (changes {} ms apart)",
+                    match c.kind {
+                        Kind::MacLost => "apply_macs",
+                        Kind::Drain => "Reconciler::set_drain (what the API calls)",
+                        Kind::Weight => "Reconciler::set_weight (what the API calls)",
+                    },
                     HALF_REUSE_GRACE.as_millis(),
                     CHANGE_SPACING.as_millis()
                 ),
