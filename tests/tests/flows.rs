@@ -1,0 +1,1212 @@
+//! The connection table, end to end: established TCP streams and UDP flows keep their backend
+//! through drains, added backends, weight changes, reloads and removals (for the removal grace),
+//! and are remapped when their backend fails or its grace ends (see `lb_common::flows`).
+//!
+//! Every test runs the real `xdplb run` process on the namespace topology of
+//! `lb_tests::topology`, echo servers on the backends, and long-lived streams from the client
+//! that write a deterministic byte pattern and verify every echoed byte. A stream that is reset,
+//! stalls or reads a wrong byte is reported broken with the reason and the moment it happened.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{self, Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::{Netns, require_privileges},
+    topology::{
+        Agent, CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, tally, udp_ask,
+        udp_client, wait_for_log,
+    },
+};
+use lb_userspace::status::{BackendStatus, Status};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long a stream waits for its echo before calling the stream broken (a blackhole).
+const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+// ---- echo servers on the backends ----
+
+/// A TCP server that sends `NAME\n` on every new connection, then echoes every byte back, a
+/// thread per connection. Counts the bytes it echoed per client address. Closing its listener
+/// ([`EchoServer::close_listener`]) leaves established connections running; dropping it closes
+/// everything.
+struct EchoServer {
+    stop: Arc<AtomicBool>,
+    /// A duplicate of the listener, to wake and close the accept loop.
+    listener: Option<TcpListener>,
+    accept: Option<JoinHandle<()>>,
+    /// Duplicates of the open connections, by a sequence number, to shut them down on drop.
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    live: Arc<AtomicUsize>,
+    echoed: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>>,
+}
+
+impl EchoServer {
+    fn start(ns: &Netns, port: u16, name: &str) -> EchoServer {
+        let listener = ns
+            .run_in(move || TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
+            .unwrap_or_else(|e| panic!("binding echo server {port}: {e}"));
+        let dup = listener.try_clone().expect("dup listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
+        let live = Arc::new(AtomicUsize::new(0));
+        let echoed: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>> = Arc::default();
+        let banner = format!("{name}\n");
+        let accept = {
+            let (stop, conns, live, echoed) =
+                (stop.clone(), conns.clone(), live.clone(), echoed.clone());
+            std::thread::spawn(move || {
+                let mut seq = 0u64;
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(mut c) = conn else { continue };
+                    let Ok(peer) = c.peer_addr() else { continue };
+                    let Ok(dup) = c.try_clone() else { continue };
+                    seq += 1;
+                    let id = seq;
+                    conns.lock().unwrap().insert(id, dup);
+                    let counter = echoed
+                        .lock()
+                        .unwrap()
+                        .entry(peer)
+                        .or_insert_with(Arc::default)
+                        .clone();
+                    live.fetch_add(1, Ordering::SeqCst);
+                    let (conns, live, banner) = (conns.clone(), live.clone(), banner.clone());
+                    std::thread::spawn(move || {
+                        if c.write_all(banner.as_bytes()).is_ok() {
+                            let mut buf = vec![0u8; 16 * 1024];
+                            loop {
+                                match c.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if c.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                        conns.lock().unwrap().remove(&id);
+                        live.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+        };
+        EchoServer {
+            stop,
+            listener: Some(dup),
+            accept: Some(accept),
+            conns,
+            live,
+            echoed,
+        }
+    }
+
+    /// Stops accepting (new connections and health checks are refused); established
+    /// connections keep being echoed.
+    fn close_listener(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(l) = self.listener.take() {
+            // SAFETY: our own duplicate of the listening socket, open until dropped below;
+            // shutting it down wakes the blocked accept() and stops the socket listening.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Bytes echoed so far to the client at `peer`.
+    fn echoed_to(&self, peer: SocketAddrV4) -> u64 {
+        self.echoed
+            .lock()
+            .unwrap()
+            .get(&SocketAddr::V4(peer))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.close_listener();
+        for (_, c) in self.conns.lock().unwrap().drain() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.live.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// An echo server named `b1`, `b2`, ... on every backend of `topo`.
+fn echo_each(topo: &LbTopology, port: u16) -> Vec<EchoServer> {
+    topo.backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| EchoServer::start(&b.ns, port, &format!("b{}", i + 1)))
+        .collect()
+}
+
+// ---- clients ----
+
+/// Connects from the calling thread's namespace, from `src`, within 3 s.
+fn connect(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::V4(src).into())?;
+    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
+    Ok(s.into())
+}
+
+/// Reads the server's one-line banner (its name).
+fn read_banner(s: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        if s.read(&mut b)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("closed after {line:?}"),
+            ));
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b[0]);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "banner too long",
+    ))
+}
+
+/// One short connection from the calling thread's namespace: banner, a request echoed, and if
+/// `hold` is not zero, after `hold`, a second one; then close. Returns the backend's name.
+fn ask_echo(src: SocketAddrV4, dst: SocketAddrV4, hold: Duration) -> io::Result<String> {
+    let mut s = connect(src, dst)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let name = read_banner(&mut s)?;
+    for round in 0..if hold.is_zero() { 1 } else { 2 } {
+        if round > 0 {
+            std::thread::sleep(hold);
+        }
+        let req = format!("ping {round} from {src}\n");
+        s.write_all(req.as_bytes())?;
+        let mut back = vec![0u8; req.len()];
+        s.read_exact(&mut back)?;
+        if back != req.as_bytes() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("echo {back:?}"),
+            ));
+        }
+    }
+    Ok(name)
+}
+
+/// Runs `f` on a new thread inside `ns` (for clients that open sockets as they go).
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let fd = ns.as_fd().try_clone_to_owned().expect("dup netns fd");
+    std::thread::spawn(move || {
+        // SAFETY: entering the network namespace of an fd we own, on this thread only.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            panic!("setns: {}", io::Error::last_os_error());
+        }
+        drop(fd);
+        f()
+    })
+}
+
+/// `n` short connections from `first_port`, `first_port + 1`, ...: answers and failures.
+fn connect_many(
+    topo: &LbTopology,
+    dst: SocketAddrV4,
+    first_port: u16,
+    n: u16,
+) -> (Vec<String>, Vec<String>) {
+    spawn_in(&topo.client.ns, move || {
+        let mut answers = Vec::new();
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let src = SocketAddrV4::new(CLIENT_ADDR, first_port + i);
+            match ask_echo(src, dst, Duration::ZERO) {
+                Ok(a) => answers.push(a),
+                Err(e) => failures.push(format!("{src}: {e}")),
+            }
+        }
+        (answers, failures)
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// The `i`th byte of stream `seed`'s pattern.
+fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8 ^ (i >> 11) as u8
+}
+
+/// How a stream broke.
+#[derive(Debug, Clone)]
+struct Broken {
+    kind: io::ErrorKind,
+    what: String,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct StreamReport {
+    src: SocketAddrV4,
+    backend: String,
+    /// Bytes sent, echoed and verified.
+    bytes: u64,
+    chunks: u64,
+    broken: Option<Broken>,
+}
+
+/// A long-lived TCP connection through the VIP, writing chunks of a deterministic pattern (1 to
+/// 4096 bytes) and verifying each echoed byte, until stopped or broken.
+struct Stream {
+    src: SocketAddrV4,
+    /// Its backend, from the server's banner.
+    backend: String,
+    stop: Arc<AtomicBool>,
+    verified: Arc<AtomicU64>,
+    thread: Option<JoinHandle<StreamReport>>,
+}
+
+impl Stream {
+    /// Opens the stream from `src` in `ns` to `dst`; `pause` between chunks.
+    fn open(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4, pause: Duration) -> Stream {
+        let mut s = ns
+            .run_in(move || connect(src, dst))
+            .unwrap_or_else(|e| panic!("stream from {src}: {e}"));
+        s.set_read_timeout(Some(STREAM_READ_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        let backend = read_banner(&mut s).unwrap_or_else(|e| panic!("banner for {src}: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let verified = Arc::new(AtomicU64::new(0));
+        let seed = u64::from(src.port());
+        let thread = {
+            let (stop, verified, backend) = (stop.clone(), verified.clone(), backend.clone());
+            std::thread::spawn(move || {
+                let mut report = StreamReport {
+                    src,
+                    backend,
+                    bytes: 0,
+                    chunks: 0,
+                    broken: None,
+                };
+                let mut out = Vec::with_capacity(4096);
+                let mut back = vec![0u8; 4096];
+                let mut off = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let len = 1
+                        + (u64::from(pattern(seed, report.chunks)) * 16 + report.chunks % 16)
+                            as usize;
+                    out.clear();
+                    out.extend((off..off + len as u64).map(|i| pattern(seed, i)));
+                    let res = s
+                        .write_all(&out)
+                        .map_err(|e| (e, "write"))
+                        .and_then(|()| s.read_exact(&mut back[..len]).map_err(|e| (e, "read")));
+                    if let Err((e, op)) = res {
+                        report.broken = Some(Broken {
+                            kind: e.kind(),
+                            what: format!("{op} at byte {off}: {e}"),
+                            at: Instant::now(),
+                        });
+                        break;
+                    }
+                    if let Some(k) = (0..len).find(|&k| back[k] != out[k]) {
+                        report.broken = Some(Broken {
+                            kind: io::ErrorKind::InvalidData,
+                            what: format!(
+                                "byte {} corrupted: {:#04x}, expected {:#04x}",
+                                off + k as u64,
+                                back[k],
+                                out[k]
+                            ),
+                            at: Instant::now(),
+                        });
+                        break;
+                    }
+                    off += len as u64;
+                    report.bytes = off;
+                    report.chunks += 1;
+                    verified.store(off, Ordering::Relaxed);
+                    if !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
+                }
+                report
+            })
+        };
+        Stream {
+            src,
+            backend,
+            stop,
+            verified,
+            thread: Some(thread),
+        }
+    }
+
+    fn verified(&self) -> u64 {
+        self.verified.load(Ordering::Relaxed)
+    }
+
+    fn has_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the stream (if it still runs) and returns what it did.
+    fn finish(mut self) -> StreamReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("stream thread panicked")
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens a stream from each port; `pause` between chunks.
+fn open_streams(
+    topo: &LbTopology,
+    ports: &[u16],
+    dst: SocketAddrV4,
+    pause: Duration,
+) -> Vec<Stream> {
+    ports
+        .iter()
+        .map(|&p| {
+            Stream::open(
+                &topo.client.ns,
+                SocketAddrV4::new(CLIENT_ADDR, p),
+                dst,
+                pause,
+            )
+        })
+        .collect()
+}
+
+/// Stops every stream; returns the reports and prints them.
+fn finish_all(streams: Vec<Stream>) -> Vec<StreamReport> {
+    for s in &streams {
+        s.stop.store(true, Ordering::Relaxed);
+    }
+    let reports: Vec<StreamReport> = streams.into_iter().map(Stream::finish).collect();
+    let total: u64 = reports.iter().map(|r| r.bytes).sum();
+    let broken = reports.iter().filter(|r| r.broken.is_some()).count();
+    let mut per_backend: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for r in &reports {
+        let e = per_backend.entry(r.backend.as_str()).or_default();
+        e.0 += 1;
+        e.1 += r.bytes;
+    }
+    eprintln!(
+        "{} streams, {broken} broken, {total} bytes echoed and verified; per backend \
+         (streams, bytes): {per_backend:?}; fewest bytes in a stream: {}",
+        reports.len(),
+        reports.iter().map(|r| r.bytes).min().unwrap_or(0)
+    );
+    reports
+}
+
+/// Panics with every broken stream's story if any broke.
+fn assert_unbroken(reports: &[StreamReport], start: Instant) {
+    let broken: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            r.broken.as_ref().map(|b| {
+                format!(
+                    "{} on {} after {} bytes, at +{:?}: {:?} {}",
+                    r.src,
+                    r.backend,
+                    r.bytes,
+                    b.at - start,
+                    b.kind,
+                    b.what
+                )
+            })
+        })
+        .collect();
+    assert!(broken.is_empty(), "broken streams:\n{}", broken.join("\n"));
+}
+
+// ---- the agent ----
+
+fn web(backends: usize, extra: &str) -> String {
+    let mut s = format!(
+        "[[vip]]\nname = \"web\"\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\
+         table_size = 1009\n{extra}\n"
+    );
+    for i in 0..backends {
+        s.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\n\n",
+            backend_addr(i)
+        ));
+    }
+    s
+}
+
+fn flows_section(body: &str) -> String {
+    format!("[flows]\n{body}\n")
+}
+
+fn backend<'a>(s: &'a Status, vip: &str, addr: Ipv4Addr) -> &'a BackendStatus {
+    let v = s.vips.iter().find(|v| v.name == vip).expect("vip");
+    v.backends
+        .iter()
+        .find(|b| b.address == addr.to_string())
+        .unwrap_or_else(|| panic!("backend {addr} not in vip {vip}"))
+}
+
+fn event(s: &Status, name: &str) -> u64 {
+    s.flows
+        .events
+        .iter()
+        .find(|e| e.event == name)
+        .unwrap_or_else(|| panic!("no flow event {name} in {:?}", s.flows.events))
+        .count
+}
+
+fn events(s: &Status) -> String {
+    s.flows
+        .events
+        .iter()
+        .map(|e| format!("{}={}", e.event, e.count))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Polls the status until `pred` holds; returns how long it took. Panics with the status and
+/// the log after `timeout`.
+fn wait_until(
+    agent: &Agent,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Status) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = agent.status().unwrap();
+        if pred(&s) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what} not within {timeout:?}: {s:#?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until every backend of every VIP is up and in its table.
+fn wait_all_up(agent: &Agent) {
+    wait_until(agent, "every backend up", Duration::from_secs(5), |s| {
+        s.vips.iter().all(|v| {
+            v.backends
+                .iter()
+                .all(|b| b.state == "up" && b.in_table && b.slots > 0)
+        })
+    });
+}
+
+/// Runs the CLI and panics unless it succeeds; returns its stdout.
+fn cli_ok(agent: &Agent, args: &[&str]) -> String {
+    let out = agent.cli(args).unwrap();
+    assert!(
+        out.status.success(),
+        "xdplb {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The backend name (`b1`, ...) the VIP's table picks for a client port now; `vip` is `web`
+/// (port 80, TCP) or `dns` (port 5353, UDP).
+fn predicted(agent: &Agent, vip: &str, port: u16) -> String {
+    let service = match vip {
+        "web" => format!("{VIP}:80/tcp"),
+        "dns" => format!("{VIP}:5353/udp"),
+        _ => panic!("unknown vip {vip}"),
+    };
+    let w = agent
+        .which(&service, SocketAddrV4::new(CLIENT_ADDR, port))
+        .unwrap();
+    let addr: Ipv4Addr = w
+        .backend
+        .unwrap_or_else(|| panic!("no backend for port {port}"))
+        .parse()
+        .unwrap();
+    format!("b{}", addr.octets()[3] - 10)
+}
+
+/// From `candidates`, `per` client ports for each backend in `names`, as the table puts them now.
+fn ports_for(
+    agent: &Agent,
+    vip: &str,
+    candidates: std::ops::Range<u16>,
+    names: &[&str],
+    per: usize,
+) -> Vec<u16> {
+    let mut picked: BTreeMap<&str, Vec<u16>> = names.iter().map(|n| (*n, Vec::new())).collect();
+    for p in candidates.clone() {
+        let b = predicted(agent, vip, p);
+        if let Some(v) = picked.get_mut(b.as_str())
+            && v.len() < per
+        {
+            v.push(p);
+        }
+        if picked.values().all(|v| v.len() == per) {
+            return picked.into_values().flatten().collect();
+        }
+    }
+    panic!("not {per} ports per backend in {candidates:?}: {picked:?}");
+}
+
+// ---- the tests ----
+
+#[test]
+fn drain_keeps_established_streams() {
+    if !require_privileges("drain_keeps_established_streams") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let servers = echo_each(&topo, 80);
+    let agent = topo.start_agent(&topo.config(&web(3, "")), &[]).unwrap();
+    wait_all_up(&agent);
+    let dst = SocketAddrV4::new(VIP, 80);
+
+    // 12 streams, 4 on each backend (where the table puts their ports).
+    let ports = ports_for(&agent, "web", 41000..41300, &["b1", "b2", "b3"], 4);
+    let start = Instant::now();
+    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(2));
+    for s in &streams {
+        assert_eq!(
+            s.backend,
+            predicted(&agent, "web", s.src.port()),
+            "stream from {} not where which-backend said",
+            s.src
+        );
+    }
+    std::thread::sleep(Duration::from_millis(700));
+
+    // Drain b2, which holds 4 of them.
+    let b2 = backend_addr(1);
+    let on_b2: Vec<SocketAddrV4> = streams
+        .iter()
+        .filter(|s| s.backend == "b2")
+        .map(|s| s.src)
+        .collect();
+    assert_eq!(on_b2.len(), 4);
+    let before = agent.status().unwrap();
+    let hits_before = event(&before, "hit");
+    cli_ok(&agent, &["backend", "drain", "web", &b2.to_string()]);
+    let drained_at = Instant::now();
+    wait_until(&agent, "b2 drained", Duration::from_secs(2), |s| {
+        let b = backend(s, "web", b2);
+        b.state == "draining" && !b.in_table && b.slots == 0
+    });
+    let verified_at_drain: Vec<u64> = streams.iter().map(Stream::verified).collect();
+    let echoed_at_drain: Vec<u64> = on_b2.iter().map(|&p| servers[1].echoed_to(p)).collect();
+    let new_flows_b2 = backend(&agent.status().unwrap(), "web", b2).new_flows;
+
+    // Streams keep going for 3 s; meanwhile 100 new connections, none of which may reach b2.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (answers, failures) = connect_many(&topo, dst, 41500, 100);
+    std::thread::sleep(Duration::from_millis(
+        3000u64.saturating_sub(drained_at.elapsed().as_millis() as u64),
+    ));
+    let after_drain = drained_at.elapsed();
+    let verified_now: Vec<u64> = streams.iter().map(Stream::verified).collect();
+    let echoed_now: Vec<u64> = on_b2.iter().map(|&p| servers[1].echoed_to(p)).collect();
+    let reports = finish_all(streams);
+    let status = agent.status().unwrap();
+
+    let counts = tally(answers.iter().map(String::as_str));
+    eprintln!(
+        "new connections after the drain: {} answered {counts:?}, {} failed",
+        answers.len(),
+        failures.len()
+    );
+    for (i, r) in reports.iter().enumerate() {
+        eprintln!(
+            "  stream {} on {}: {} bytes total, {} after the drain",
+            r.src,
+            r.backend,
+            r.bytes,
+            verified_now[i] - verified_at_drain[i]
+        );
+    }
+    eprintln!(
+        "b2 echoed per stream after the drain ({after_drain:?}): {:?}; flow events: {}",
+        echoed_now
+            .iter()
+            .zip(&echoed_at_drain)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        events(&status)
+    );
+    assert_unbroken(&reports, start);
+    for (i, r) in reports.iter().enumerate() {
+        assert!(
+            verified_now[i] > verified_at_drain[i] + 10_000,
+            "stream {} on {} barely moved after the drain: {} -> {}",
+            r.src,
+            r.backend,
+            verified_at_drain[i],
+            verified_now[i]
+        );
+    }
+    // The drained backend itself kept echoing its streams.
+    for (k, p) in on_b2.iter().enumerate() {
+        assert!(
+            echoed_now[k] > echoed_at_drain[k] + 10_000,
+            "b2 stopped echoing {p} after the drain: {} -> {}",
+            echoed_at_drain[k],
+            echoed_now[k]
+        );
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.get("b2"), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 100);
+    assert_eq!(
+        backend(&status, "web", b2).new_flows,
+        new_flows_b2,
+        "new flows reached the drained backend"
+    );
+    let hits = event(&status, "hit");
+    assert!(
+        hits > hits_before,
+        "no flow-table hits: {}",
+        events(&status)
+    );
+    assert!(agent.stop().success());
+}
+
+/// Loops of short connections through the VIP, several side by side, until stopped. Each
+/// connection reads the banner, has a request echoed, waits `hold`, has a second one echoed and
+/// closes: it is open for a while, so table changes happen while connections are in flight.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<LoadReport>>,
+}
+
+#[derive(Debug, Default)]
+struct LoadReport {
+    /// When each connection ended, and the backend that answered it.
+    answers: Vec<(Instant, String)>,
+    failures: Vec<String>,
+    /// Whether a loop ran out of ports before being stopped.
+    exhausted: bool,
+}
+
+impl Load {
+    /// `workers` loops, each with its share of the source ports `ports`.
+    fn start(
+        ns: &Netns,
+        ports: std::ops::Range<u16>,
+        workers: u16,
+        hold: Duration,
+        dst: SocketAddrV4,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let share = ports.len() as u16 / workers;
+        let threads = (0..workers)
+            .map(|w| {
+                let flag = stop.clone();
+                let first = ports.start + w * share;
+                let mut mine = first..first + share;
+                spawn_in(ns, move || {
+                    let mut r = LoadReport::default();
+                    while !flag.load(Ordering::Relaxed) {
+                        let Some(p) = mine.next() else {
+                            r.exhausted = true;
+                            break;
+                        };
+                        let src = SocketAddrV4::new(CLIENT_ADDR, p);
+                        match ask_echo(src, dst, hold) {
+                            Ok(a) => r.answers.push((Instant::now(), a)),
+                            Err(e) => r.failures.push(format!("{src}: {e}")),
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = LoadReport::default();
+        for t in self.threads.drain(..) {
+            let r = t.join().expect("load thread panicked");
+            all.answers.extend(r.answers);
+            all.failures.extend(r.failures);
+            all.exhausted |= r.exhausted;
+        }
+        all
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn add_backend_under_load_zero_failures() {
+    if !require_privileges("add_backend_under_load_zero_failures") {
+        return;
+    }
+    // Three backends serve; the config lists two, the third is added live.
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = echo_each(&topo, 80);
+    let agent = topo.start_agent(&topo.config(&web(2, "")), &[]).unwrap();
+    wait_all_up(&agent);
+    let dst = SocketAddrV4::new(VIP, 80);
+    let ports = ports_for(&agent, "web", 42000..42100, &["b1", "b2"], 4);
+    let start = Instant::now();
+    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(2));
+    // 4 loops of connections open for about 10 ms each: a few hundred per second, several in
+    // flight at any moment.
+    let load = Load::start(
+        &topo.client.ns,
+        43000..53000,
+        4,
+        Duration::from_millis(10),
+        dst,
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let rebuilds_before = agent.status().unwrap().table_rebuilds;
+
+    let b1 = backend_addr(0).to_string();
+    let b2 = backend_addr(1).to_string();
+    let b3 = backend_addr(2);
+    cli_ok(&agent, &["backend", "add", "web", &b3.to_string()]);
+    let joined = wait_until(&agent, "b3 in the table", Duration::from_secs(5), |s| {
+        let b = backend(s, "web", b3);
+        b.in_table && b.slots > 0
+    });
+    let b3_in = Instant::now();
+    eprintln!("b3 in the table {joined:?} after `backend add`");
+    std::thread::sleep(Duration::from_millis(1500));
+    cli_ok(&agent, &["backend", "weight", "web", &b1, "3"]);
+    std::thread::sleep(Duration::from_millis(700));
+    cli_ok(&agent, &["backend", "weight", "web", &b3.to_string(), "2"]);
+    std::thread::sleep(Duration::from_millis(700));
+    // A reload with all three in the file and b2's weight changed: operator weights go back to
+    // the file's, b2's becomes 3.
+    let cfg = topo.config(&web(3, "")).replace(
+        &format!("address = \"{b2}\"\n"),
+        &format!("address = \"{b2}\"\nweight = 3\n"),
+    );
+    std::fs::write(topo.dir.path().join("xdplb.toml"), cfg).unwrap();
+    let out = cli_ok(&agent, &["reload"]);
+    eprintln!("reload: {}", out.trim());
+    wait_until(&agent, "reload applied", Duration::from_secs(2), |s| {
+        backend(s, "web", backend_addr(1)).weight == 3
+            && backend(s, "web", backend_addr(0)).weight == 1
+            && backend(s, "web", b3).in_table
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let report = load.finish();
+    let reports = finish_all(streams);
+    let status = agent.status().unwrap();
+    let rebuilds = status.table_rebuilds - rebuilds_before;
+    let counts = tally(report.answers.iter().map(|(_, a)| a.as_str()));
+    let on_b3_after = report
+        .answers
+        .iter()
+        .filter(|(t, a)| *t > b3_in && a == "b3")
+        .count();
+    let after_b3 = report.answers.iter().filter(|(t, _)| *t > b3_in).count();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "load: {} connections ({:.0}/s over {secs:.1} s), {} failed, {counts:?}; {on_b3_after} \
+         of {after_b3} after b3 joined went to b3; {rebuilds} table rebuilds; flow events: {}",
+        report.answers.len(),
+        report.answers.len() as f64 / secs,
+        report.failures.len(),
+        events(&status)
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} failed connections: {:?}",
+        report.failures.len(),
+        report.failures
+    );
+    assert!(!report.exhausted, "the load ran out of ports");
+    assert!(
+        report.answers.len() >= 1000,
+        "too little load to mean anything: {}",
+        report.answers.len()
+    );
+    assert_unbroken(&reports, start);
+    assert!(on_b3_after > 0, "no new connection reached b3: {counts:?}");
+    assert!(rebuilds >= 4, "{rebuilds} table rebuilds");
+    assert!(backend(&status, "web", b3).new_flows > 0);
+    let (answers, failures) = connect_many(&topo, dst, 53100, 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(tally(answers.iter().map(String::as_str)).contains_key("b3"));
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn removed_backend_keeps_flows_for_grace_then_remaps() {
+    if !require_privileges("removed_backend_keeps_flows_for_grace_then_remaps") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = echo_each(&topo, 80);
+    let grace = Duration::from_secs(3);
+    let services = format!("{}{}", flows_section("remove_grace = \"3s\""), web(3, ""));
+    let agent = topo.start_agent(&topo.config(&services), &[]).unwrap();
+    wait_all_up(&agent);
+    let dst = SocketAddrV4::new(VIP, 80);
+    // Two streams on b1 (removed), one on each of the others (controls).
+    let mut ports = ports_for(&agent, "web", 44000..44100, &["b1"], 2);
+    ports.extend(ports_for(&agent, "web", 44100..44200, &["b2", "b3"], 1));
+    let start = Instant::now();
+    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(5));
+    assert_eq!(
+        streams.iter().filter(|s| s.backend == "b1").count(),
+        2,
+        "{:?}",
+        streams.iter().map(|s| &s.backend).collect::<Vec<_>>()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let b1 = backend_addr(0);
+    let remapped_before = event(&agent.status().unwrap(), "remapped");
+    cli_ok(&agent, &["backend", "remove", "web", &b1.to_string()]);
+    let removed_at = Instant::now();
+    let s = agent.status().unwrap();
+    let removing: Vec<_> = s
+        .flows
+        .removing
+        .iter()
+        .map(|r| (r.vip.as_str(), r.backend.as_str(), r.remaining_secs))
+        .collect();
+    eprintln!("removing after `backend remove`: {removing:?}");
+    assert!(
+        removing
+            .iter()
+            .any(|&(v, b, rest)| v == "web" && b == b1.to_string() && rest > 0.0 && rest <= 3.0),
+        "{removing:?}"
+    );
+    assert!(
+        s.vips[0]
+            .backends
+            .iter()
+            .all(|b| b.address != b1.to_string())
+    );
+
+    // During the grace, b1's streams keep going.
+    let at_remove: Vec<u64> = streams.iter().map(Stream::verified).collect();
+    std::thread::sleep(grace - Duration::from_millis(500));
+    let in_grace: Vec<u64> = streams.iter().map(Stream::verified).collect();
+    let during = removed_at.elapsed();
+    for (i, s) in streams.iter().enumerate() {
+        eprintln!(
+            "  stream {} on {}: {} bytes in the first {during:?} of the grace",
+            s.src,
+            s.backend,
+            in_grace[i] - at_remove[i]
+        );
+        assert!(
+            !s.has_ended() && in_grace[i] > at_remove[i] + 10_000,
+            "stream {} on {} did not keep going during the grace: {} -> {} bytes",
+            s.src,
+            s.backend,
+            at_remove[i],
+            in_grace[i]
+        );
+    }
+    // New connections no longer reach b1, even during the grace.
+    let (answers, failures) = connect_many(&topo, dst, 44500, 50);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        tally(answers.iter().map(String::as_str)).get("b1"),
+        None,
+        "{answers:?}"
+    );
+
+    // The grace ends: the agent says so, and b1's streams are remapped on their next packet,
+    // to a backend that has no such connection and resets it.
+    let line =
+        format!("backend {b1} of vip web: removal grace over; flows still on it are remapped");
+    assert!(
+        wait_for_log(&agent, &line, Duration::from_secs(3)),
+        "{}",
+        agent.log_text()
+    );
+    let logged = removed_at.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while streams.iter().any(|s| s.backend == "b1" && !s.has_ended()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent.status().unwrap();
+    let remapped = event(&status, "remapped") - remapped_before;
+    let reports = finish_all(streams);
+    eprintln!(
+        "grace over logged {logged:?} after the removal; remapped +{remapped}; removing now {:?}; \
+         flow events: {}",
+        status.flows.removing,
+        events(&status)
+    );
+    let (b1_reports, others): (Vec<_>, Vec<_>) =
+        reports.into_iter().partition(|r| r.backend == "b1");
+    for r in &b1_reports {
+        let b = r
+            .broken
+            .as_ref()
+            .unwrap_or_else(|| panic!("stream {} on b1 still ran after the grace: {r:?}", r.src));
+        let when = b.at - removed_at;
+        eprintln!(
+            "  stream {} on b1: {} bytes, then {:?} {:?} after the removal",
+            r.src, r.bytes, b.kind, when
+        );
+        assert_eq!(b.kind, io::ErrorKind::ConnectionReset, "{r:?}");
+        assert!(
+            when >= grace - Duration::from_millis(100) && when <= grace + Duration::from_secs(2),
+            "stream {} broke {when:?} after the removal, grace {grace:?}",
+            r.src
+        );
+    }
+    assert!(remapped >= 2, "remapped +{remapped}: {}", events(&status));
+    assert!(
+        status.flows.removing.is_empty(),
+        "{:?}",
+        status.flows.removing
+    );
+    assert_unbroken(&others, start);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn failed_backend_flows_are_remapped() {
+    if !require_privileges("failed_backend_flows_are_remapped") {
+        return;
+    }
+    // How the observation works: b1 fails its health checks because its service stops
+    // listening, but its established connections and its UDP server stay alive. So if the load
+    // balancer kept sending b1's flows to b1, the TCP stream would keep echoing and the UDP flow
+    // would keep being answered by "b1". A remapped TCP flow reaches a backend without that
+    // connection, which resets it at once (no timeout), and a remapped UDP flow is answered by
+    // another backend's name.
+    let topo = LbTopology::new(3).expect("topology");
+    let mut servers = echo_each(&topo, 80);
+    let mut udp = IdentityServers::new();
+    for (i, b) in topo.backends.iter().enumerate() {
+        udp.udp(&b.ns, SocketAddrV4::new(VIP, 5353), &format!("b{}", i + 1))
+            .unwrap();
+    }
+    // Both VIPs checked on the TCP service port, fast: down after 2 failures 200 ms apart.
+    let health = "[vip.health]\nkind = \"tcp\"\nport = 80\ninterval = \"200ms\"\n\
+                  timeout = \"150ms\"\nfall = 2\nrise = 2\n";
+    let mut services = web(3, health);
+    services.push_str(&format!(
+        "[[vip]]\nname = \"dns\"\naddress = \"{VIP}\"\nport = 5353\nprotocol = \"udp\"\n\
+         table_size = 1009\n{health}\n"
+    ));
+    for i in 0..3 {
+        services.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\n\n",
+            backend_addr(i)
+        ));
+    }
+    let agent = topo.start_agent(&topo.config(&services), &[]).unwrap();
+    wait_all_up(&agent);
+    let dst = SocketAddrV4::new(VIP, 80);
+    let udp_dst = SocketAddrV4::new(VIP, 5353);
+
+    let mut ports = ports_for(&agent, "web", 45000..45100, &["b1"], 2);
+    ports.extend(ports_for(&agent, "web", 45100..45200, &["b2", "b3"], 1));
+    let start = Instant::now();
+    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(5));
+    let udp_port = ports_for(&agent, "dns", 45500..45600, &["b1"], 1)[0];
+    let usock = udp_client(&topo.client.ns, SocketAddrV4::new(CLIENT_ADDR, udp_port)).unwrap();
+    for k in 0..5 {
+        let a = udp_ask(&usock, udp_dst, format!("q{k}").as_bytes()).unwrap();
+        assert_eq!(a, "b1", "UDP flow from {udp_port} before the failure");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = agent.status().unwrap();
+    let remapped_before = event(&before, "remapped");
+
+    // b1's service stops listening: its checks fail (connect refused).
+    servers[0].close_listener();
+    let killed = Instant::now();
+    let b1 = backend_addr(0);
+    let down = wait_until(&agent, "b1 down", Duration::from_secs(3), |s| {
+        ["web", "dns"].iter().all(|v| {
+            let b = backend(s, v, b1);
+            b.state == "down" && !b.in_table
+        })
+    });
+    eprintln!("b1 down in both VIPs {down:?} after its listener closed");
+
+    // The UDP flow's next datagram: remapped, answered by the backend the table now picks.
+    let now_on = predicted(&agent, "dns", udp_port);
+    assert_ne!(now_on, "b1");
+    // It stays there: six datagrams, all answered by the same backend.
+    let udp_after: Vec<String> = (0..6)
+        .map(|k| {
+            udp_ask(&usock, udp_dst, format!("r{k}").as_bytes())
+                .unwrap_or_else(|e| format!("no answer: {e}"))
+        })
+        .collect();
+    eprintln!(
+        "UDP flow from {udp_port}: b1 before, {udp_after:?} after b1 went down (table: {now_on})"
+    );
+
+    // b1's TCP streams: reset, not blackholed (they kept streaming all along).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while streams.iter().any(|s| s.backend == "b1" && !s.has_ended()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = agent.status().unwrap();
+    let remapped = event(&status, "remapped") - remapped_before;
+    let reports = finish_all(streams);
+    eprintln!("remapped +{remapped}; flow events: {}", events(&status));
+    let (b1_reports, others): (Vec<_>, Vec<_>) =
+        reports.into_iter().partition(|r| r.backend == "b1");
+    for r in &b1_reports {
+        let b = r.broken.as_ref().unwrap_or_else(|| {
+            panic!(
+                "stream {} still ran on the failed b1 (flow not remapped): {r:?}",
+                r.src
+            )
+        });
+        eprintln!(
+            "  stream {} on b1: {} bytes, then {:?} {:?} after the listener closed ({})",
+            r.src,
+            r.bytes,
+            b.kind,
+            b.at - killed,
+            b.what
+        );
+        assert_eq!(b.kind, io::ErrorKind::ConnectionReset, "{r:?}");
+        assert!(b.at - killed <= down + Duration::from_secs(1), "{r:?}");
+    }
+    assert!(
+        udp_after.iter().all(|a| *a == now_on),
+        "UDP flow not remapped to {now_on}: {udp_after:?}"
+    );
+    // Two TCP streams and one UDP flow.
+    assert!(remapped >= 3, "remapped +{remapped}: {}", events(&status));
+    assert_unbroken(&others, start);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn fifty_streams_survive_twenty_table_changes() {
+    if !require_privileges("fifty_streams_survive_twenty_table_changes") {
+        return;
+    }
+    let topo = LbTopology::new(6).expect("topology");
+    let _servers = echo_each(&topo, 80);
+    let services = format!("{}{}", flows_section("remove_grace = \"120s\""), web(4, ""));
+    let agent = topo.start_agent(&topo.config(&services), &[]).unwrap();
+    wait_all_up(&agent);
+    let dst = SocketAddrV4::new(VIP, 80);
+    let ports: Vec<u16> = (46000..46050).collect();
+    let start = Instant::now();
+    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(10));
+    let on = tally(streams.iter().map(|s| s.backend.as_str()));
+    eprintln!("50 streams: {on:?}");
+    assert_eq!(on.len(), 4, "{on:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let rebuilds_before = agent.status().unwrap().table_rebuilds;
+
+    let addr = |i: usize| backend_addr(i).to_string();
+    let mut changes = 0;
+    for i in [4, 5] {
+        cli_ok(&agent, &["backend", "add", "web", &addr(i)]);
+        changes += 1;
+        wait_until(&agent, "added backend in", Duration::from_secs(5), |s| {
+            backend(s, "web", backend_addr(i)).in_table
+        });
+    }
+    cli_ok(&agent, &["backend", "drain", "web", &addr(3)]);
+    std::thread::sleep(Duration::from_millis(300));
+    cli_ok(&agent, &["backend", "remove", "web", &addr(3)]);
+    changes += 2;
+    // Weight changes, each to a weight the backend does not have (so each one rebuilds).
+    let live = [0, 1, 2, 4, 5];
+    let mut weights = [1usize; 6];
+    while changes < 22 {
+        let i = live[changes % live.len()];
+        weights[i] = weights[i] % 4 + 1;
+        let w = weights[i];
+        cli_ok(
+            &agent,
+            &["backend", "weight", "web", &addr(i), &w.to_string()],
+        );
+        changes += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let (answers, failures) = connect_many(&topo, dst, 46500, 100);
+    let reports = finish_all(streams);
+    let status = agent.status().unwrap();
+    let rebuilds = status.table_rebuilds - rebuilds_before;
+    let counts = tally(answers.iter().map(String::as_str));
+    eprintln!(
+        "{changes} changes, {rebuilds} table rebuilds in {:?}; new connections after: {counts:?}, \
+         {} failed; flow events: {}",
+        start.elapsed(),
+        failures.len(),
+        events(&status)
+    );
+    assert_unbroken(&reports, start);
+    assert!(
+        reports.iter().all(|r| r.bytes > 10_000),
+        "a stream barely moved"
+    );
+    assert!(rebuilds >= 20, "only {rebuilds} table rebuilds");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(counts.get("b4"), None, "{counts:?}");
+    assert!(
+        counts.contains_key("b5") && counts.contains_key("b6"),
+        "{counts:?}"
+    );
+    assert!(agent.stop().success());
+}
