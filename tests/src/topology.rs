@@ -41,7 +41,7 @@ use aya::{
 use lb_userspace::{
     api::Client,
     dataplane::EBPF_OBJECT,
-    status::{Status, WhichBackend},
+    status::{BackendStatus, Status, WhichBackend},
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -566,5 +566,41 @@ impl Drop for Traffic {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Backend `addr` of VIP `vip` in a status; panics naming what is missing.
+pub fn backend_status<'a>(s: &'a Status, vip: &str, addr: Ipv4Addr) -> &'a BackendStatus {
+    let v = s
+        .vips
+        .iter()
+        .find(|v| v.name == vip)
+        .unwrap_or_else(|| panic!("no vip {vip}"));
+    v.backends
+        .iter()
+        .find(|b| b.address == addr.to_string())
+        .unwrap_or_else(|| panic!("backend {addr} not in vip {vip}"))
+}
+
+/// Polls the agent's status until `pred` holds; returns how long it took. Panics with the status
+/// and the log after `timeout`.
+pub fn wait_until(
+    agent: &Agent,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Status) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = agent.status().unwrap();
+        if pred(&s) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what} not within {timeout:?}: {s:#?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

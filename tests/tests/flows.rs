@@ -23,11 +23,11 @@ use std::{
 use lb_tests::{
     netns::{Netns, require_privileges},
     topology::{
-        Agent, CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, tally, udp_ask,
-        udp_client, wait_for_log,
+        Agent, CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, backend_status, tally,
+        udp_ask, udp_client, wait_for_log, wait_until,
     },
 };
-use lb_userspace::status::{BackendStatus, Status};
+use lb_userspace::status::Status;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// How long a stream waits for its echo before calling the stream broken (a blackhole).
@@ -480,14 +480,6 @@ fn flows_section(body: &str) -> String {
     format!("[flows]\n{body}\n")
 }
 
-fn backend<'a>(s: &'a Status, vip: &str, addr: Ipv4Addr) -> &'a BackendStatus {
-    let v = s.vips.iter().find(|v| v.name == vip).expect("vip");
-    v.backends
-        .iter()
-        .find(|b| b.address == addr.to_string())
-        .unwrap_or_else(|| panic!("backend {addr} not in vip {vip}"))
-}
-
 fn event(s: &Status, name: &str) -> u64 {
     s.flows
         .events
@@ -504,29 +496,6 @@ fn events(s: &Status) -> String {
         .map(|e| format!("{}={}", e.event, e.count))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Polls the status until `pred` holds; returns how long it took. Panics with the status and
-/// the log after `timeout`.
-fn wait_until(
-    agent: &Agent,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Status) -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let s = agent.status().unwrap();
-        if pred(&s) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what} not within {timeout:?}: {s:#?}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits until every backend of every VIP is up and in its table.
@@ -634,12 +603,12 @@ fn drain_keeps_established_streams() {
     cli_ok(&agent, &["backend", "drain", "web", &b2.to_string()]);
     let drained_at = Instant::now();
     wait_until(&agent, "b2 drained", Duration::from_secs(2), |s| {
-        let b = backend(s, "web", b2);
+        let b = backend_status(s, "web", b2);
         b.state == "draining" && !b.in_table && b.slots == 0
     });
     let verified_at_drain: Vec<u64> = streams.iter().map(Stream::verified).collect();
     let echoed_at_drain: Vec<u64> = on_b2.iter().map(|&p| servers[1].echoed_to(p)).collect();
-    let new_flows_b2 = backend(&agent.status().unwrap(), "web", b2).new_flows;
+    let new_flows_b2 = backend_status(&agent.status().unwrap(), "web", b2).new_flows;
 
     // Streams keep going for 3 s; meanwhile 100 new connections, none of which may reach b2.
     std::thread::sleep(Duration::from_millis(1500));
@@ -701,7 +670,7 @@ fn drain_keeps_established_streams() {
     assert_eq!(counts.get("b2"), None, "{counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 100);
     assert_eq!(
-        backend(&status, "web", b2).new_flows,
+        backend_status(&status, "web", b2).new_flows,
         new_flows_b2,
         "new flows reached the drained backend"
     );
@@ -820,7 +789,7 @@ fn add_backend_under_load_zero_failures() {
     let b3 = backend_addr(2);
     cli_ok(&agent, &["backend", "add", "web", &b3.to_string()]);
     let joined = wait_until(&agent, "b3 in the table", Duration::from_secs(5), |s| {
-        let b = backend(s, "web", b3);
+        let b = backend_status(s, "web", b3);
         b.in_table && b.slots > 0
     });
     let b3_in = Instant::now();
@@ -840,9 +809,9 @@ fn add_backend_under_load_zero_failures() {
     let out = cli_ok(&agent, &["reload"]);
     eprintln!("reload: {}", out.trim());
     wait_until(&agent, "reload applied", Duration::from_secs(2), |s| {
-        backend(s, "web", backend_addr(1)).weight == 3
-            && backend(s, "web", backend_addr(0)).weight == 1
-            && backend(s, "web", b3).in_table
+        backend_status(s, "web", backend_addr(1)).weight == 3
+            && backend_status(s, "web", backend_addr(0)).weight == 1
+            && backend_status(s, "web", b3).in_table
     });
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -881,7 +850,7 @@ fn add_backend_under_load_zero_failures() {
     assert_unbroken(&reports, start);
     assert!(on_b3_after > 0, "no new connection reached b3: {counts:?}");
     assert!(rebuilds >= 4, "{rebuilds} table rebuilds");
-    assert!(backend(&status, "web", b3).new_flows > 0);
+    assert!(backend_status(&status, "web", b3).new_flows > 0);
     let (answers, failures) = connect_many(&topo, dst, 53100, 100);
     assert!(failures.is_empty(), "{failures:?}");
     assert!(tally(answers.iter().map(String::as_str)).contains_key("b3"));
@@ -1077,7 +1046,7 @@ fn failed_backend_flows_are_remapped() {
     let b1 = backend_addr(0);
     let down = wait_until(&agent, "b1 down", Duration::from_secs(3), |s| {
         ["web", "dns"].iter().all(|v| {
-            let b = backend(s, v, b1);
+            let b = backend_status(s, v, b1);
             b.state == "down" && !b.in_table
         })
     });
@@ -1162,7 +1131,7 @@ fn fifty_streams_survive_twenty_table_changes() {
         cli_ok(&agent, &["backend", "add", "web", &addr(i)]);
         changes += 1;
         wait_until(&agent, "added backend in", Duration::from_secs(5), |s| {
-            backend(s, "web", backend_addr(i)).in_table
+            backend_status(s, "web", backend_addr(i)).in_table
         });
     }
     cli_ok(&agent, &["backend", "drain", "web", &addr(3)]);

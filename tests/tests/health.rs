@@ -10,17 +10,17 @@ use std::{
         atomic::{AtomicBool, AtomicU16, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
     netns::{Netns, require_privileges},
     topology::{
-        Agent, CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, tally, tcp_ask,
-        wait_for_log,
+        CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, backend_status, tally,
+        tcp_ask, wait_for_log, wait_until,
     },
 };
-use lb_userspace::status::{BackendStatus, Status};
+use lb_userspace::status::Status;
 
 /// Connections from fixed source ports to `dst`; returns answers and failures.
 fn connect_many(
@@ -39,37 +39,6 @@ fn connect_many(
         }
     }
     (answers, failures)
-}
-
-fn backend<'a>(s: &'a Status, vip: &str, addr: Ipv4Addr) -> &'a BackendStatus {
-    let v = s.vips.iter().find(|v| v.name == vip).expect("vip");
-    v.backends
-        .iter()
-        .find(|b| b.address == addr.to_string())
-        .expect("backend")
-}
-
-/// Polls the status until `pred` holds; returns how long it took. Panics with the status and
-/// the log after `timeout`.
-fn wait_until(
-    agent: &Agent,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Status) -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let s = agent.status().unwrap();
-        if pred(&s) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what} not within {timeout:?}: {s:#?}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// One identity server per backend, so each can be stopped on its own.
@@ -127,7 +96,7 @@ fn a_dead_backend_leaves_within_the_bound_and_rejoins_by_itself() {
     servers[1] = None;
     let b2 = backend_addr(1);
     let out = wait_until(&agent, "b2 down", Duration::from_secs(10), |s| {
-        let b = backend(s, "web", b2);
+        let b = backend_status(s, "web", b2);
         b.state == "down" && !b.in_table
     });
     eprintln!("b2 out of the table {out:?} after its server died");
@@ -144,14 +113,14 @@ fn a_dead_backend_leaves_within_the_bound_and_rejoins_by_itself() {
     let counts = tally(answers.iter().map(String::as_str));
     assert_eq!(counts.get("b2"), None, "{counts:?}");
     let s = agent.status().unwrap();
-    let b = backend(&s, "web", b2);
+    let b = backend_status(&s, "web", b2);
     assert_eq!(b.health.last_detail.as_deref(), Some("connect refused"));
     assert!(s.health_transitions >= 1);
 
     // Restart it: back within rise x interval = 2 s, no operator action.
     servers[1] = Some(identity(&topo.backends[1].ns, 80, 1));
     let back = wait_until(&agent, "b2 back", Duration::from_secs(10), |s| {
-        let b = backend(s, "web", b2);
+        let b = backend_status(s, "web", b2);
         b.state == "up" && b.in_table && b.slots > 0
     });
     eprintln!("b2 back in the table {back:?} after its server restarted");
@@ -238,12 +207,12 @@ fn an_http_check_answering_500_takes_the_backend_out() {
     codes[0].store(500, Ordering::Relaxed);
     let b1 = backend_addr(0);
     let out = wait_until(&agent, "b1 down", Duration::from_secs(5), |s| {
-        backend(s, "web", b1).state == "down"
+        backend_status(s, "web", b1).state == "down"
     });
     // fall x interval + timeout = 1.1 s.
     assert!(out <= Duration::from_millis(1100 + 300), "{out:?}");
     let s = agent.status().unwrap();
-    let b = backend(&s, "web", b1);
+    let b = backend_status(&s, "web", b1);
     let detail = b.health.last_detail.clone().unwrap_or_default();
     assert!(detail.contains("HTTP 500"), "{detail}");
     assert_eq!((b.in_table, b.slots), (false, 0));
@@ -265,7 +234,7 @@ fn an_http_check_answering_500_takes_the_backend_out() {
 
     codes[0].store(200, Ordering::Relaxed);
     wait_until(&agent, "b1 back", Duration::from_secs(5), |s| {
-        backend(s, "web", b1).state == "up"
+        backend_status(s, "web", b1).state == "up"
     });
     assert!(agent.stop().success());
 }
@@ -314,7 +283,7 @@ fn a_bad_reload_changes_nothing_and_a_good_one_applies_the_difference() {
         "{json}"
     );
     wait_until(&agent, "b3 in the table", Duration::from_secs(5), |s| {
-        backend(s, "web", backend_addr(2)).in_table
+        backend_status(s, "web", backend_addr(2)).in_table
     });
     std::fs::write(&cfg_path, topo.config(&web(2, ""))).unwrap();
     // SAFETY: signalling the agent process this test started.
@@ -488,7 +457,7 @@ fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
     );
     assert!(!ok && err.contains("401"), "{err}");
     assert_eq!(
-        backend(&agent.status().unwrap(), "web", backend_addr(1)).state,
+        backend_status(&agent.status().unwrap(), "web", backend_addr(1)).state,
         "up"
     );
 
@@ -514,7 +483,7 @@ fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
     let (ok, out, _) = cli(Some(token), &["status", "--json"]);
     assert!(ok);
     let s: Status = serde_json::from_str(&out).unwrap();
-    assert_eq!(backend(&s, "web", backend_addr(1)).state, "draining");
+    assert_eq!(backend_status(&s, "web", backend_addr(1)).state, "draining");
     let (answers, failures) = connect_many(&topo, web_dst, 30000, 100);
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(tally(answers.iter().map(String::as_str)).get("b2"), None);
@@ -527,7 +496,7 @@ fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
     let (ok, _, err) = cli(Some(token), &["backend", "weight", "web", &b3, "3"]);
     assert!(ok, "{err}");
     assert_eq!(
-        backend(&agent.status().unwrap(), "web", backend_addr(2)).weight,
+        backend_status(&agent.status().unwrap(), "web", backend_addr(2)).weight,
         3
     );
     let (ok, _, err) = cli(Some(token), &["backend", "remove", "web", &b3]);
@@ -541,7 +510,7 @@ fn operators_change_a_running_agent_with_the_cli_over_the_tcp_api() {
     );
     assert!(ok, "{err}");
     wait_until(&agent, "b3 back", Duration::from_secs(5), |s| {
-        backend(s, "web", backend_addr(2)).in_table
+        backend_status(s, "web", backend_addr(2)).in_table
     });
 
     // A new VIP from flags; a bad one refused with the config's words.
