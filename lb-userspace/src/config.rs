@@ -77,14 +77,14 @@ pub struct Flows {
     pub entries: u32,
     /// A UDP flow idle this long is decided again by its VIP's table (and counted as new).
     /// Zero: UDP entries never expire (only the LRU evicts them).
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(rename = "udp_idle_timeout_ms", serialize_with = "health::millis")]
     pub udp_idle_timeout: std::time::Duration,
     /// Most new entries per CPU per second (0: no bound). Flows past it are forwarded by the
     /// table, only not remembered, so a flood of new flows cannot evict every established one.
     pub insert_rate_limit: u32,
     /// How long established flows keep going to a backend removed from its VIP, before they are
     /// remapped.
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(rename = "remove_grace_ms", serialize_with = "health::millis")]
     pub remove_grace: std::time::Duration,
 }
 
@@ -110,16 +110,6 @@ impl Default for Flows {
             insert_rate_limit: DEFAULT_INSERT_RATE_LIMIT,
             remove_grace: DEFAULT_REMOVE_GRACE,
         }
-    }
-}
-
-/// Durations in JSON as seconds (a float), as the rest of the API reports times.
-mod humantime_serde_secs {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
     }
 }
 
