@@ -921,6 +921,18 @@ fn reset(map: &mut PerCpuArray<MapData, Counter>, index: u32) -> Result<(), MapE
     map.set(index, values, 0)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
+/// connection table's entries.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Where the data path of `interface` is pinned: `/sys/fs/bpf/xdplb/<interface>` in the host's
 /// network namespace, `/sys/fs/bpf/xdplb/netns-<inode>/<interface>` in any other, since bpffs
 /// is shared by all network namespaces while interface names are not.

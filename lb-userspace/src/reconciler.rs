@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{self, AllDown, Config, Protocol},
-    dataplane::{AttachMode, Dataplane, DataplaneError},
+    dataplane::{AttachMode, Dataplane, DataplaneError, monotonic_ns},
     health::{CheckKey, CheckSpec, Health, Tracker},
     logging::LogLevel,
     maglev::{self, MaglevBackend},
@@ -504,18 +504,6 @@ enum Retired {
 /// also applies health reports and operator changes, so a listing takes at most a few hundred
 /// milliseconds of it.
 pub const MAX_FLOW_SCAN: usize = 100_000;
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
-/// connection table's entries.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// A backend removed from a VIP, in its grace: its map entry stays ready so the connection
 /// table keeps its established flows on it until `until` (`flows.remove_grace`).

@@ -19,7 +19,7 @@ use lb_tests::{
     fixtures::{self, Fixture, HostTables, Output, World, hex_diff},
     netns::require_privileges,
 };
-use lb_userspace::dataplane::{Dataplane, LoadOptions};
+use lb_userspace::dataplane::{Dataplane, LoadOptions, monotonic_ns};
 
 /// Connection-table size of the test loads.
 const FLOW_ENTRIES: u32 = 4096;
@@ -161,18 +161,6 @@ fn fixture_table_covers_every_reason() {
         }
         assert!(seen.contains(&(r as u32)), "no fixture for {}", r.name());
     }
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Empties the kernel's connection table and fills it with the world's flows, stamped
