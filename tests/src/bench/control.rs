@@ -585,6 +585,26 @@ struct Change<'a> {
     victims: &'a dyn Fn(usize) -> Vec<(usize, usize)>,
 }
 
+impl<'a> Change<'a> {
+    /// `kind` applied to one backend per round, and undone.
+    fn one_backend(kind: Kind, victims: &'a dyn Fn(usize) -> Vec<(usize, usize)>) -> Self {
+        let (what, undo) = match kind {
+            Kind::MacLost => ("one backend's MAC lost", "that backend's MAC back"),
+            Kind::Drain => ("operator drains one backend", "operator undrains it"),
+            Kind::Weight => (
+                "operator sets one backend's weight 1 -> 4",
+                "operator sets it back to 1",
+            ),
+        };
+        Change {
+            what,
+            undo,
+            kind,
+            victims,
+        }
+    }
+}
+
 fn change_latencies(rounds: usize) -> Result<Vec<ChangeRow>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -598,24 +618,9 @@ fn change_latencies(rounds: usize) -> Result<Vec<ChangeRow>> {
         &small,
         rounds,
         &[
-            Change {
-                what: "one backend's MAC lost",
-                undo: "that backend's MAC back",
-                kind: Kind::MacLost,
-                victims: &one,
-            },
-            Change {
-                what: "operator drains one backend",
-                undo: "operator undrains it",
-                kind: Kind::Drain,
-                victims: &one,
-            },
-            Change {
-                what: "operator sets one backend's weight 1 -> 4",
-                undo: "operator sets it back to 1",
-                kind: Kind::Weight,
-                victims: &one,
-            },
+            Change::one_backend(Kind::MacLost, &one),
+            Change::one_backend(Kind::Drain, &one),
+            Change::one_backend(Kind::Weight, &one),
         ],
     ))?);
 
@@ -627,30 +632,15 @@ fn change_latencies(rounds: usize) -> Result<Vec<ChangeRow>> {
         &large,
         rounds,
         &[
-            Change {
-                what: "one backend's MAC lost",
-                undo: "that backend's MAC back",
-                kind: Kind::MacLost,
-                victims: &one,
-            },
+            Change::one_backend(Kind::MacLost, &one),
             Change {
                 what: "one backend lost in every VIP",
                 undo: "those backends back",
                 kind: Kind::MacLost,
                 victims: &every,
             },
-            Change {
-                what: "operator drains one backend",
-                undo: "operator undrains it",
-                kind: Kind::Drain,
-                victims: &one,
-            },
-            Change {
-                what: "operator sets one backend's weight 1 -> 4",
-                undo: "operator sets it back to 1",
-                kind: Kind::Weight,
-                victims: &one,
-            },
+            Change::one_backend(Kind::Drain, &one),
+            Change::one_backend(Kind::Weight, &one),
         ],
     ))?);
     Ok(rows)
