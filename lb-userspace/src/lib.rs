@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod ha;
 pub mod health;
 pub mod logging;
 pub mod maglev;

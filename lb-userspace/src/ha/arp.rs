@@ -1,0 +1,1 @@
+//! Gratuitous ARP and the VRRP virtual MAC.
