@@ -16,7 +16,8 @@
 //!   VIPs share address, port and protocol, or name; within a VIP, backend addresses are unique and
 //!   differ from the VIP address; weights are at most [`MAX_WEIGHT`]; every `table_size` is a
 //!   prime no larger than [`MAX_TABLE_SIZE`] and at least the number of backends with weight
-//!   above 0.
+//!   above 0. With `[ha]`, the HA settings are within their ranges (see [`Ha`]), every tracked
+//!   VIP exists, and no VIP address is a node's own address (`source`, `peers`).
 //! - Not checked here, because they depend on the machine and change at run time: that the
 //!   interface exists, that backends answer ARP on it, that the socket's directory exists, and the
 //!   capacity of the data path's maps.
@@ -32,7 +33,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+mod ha;
 mod health;
+pub use ha::{
+    DEFAULT_ADVERT_INTERVAL, DEFAULT_GARP_COUNT, DEFAULT_GARP_INTERVAL, DEFAULT_GARP_REPEAT,
+    DEFAULT_HA_PRIORITY, DEFAULT_SYNC_PORT, Ha, MAX_ADVERT_INTERVAL, MAX_GARP_COUNT,
+    MAX_GARP_INTERVAL, MAX_GARP_REPEAT, MAX_PREEMPT_DELAY, MAX_TRACK_PENALTY, MIN_ADVERT_INTERVAL,
+    OWNER_PRIORITY,
+};
 pub use health::{
     DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT, HealthCheck, parse_duration,
 };
@@ -67,6 +75,8 @@ pub struct Config {
     pub api: Api,
     pub flows: Flows,
     pub vips: Vec<Vip>,
+    /// `[ha]`: `None` without the section (no VRRP; the VIP addresses are not managed).
+    pub ha: Option<Ha>,
 }
 
 /// `[flows]`: the data path's connection table (see `lb_common::flows`).
@@ -452,6 +462,7 @@ struct RawConfig {
     flows: Option<Spanned<RawFlows>>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+    ha: Option<Spanned<ha::RawHa>>,
 }
 
 #[derive(Deserialize)]
@@ -645,6 +656,20 @@ fn expected_value(key: &str, element: bool) -> Option<&'static str> {
         ("command", true) => "a string in quotes",
         ("listen", _) => "ADDRESS:PORT in quotes, like \"127.0.0.1:9180\"",
         ("token_file", _) => "a file path in quotes",
+        ("ha", _) => "an `[ha]` section",
+        ("vrid", _) => "a whole number from 1 to 255, without quotes",
+        ("priority", _) => "a whole number from 1 to 255, without quotes",
+        ("garp_count", _) => "a whole number from 1 to 100, without quotes",
+        ("track_penalty", _) => "a whole number from 0 to 254, without quotes",
+        ("sync_port", _) => "a port number without quotes, like 5599 (0: off)",
+        ("advert_interval" | "preempt_delay" | "garp_interval" | "garp_repeat", _) => {
+            "a duration in quotes, like \"1s\" or \"10ms\""
+        }
+        ("preempt" | "virtual_mac" | "track_interface", _) => "true or false, without quotes",
+        ("peers", false) => "an array of IPv4 addresses, like [\"10.0.0.3\"]",
+        ("peers", true) | ("source", _) => "an IPv4 address in quotes, like \"10.0.0.2\"",
+        ("track_vips", false) => "an array of VIP names, like [\"web\"]",
+        ("track_vips", true) => "a VIP name or ADDRESS:PORT/PROTO in quotes",
         _ => return None,
     })
 }
@@ -785,11 +810,16 @@ impl Checker<'_> {
         let api = self.api(raw.api);
         let flows = self.flows(raw.flows);
         let vips = self.vips(raw.vip);
+        let interface = dataplane.as_ref().map(|d| d.interface.as_str());
+        let ha = self.ha(raw.ha, interface, &vips);
+        let vips: Option<Vec<Vip>> = vips.into_iter().collect();
+        let vips = vips.filter(|vips| self.capacity(vips));
         Some(Config {
             dataplane: dataplane?,
             api: api?,
             flows: flows?,
             vips: vips?,
+            ha: ha?,
         })
     }
 
@@ -915,7 +945,9 @@ impl Checker<'_> {
         })
     }
 
-    fn vips(&mut self, raw: Vec<Spanned<RawVip>>) -> Option<Vec<Vip>> {
+    /// Every `[[vip]]` in file order, `None` where one is invalid (reported). The checks
+    /// across VIPs that need all of them valid ([`capacity`](Self::capacity)) are the caller's.
+    fn vips(&mut self, raw: Vec<Spanned<RawVip>>) -> Vec<Option<Vip>> {
         if raw.is_empty() {
             self.warning(
                 "vip",
@@ -924,16 +956,10 @@ impl Checker<'_> {
             );
         }
         let mut seen = SeenVips::default();
-        let mut vips = Some(Vec::with_capacity(raw.len()));
-        for (i, raw) in raw.into_iter().enumerate() {
-            let vip = self.vip(&format!("vip[{i}]"), raw, &mut seen);
-            vips = vips.zip(vip).map(|(mut vips, vip)| {
-                vips.push(vip);
-                vips
-            });
-        }
-        let vips = vips?;
-        self.capacity(&vips).then_some(vips)
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, raw)| self.vip(&format!("vip[{i}]"), raw, &mut seen))
+            .collect()
     }
 
     /// The data path's fixed capacities, so that a config `check-config` accepts also loads.
@@ -1260,6 +1286,8 @@ impl Checker<'_> {
 enum Role {
     Vip,
     Backend,
+    /// An HA node's own address (`[ha]` `source` and `peers`).
+    Node,
 }
 
 impl Role {
@@ -1267,6 +1295,7 @@ impl Role {
         match self {
             Role::Vip => "VIP",
             Role::Backend => "backend",
+            Role::Node => "HA peer",
         }
     }
 }
@@ -1328,6 +1357,10 @@ fn ipv4(text: &str, role: Role) -> Result<Ipv4Addr, String> {
             "{address} {class}; a {noun} must be the unicast address of a host on the \
              interface's network"
         )),
+        (Some(class), Role::Node) => Err(format!(
+            "{address} {class}; an HA node's address must be the unicast address of a load \
+             balancer on the `[ha]` interface's network"
+        )),
     }
 }
 
@@ -1360,6 +1393,7 @@ fn not_ipv4(text: &str, role: Role) -> String {
                 "backends have no port (with direct server return a backend receives packets \
                  on the VIP's port): write only \"{address}\""
             ),
+            Role::Node => format!("VRRP has no port: write only \"{address}\""),
         };
     }
     if text.chars().all(|c| c.is_ascii_digit() || c == '.') {
@@ -1783,6 +1817,7 @@ address = "10.0.0.21"
                         }],
                     },
                 ],
+                ha: None,
             }
         );
         assert_eq!(

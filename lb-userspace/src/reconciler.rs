@@ -2045,6 +2045,7 @@ mod tests {
             },
             api: Default::default(),
             flows: Default::default(),
+            ha: None,
             vips: vec![Vip {
                 name: "web".into(),
                 address: Ipv4Addr::new(10, 0, 0, 100),
