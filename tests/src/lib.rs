@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fixtures;
+pub mod ha;
 pub mod netns;
 pub mod packet;
 pub mod topology;

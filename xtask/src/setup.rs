@@ -6,16 +6,20 @@
 //!    eBPF lint step); `clippy` and `rustfmt` on the toolchain running xtask (the host lints);
 //! 3. `bpf-linker`, built against the nightly toolchain's own libLLVM (see [`bpf_linker`]);
 //! 4. the Debian packages in [`DEBIAN_PACKAGES`] (root);
-//! 5. bpffs mounted at `/sys/fs/bpf` (root).
+//! 5. the system services of [`SERVICES_OFF`] stopped and disabled, when item 4 just installed
+//!    their package (root);
+//! 6. bpffs mounted at `/sys/fs/bpf` (root).
 //!
 //! Guarantees: one line per item saying what was done or why it was skipped; a second run right
 //! after a successful one changes nothing and takes well under two seconds (it only runs cheap
-//! queries: rustup, rustc, dpkg-query, `bpf-linker --version`, ldd). When not root and item 4 or 5
-//! needs work, it fails before changing anything and names those items. The first failing
-//! command stops it, named with its exit status.
+//! queries: rustup, rustc, dpkg-query, `bpf-linker --version`, ldd). When not root and item 4 or 6
+//! needs work (item 5 only follows item 4), it fails before changing anything and names those
+//! items. The first failing command stops it, named with its exit status.
 //!
 //! Not guaranteed: anything outside Debian-like systems (packages are queried with dpkg and
-//! installed with apt-get); removing what an older setup installed.
+//! installed with apt-get); removing what an older setup installed; switching off a service of
+//! [`SERVICES_OFF`] whose package was installed some other way, or by a run that failed between
+//! items 4 and 5 (`update-rc.d NAME disable` and `invoke-rc.d NAME stop` do it by hand).
 
 use std::{
     fs,
@@ -43,7 +47,26 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "bpftool",
         "inspecting loaded programs (run-time stats, instructions) when profiling",
     ),
+    (
+        "keepalived",
+        "the VRRP peer of the HA interop tests and the failover bench",
+    ),
 ];
+
+/// Packages of [`DEBIAN_PACKAGES`] whose installation enables a system service that setup stops
+/// and disables again right after installing them, and why.
+///
+/// Only after setup installed the package itself: a service the administrator had set up before
+/// is theirs to keep.
+pub const SERVICES_OFF: &[(&str, &str)] = &[(
+    "keepalived",
+    // Measured on bookworm: the postinst enables keepalived.service and the SysV rc links (it
+    // starts nothing while /etc/keepalived/keepalived.conf is absent, but would at the next boot
+    // once someone writes one). The tests and the bench only need the binary: they run their own
+    // instances in namespaces with their own configs and pid files, and a host-wide keepalived
+    // would run VRRP on the real LAN and take addresses there.
+    "the tests and the bench run their own instances; a host-wide one would run VRRP on the LAN",
+)];
 
 /// The toolchain that builds the eBPF object.
 const NIGHTLY: &str = "nightly";
@@ -99,7 +122,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
             ));
         }
         if !mounted {
-            needs_root.push(format!("5 (mount bpffs at {BPFFS})"));
+            needs_root.push(format!("6 (mount bpffs at {BPFFS})"));
         }
         if !needs_root.is_empty() {
             bail!(
@@ -127,6 +150,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     }
     report.record("bpf-linker", bpf_linker(ctx)?);
     report.record("Debian packages", debian_packages(ctx, &missing)?);
+    report.record("system services", services_off(ctx, &missing)?);
     report.record("bpffs", bpffs(ctx, mounted)?);
     println!(
         "setup: finished in {}: {} changed, {} already present",
@@ -423,6 +447,35 @@ fn debian_packages(ctx: &Ctx, missing: &[&str]) -> Result<Outcome> {
         .args(["install", "-y", "--no-install-recommends"])
         .args(missing))?;
     Ok(Outcome::Changed(format!("installed {}", missing.join(" "))))
+}
+
+/// Stops and disables the services of [`SERVICES_OFF`] whose package is in `installed` (what
+/// [`debian_packages`] just installed).
+fn services_off(ctx: &Ctx, installed: &[&str]) -> Result<Outcome> {
+    let services: Vec<(&str, &str)> = SERVICES_OFF
+        .iter()
+        .copied()
+        .filter(|(name, _)| installed.contains(name))
+        .collect();
+    if services.is_empty() {
+        return Ok(Outcome::Present(
+            "nothing installed by this run enables a service".to_owned(),
+        ));
+    }
+    let mut done = Vec::new();
+    for (name, why) in services {
+        // Debian's own tools, which the postinst used, so they cover systemd and SysV init alike:
+        // invoke-rc.d stops through systemctl when systemd runs, and honours policy-rc.d where
+        // starting was denied anyway (containers); update-rc.d removes the systemd unit's links
+        // (through systemctl when present) and the rc links.
+        run(ctx.cmd("invoke-rc.d").args([name, "stop"]))?;
+        run(ctx.cmd("update-rc.d").args([name, "disable"]))?;
+        done.push(format!("{name} ({why})"));
+    }
+    Ok(Outcome::Changed(format!(
+        "stopped and disabled {}",
+        done.join(", ")
+    )))
 }
 
 fn bpffs_mounted() -> Result<bool> {
