@@ -12,6 +12,11 @@
 //! Entries xdplb creates or converts carry the protocol number [`NEIGH_PROTO_XDPLB`], so whichever
 //! xdplb instance stops last on an interface (without `--keep-forwarding`) can remove them, and
 //! entries an administrator made are never touched.
+//!
+//! For high availability: IPv4 addresses are added and removed idempotently (a VIP already held,
+//! or already gone, is not an error), and [`watch_link`] reports whether the interface is usable
+//! (administratively up and with carrier), driven by link events plus a resync every
+//! [`LINK_RESYNC_INTERVAL`], so a lost event leaves it wrong for at most that long.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,13 +28,19 @@ use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::{
     AddressFamily,
-    link::{LinkAttribute, LinkFlags, LinkXdp, XdpAttached},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+    link::{
+        InfoData, InfoKind, InfoMacVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp,
+        MacVlanMode, XdpAttached,
+    },
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
     route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType},
 };
-use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkMacVlan, LinkUnspec, MulticastGroup, RouteMessageBuilder,
+};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -48,6 +59,24 @@ pub enum NetError {
     NoSuchInterface { name: String },
     #[error("interface `{name}` has no Ethernet MAC address (dsr-l2 needs an Ethernet device)")]
     NoMac { name: String },
+    #[error("cannot {what}: no interface has index {index}")]
+    NoSuchIfindex { index: u32, what: String },
+    #[error(
+        "interface `{name}` already exists but is not {wanted} (it is {found}); not touching it"
+    )]
+    LinkConflict {
+        name: String,
+        wanted: String,
+        found: String,
+    },
+}
+
+/// The positive errno of a kernel netlink error, if that is what `e` is.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
@@ -250,6 +279,440 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl(format!("delete neighbour {addr}")))
+    }
+
+    /// The IPv4 addresses on `ifindex` with their prefix lengths, in the kernel's order (the one
+    /// `ip -4 addr show` prints: primaries first, each in the order it was added, then
+    /// secondaries).
+    pub async fn ipv4_addresses(&self, ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        Ok(self
+            .ipv4_entries(ifindex)
+            .await?
+            .into_iter()
+            .map(|e| (e.addr, e.prefix))
+            .collect())
+    }
+
+    /// The first address on `ifindex` that is neither a secondary (`IFA_F_SECONDARY`) nor in
+    /// `exclude`: the address VRRP adverts are sent from. The VIPs must be excluded by the
+    /// caller because a VIP added with its own prefix (typically /32) is a primary address too.
+    pub async fn primary_ipv4(
+        &self,
+        ifindex: u32,
+        exclude: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Option<Ipv4Addr>, NetError> {
+        Ok(self
+            .ipv4_entries(ifindex)
+            .await?
+            .into_iter()
+            .find(|e| !e.secondary && !exclude.contains(&e.addr))
+            .map(|e| e.addr))
+    }
+
+    async fn ipv4_entries(&self, ifindex: u32) -> Result<Vec<Ipv4Entry>, NetError> {
+        let mut req = self.handle.address().get().set_link_index_filter(ifindex);
+        req.message_mut().header.family = AddressFamily::Inet;
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl(format!("IPv4 address dump for ifindex {ifindex}")))?
+        {
+            out.extend(parse_ipv4_address(&msg));
+        }
+        // A dump cannot tell "no addresses" from "no such interface"; only the latter is an error.
+        if out.is_empty() && self.link_name(ifindex).await.is_none() {
+            return Err(NetError::NoSuchIfindex {
+                index: ifindex,
+                what: "list IPv4 addresses".to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `ip addr add ADDR/PREFIX dev IF`; an address already there with that prefix is success,
+    /// so taking over VIPs can be retried blindly.
+    pub async fn add_address(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        let result = self
+            .handle
+            .address()
+            .add(ifindex, IpAddr::V4(addr), prefix)
+            .execute()
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(self
+                .failure(ifindex, format!("add address {addr}/{prefix}"), e)
+                .await),
+        }
+    }
+
+    /// `ip addr del ADDR/PREFIX dev IF`; an address that is not there (with that prefix) is
+    /// success. A missing interface is still an error ([`NetError::NoSuchIfindex`]): it more
+    /// likely means a wrong index than an address already released.
+    ///
+    /// Removing a primary address also removes the secondaries of its subnet unless the
+    /// interface has `promote_secondaries` set; a VIP with its own prefix (/32) is unaffected.
+    pub async fn del_address(
+        &self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        let msg = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(ifindex)
+            .address(addr, prefix)
+            .build();
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            Err(e) => Err(self
+                .failure(ifindex, format!("delete address {addr}/{prefix}"), e)
+                .await),
+        }
+    }
+
+    /// Whether `ifindex` is up and has carrier, read now.
+    pub async fn link_state(&self, ifindex: u32) -> Result<LinkState, NetError> {
+        let msg = self.link_by_index(ifindex, "read link state").await?;
+        Ok(LinkState::from_flags(msg.header.flags))
+    }
+
+    /// Creates (or adopts) macvlan `name` on `parent` with `mac`, in private mode, and sets it
+    /// up; returns its ifindex. Used for the VRRP virtual MAC ([`crate::ha::arp::virtual_mac`]).
+    /// Private mode, as keepalived uses, keeps the macvlan from talking to sibling macvlans on
+    /// the same parent. An existing interface called `name` is adopted only if it is exactly
+    /// that (left by an earlier run); anything else is an error and left alone.
+    pub async fn create_macvlan(
+        &self,
+        parent: u32,
+        name: &str,
+        mac: [u8; 6],
+    ) -> Result<u32, NetError> {
+        let wanted = format!(
+            "a private-mode macvlan on ifindex {parent} with MAC {}",
+            fmt_mac(&mac)
+        );
+        let existing = match self.link_by_name(name).await? {
+            Some(msg) => Some(msg),
+            None => {
+                let msg = LinkMacVlan::new(name, parent, MacVlanMode::Private)
+                    .address(mac.to_vec())
+                    .up()
+                    .build();
+                match self.handle.link().add(msg).execute().await {
+                    Ok(()) => None,
+                    // Someone created it between the lookup and the add; judge theirs below.
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => None,
+                    Err(e) if errno(&e) == Some(libc::ENODEV) => {
+                        return Err(NetError::NoSuchIfindex {
+                            index: parent,
+                            what: format!("create macvlan `{name}` on it"),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(self
+                            .failure(parent, format!("create macvlan `{name}` ({wanted})"), e)
+                            .await);
+                    }
+                }
+            }
+        };
+        let msg = match existing {
+            Some(msg) => msg,
+            None => self
+                .link_by_name(name)
+                .await?
+                .ok_or_else(|| NetError::NoSuchInterface {
+                    name: name.to_string(),
+                })?,
+        };
+        let found = MacvlanInfo::of(&msg);
+        if !found.is(parent, mac, MacVlanMode::Private) {
+            return Err(NetError::LinkConflict {
+                name: name.to_string(),
+                wanted,
+                found: found.describe(),
+            });
+        }
+        let index = msg.header.index;
+        if !msg.header.flags.contains(LinkFlags::Up) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("set macvlan `{name}` (ifindex {index}) up")))?;
+        }
+        Ok(index)
+    }
+
+    /// `ip link del`; an interface already gone is success.
+    pub async fn delete_link(&self, ifindex: u32) -> Result<(), NetError> {
+        match self.handle.link().del(ifindex).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(self.failure(ifindex, "delete link".to_string(), e).await),
+        }
+    }
+
+    async fn link_by_index(&self, ifindex: u32, what: &str) -> Result<LinkMessage, NetError> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(NetError::NoSuchIfindex {
+                index: ifindex,
+                what: what.to_string(),
+            }),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Err(NetError::NoSuchIfindex {
+                index: ifindex,
+                what: what.to_string(),
+            }),
+            Err(e) => Err(nl(format!("{what}: get link ifindex {ifindex}"))(e)),
+        }
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
+        let mut links = self.handle.link().get().match_name(name).execute();
+        match links.try_next().await {
+            Ok(msg) => Ok(msg),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl(format!("get link {name}"))(e)),
+        }
+    }
+
+    /// The interface's name, for error messages; `None` if it does not exist (or cannot be
+    /// read, which does not matter there).
+    async fn link_name(&self, ifindex: u32) -> Option<String> {
+        let msg = self.link_by_index(ifindex, "").await.ok()?;
+        msg.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// The error for a failed request about `ifindex`, naming the interface when it still exists.
+    async fn failure(&self, ifindex: u32, what: String, source: rtnetlink::Error) -> NetError {
+        match self.link_name(ifindex).await {
+            None if errno(&source) == Some(libc::ENODEV) => NetError::NoSuchIfindex {
+                index: ifindex,
+                what,
+            },
+            None => NetError::Netlink {
+                what: format!("{what} on ifindex {ifindex}"),
+                source,
+            },
+            Some(name) => NetError::Netlink {
+                what: format!("{what} on `{name}` (ifindex {ifindex})"),
+                source,
+            },
+        }
+    }
+}
+
+struct Ipv4Entry {
+    addr: Ipv4Addr,
+    prefix: u8,
+    secondary: bool,
+}
+
+fn parse_ipv4_address(msg: &AddressMessage) -> Option<Ipv4Entry> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut local = None;
+    let mut address = None;
+    let mut secondary = msg.header.flags.contains(AddressHeaderFlags::Secondary);
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V4(a)) => local = Some(*a),
+            AddressAttribute::Address(IpAddr::V4(a)) => address = Some(*a),
+            // The header holds only the low 8 flag bits; the attribute, when present, all 32.
+            AddressAttribute::Flags(f) => secondary |= f.contains(AddressFlags::Secondary),
+            _ => {}
+        }
+    }
+    // On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is always our own.
+    Some(Ipv4Entry {
+        addr: local.or(address)?,
+        prefix: msg.header.prefix_len,
+        secondary,
+    })
+}
+
+/// What an existing link is, as far as [`Netlink::create_macvlan`] cares.
+struct MacvlanInfo {
+    kind: Option<String>,
+    parent: Option<u32>,
+    mac: Option<[u8; 6]>,
+    mode: Option<MacVlanMode>,
+}
+
+impl MacvlanInfo {
+    fn of(msg: &LinkMessage) -> MacvlanInfo {
+        let mut info = MacvlanInfo {
+            kind: None,
+            parent: None,
+            mac: None,
+            mode: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Link(p) => info.parent = Some(*p),
+                LinkAttribute::Address(a) => info.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => info.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::MacVlan(d)) => {
+                                for x in d {
+                                    if let InfoMacVlan::Mode(m) = x {
+                                        info.mode = Some(*m);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        info
+    }
+
+    fn is(&self, parent: u32, mac: [u8; 6], mode: MacVlanMode) -> bool {
+        self.kind.as_deref() == Some(&InfoKind::MacVlan.to_string())
+            && self.parent == Some(parent)
+            && self.mac == Some(mac)
+            && self.mode == Some(mode)
+    }
+
+    fn describe(&self) -> String {
+        let opt = |o: Option<String>| o.unwrap_or_else(|| "?".to_string());
+        format!(
+            "a {} on ifindex {} with MAC {} in mode {}",
+            opt(self.kind.clone()),
+            opt(self.parent.map(|p| p.to_string())),
+            opt(self.mac.as_ref().map(fmt_mac)),
+            opt(self.mode.map(|m| m.to_string())),
+        )
+    }
+}
+
+/// Whether an interface can carry traffic, as VRRP interface tracking sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// Administratively up (`IFF_UP`, `ip link set IF up`).
+    pub up: bool,
+    /// Carrier present (`IFF_LOWER_UP`): the cable, or a veth's peer, is up.
+    pub running: bool,
+}
+
+impl LinkState {
+    /// Up and with carrier: the only state in which this node can be a useful master.
+    pub fn usable(&self) -> bool {
+        self.up && self.running
+    }
+
+    fn from_flags(flags: LinkFlags) -> LinkState {
+        LinkState {
+            up: flags.contains(LinkFlags::Up),
+            running: flags.contains(LinkFlags::LowerUp),
+        }
+    }
+}
+
+type LinkEvents = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// How often [`watch_link`] re-reads the link even without events.
+pub const LINK_RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `tx` equal to the state of `ifindex` (a deleted interface is down), notifying receivers
+/// only on change. Reads the link at once and then every [`LINK_RESYNC_INTERVAL`], and applies
+/// link events as they come, so a change shows within milliseconds, or within the resync
+/// interval if its event was lost (netlink multicast drops events when the socket's buffer
+/// overflows). Runs until every receiver is dropped.
+pub async fn watch_link(nl: Netlink, ifindex: u32, tx: watch::Sender<LinkState>) {
+    let publish = |state: LinkState| {
+        tx.send_if_modified(|cur| {
+            if *cur == state {
+                return false;
+            }
+            info!(
+                ifindex,
+                up = state.up,
+                carrier = state.running,
+                "interface {}",
+                if state.usable() {
+                    "usable"
+                } else {
+                    "not usable"
+                }
+            );
+            *cur = state;
+            true
+        });
+    };
+    let mut events: Option<LinkEvents> = None;
+    let mut tick = tokio::time::interval(LINK_RESYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tx.closed() => break,
+            _ = tick.tick() => {
+                // (Re)subscribe before reading, so no change falls between the read and the
+                // subscription.
+                if events.is_none() {
+                    match rtnetlink::new_multicast_connection(&[MulticastGroup::Link]) {
+                        Ok((conn, _handle, rx)) => {
+                            tokio::spawn(conn);
+                            events = Some(rx);
+                        }
+                        Err(e) => warn!(
+                            ifindex,
+                            "cannot subscribe to link events ({e}); polling every \
+                             {LINK_RESYNC_INTERVAL:?}"
+                        ),
+                    }
+                }
+                match nl.link_state(ifindex).await {
+                    Ok(state) => publish(state),
+                    Err(NetError::NoSuchIfindex { .. }) => publish(LinkState::default()),
+                    Err(e) => warn!(ifindex, "reading the link state failed: {e}"),
+                }
+            }
+            ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match ev {
+                None => {
+                    debug!(ifindex, "link event subscription ended; resubscribing");
+                    events = None;
+                }
+                Some((msg, _)) => match msg.payload {
+                    netlink_packet_core::NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewLink(m),
+                    ) if m.header.index == ifindex => publish(LinkState::from_flags(m.header.flags)),
+                    netlink_packet_core::NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::DelLink(m),
+                    ) if m.header.index == ifindex => publish(LinkState::default()),
+                    _ => {}
+                },
+            },
+        }
     }
 }
 
