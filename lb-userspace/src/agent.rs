@@ -39,6 +39,7 @@ use crate::{
     dataplane::{
         AttachMode, Attached, Dataplane, DataplaneError, LoadOptions, pin_dir, remove_pins,
     },
+    ha::{self, Ha},
     health::{self, Scheduler},
     logging::{self, EbpfLogBridge, LogLevel},
     net::{self, MacTable, NetError, Netlink},
@@ -101,6 +102,8 @@ pub enum AgentError {
         name: String,
         hint: &'static str,
     },
+    #[error(transparent)]
+    Ha(#[from] ha::HaError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -351,6 +354,15 @@ async fn serve(
         "xdplb is forwarding"
     );
 
+    // HA starts once the data path forwards: a node must never hold the VIPs before it can
+    // serve them. It starts as backup and only becomes master after the master-down interval.
+    let mut ha = match &config.ha {
+        Some(cfg) => Some(Ha::start(cfg.clone(), nl.clone(), rec.vip_addresses(), ha_inputs(rec)).await?),
+        None => None,
+    };
+    let mut ha_digest_rebuilds = None;
+    sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds);
+
     let (report_tx, mut reports) = mpsc::channel::<health::Report>(256);
     let mut checks = Scheduler::new(report_tx);
     checks.sync(rec.check_specs());
@@ -416,12 +428,17 @@ async fn serve(
                         | Request::RemoveVip { .. }
                         | Request::Reload { .. }
                 );
-                handle(rec, req, opts.config_path.as_deref()).await;
+                handle(rec, req, opts.config_path.as_deref(), ha.as_ref()).await;
                 if backends_change {
                     after_change(rec, watcher, &mut checks);
                 }
             }
         }
+        sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds);
+    }
+    // Before the data path goes: the peer takes over at once on our priority-0 advert.
+    if let Some(ha) = ha.take() {
+        ha.stop().await;
     }
     checks.stop_all();
     // Requests still queued or arriving now are answered "shutting down" rather than left
@@ -446,6 +463,27 @@ fn after_change(rec: &Reconciler, watcher: &MacWatcher, checks: &mut Scheduler) 
         changed
     });
     checks.sync(rec.check_specs());
+}
+
+/// What HA tracking needs from the reconciler. The agent only runs the loop while attached.
+fn ha_inputs(rec: &Reconciler) -> ha::Inputs {
+    ha::Inputs {
+        attached: rec.attach_mode().is_some(),
+        vips_down: rec.vips_down(),
+    }
+}
+
+/// Tells HA what changed: tracking inputs, the VIP addresses, and the table digest (only
+/// recomputed when tables were rebuilt, as it reads every table).
+fn sync_ha(rec: &Reconciler, ha: Option<&Ha>, digest_at: &mut Option<u64>) {
+    let Some(ha) = ha else { return };
+    ha.set_inputs(ha_inputs(rec));
+    ha.set_vips(rec.vip_addresses());
+    let rebuilds = rec.table_rebuilds();
+    if *digest_at != Some(rebuilds) {
+        *digest_at = Some(rebuilds);
+        ha.set_digest(rec.table_digest());
+    }
 }
 
 /// Maps a reconciler error to the API's answer.
@@ -509,10 +547,51 @@ async fn reload(rec: &mut Reconciler, path: Option<&Path>) -> Result<Vec<String>
     }
 }
 
-async fn handle(rec: &mut Reconciler, req: Request, config_path: Option<&Path>) {
+async fn handle(
+    rec: &mut Reconciler,
+    req: Request,
+    config_path: Option<&Path>,
+    ha: Option<&Ha>,
+) {
     match req {
         Request::Status(reply) => {
-            let _ = reply.send(rec.status().map_err(failure));
+            let status = rec.status().map(|mut s| {
+                s.ha = ha.map(Ha::status);
+                s
+            });
+            let _ = reply.send(status.map_err(failure));
+        }
+        Request::Ha { op, reply } => {
+            let Some(ha) = ha else {
+                let _ = reply.send(Err(Failure {
+                    status: 409,
+                    message: "HA is not configured on this node (no [ha] section)".to_string(),
+                }));
+                return;
+            };
+            let outcome = match op {
+                api::HaOp::Status => None,
+                api::HaOp::Handover => Some(futures::future::Either::Left(ha.handover())),
+                api::HaOp::Resume => Some(futures::future::Either::Right(ha.resume())),
+            };
+            let status = ha.status_watch();
+            // A handover takes up to the master-down interval; the agent keeps serving meanwhile.
+            tokio::spawn(async move {
+                let outcome = match outcome {
+                    Some(f) => f.await,
+                    None => Ok(String::new()),
+                };
+                let _ = reply.send(match outcome {
+                    Ok(message) => Ok(api::HaReply {
+                        message,
+                        status: status.borrow().clone(),
+                    }),
+                    Err(message) => Err(Failure {
+                        status: 409,
+                        message,
+                    }),
+                });
+            });
         }
         Request::WhichBackend {
             vip,

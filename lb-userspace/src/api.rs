@@ -20,6 +20,11 @@
 //!     config file (errors name the line and field of the fragment)
 //!   - `/v1/vip/remove`: `{"vip": "web"}`
 //!   - `/v1/reload` (no body) -> `{"changes": ["vip web: backend 10.0.0.13 added", ...]}`
+//! - High availability (409 when the node has no `[ha]`), each answered with [`HaReply`]:
+//!   - `GET /v1/ha`: the VRRP state
+//!   - `POST /v1/ha/handover`: resign mastership; answered once another node is master (409 if
+//!     none takes over, and this node takes the VIPs back); the node then does not preempt
+//!   - `POST /v1/ha/resume`: end a handover: the node may preempt again
 //!
 //! Errors: 400 for a malformed request or an invalid config, 404 for an unknown VIP or backend,
 //! 409 for a change that clashes with the running state or its capacity (nothing is applied).
@@ -163,6 +168,26 @@ pub enum Request {
     Reload {
         reply: oneshot::Sender<Result<Vec<String>, Failure>>,
     },
+    Ha {
+        op: HaOp,
+        reply: oneshot::Sender<Result<HaReply, Failure>>,
+    },
+}
+
+/// What an HA request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HaOp {
+    Status,
+    Handover,
+    Resume,
+}
+
+/// The answer to an HA request: what happened, and the state after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaReply {
+    /// Empty for a status query.
+    pub message: String,
+    pub status: crate::ha::HaStatus,
 }
 
 #[derive(Debug, Error)]
@@ -453,6 +478,9 @@ fn router(tx: mpsc::Sender<Request>) -> Router {
         .route("/v1/vip/add", post(vip_add))
         .route("/v1/vip/remove", post(vip_remove))
         .route("/v1/reload", post(reload))
+        .route("/v1/ha", get(|s| ha(s, HaOp::Status)))
+        .route("/v1/ha/handover", post(|s| ha(s, HaOp::Handover)))
+        .route("/v1/ha/resume", post(|s| ha(s, HaOp::Resume)))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(tx)
 }
@@ -864,6 +892,13 @@ async fn reload(State(tx): State<mpsc::Sender<Request>>) -> Response {
     }
 }
 
+async fn ha(State(tx): State<mpsc::Sender<Request>>, op: HaOp) -> Response {
+    match ask(&tx, |reply| Request::Ha { op, reply }).await {
+        Ok(r) => Json(r).into_response(),
+        Err(r) => r,
+    }
+}
+
 /// Parses `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp`. The protocol defaults to tcp.
 pub fn parse_service(s: &str) -> Result<(SocketAddrV4, Protocol), String> {
     let (addr, proto) = match s.rsplit_once('/') {
@@ -1192,6 +1227,21 @@ impl Client {
             ..Default::default()
         };
         self.op("/v1/vip/remove", body).await
+    }
+
+    /// The VRRP state (`GET /v1/ha`).
+    pub async fn ha_status(&self) -> Result<HaReply, ClientError> {
+        self.call("GET", "/v1/ha", None).await
+    }
+
+    /// Resigns mastership and waits until another node is master (`POST /v1/ha/handover`).
+    pub async fn ha_handover(&self) -> Result<HaReply, ClientError> {
+        self.call("POST", "/v1/ha/handover", None).await
+    }
+
+    /// Ends a handover (`POST /v1/ha/resume`).
+    pub async fn ha_resume(&self) -> Result<HaReply, ClientError> {
+        self.call("POST", "/v1/ha/resume", None).await
     }
 
     /// Asks the agent to re-read its config file; returns what changed.

@@ -620,6 +620,7 @@ mod tests {
 
     fn status() -> Status {
         Status {
+            ha: None,
             version: "0.1.0".into(),
             interface: "eth0".into(),
             ifindex: 2,

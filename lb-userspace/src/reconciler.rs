@@ -774,6 +774,52 @@ impl<M: Maps> Reconciler<M> {
             .collect()
     }
 
+    /// The distinct VIP addresses: what HA puts on the interface of the master.
+    pub fn vip_addresses(&self) -> BTreeSet<Ipv4Addr> {
+        self.vips.iter().map(|v| v.cfg.address).collect()
+    }
+
+    /// Names of the VIPs none of whose backends passes its health checks (kept-last tables
+    /// included: they forward to backends known to fail). What HA's `track_vips` watches.
+    pub fn vips_down(&self) -> BTreeSet<String> {
+        self.vips
+            .iter()
+            .filter(|v| matches!(v.serving, Serving::Nothing | Serving::KeptLast))
+            .map(|v| v.cfg.name.clone())
+            .collect()
+    }
+
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.attach_mode
+    }
+
+    /// How many times tables were published; changes whenever [`table_digest`] may.
+    pub fn table_rebuilds(&self) -> u64 {
+        self.rebuilds
+    }
+
+    /// A digest of what every service's table maps flows to, read as backend addresses (ids are
+    /// per node), in service order: two nodes with equal digests send every flow to the same
+    /// backend. 64-bit FNV-1a: it only has to be the same on both nodes, not secret.
+    pub fn table_digest(&self) -> u64 {
+        let mut h = Fnv64::new();
+        let mut vips: Vec<&VipSlot> = self.vips.iter().collect();
+        vips.sort_by_key(|v| (v.cfg.address, v.cfg.port, v.cfg.protocol.number()));
+        for v in vips {
+            h.write(&v.cfg.address.octets());
+            h.write(&v.cfg.port.to_be_bytes());
+            h.write(&[v.cfg.protocol.number()]);
+            h.write(&(v.table.len() as u32).to_be_bytes());
+            let addr: BTreeMap<u32, Ipv4Addr> =
+                v.backends.iter().map(|b| (b.id, b.cfg.address)).collect();
+            for id in &v.table {
+                let a = addr.get(id).copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                h.write(&a.octets());
+            }
+        }
+        h.0
+    }
+
     /// Backend addresses without a known MAC.
     pub fn unresolved(&self) -> BTreeSet<Ipv4Addr> {
         self.vips
@@ -1358,6 +1404,9 @@ impl<M: Maps> Reconciler<M> {
         if new.api != self.config.api {
             restart.push("[api] changed".to_string());
         }
+        if new.ha != self.config.ha {
+            restart.push("[ha] changed".to_string());
+        }
         if new.flows.entries != self.config.flows.entries {
             restart.push(format!(
                 "flows.entries {} -> {} (the connection table is sized when the agent starts)",
@@ -1844,6 +1893,8 @@ impl<M: Maps> Reconciler<M> {
             vips,
             reasons,
             flows: self.flow_status()?,
+            // The agent fills it in from its HA task.
+            ha: None,
         })
     }
 
@@ -1874,6 +1925,22 @@ impl<M: Maps> Reconciler<M> {
                 })
                 .collect(),
         })
+    }
+}
+
+/// 64-bit FNV-1a, for [`Reconciler::table_digest`].
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Fnv64 {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Status {
     /// The connection table.
     #[serde(default)]
     pub flows: FlowTableStatus,
+    /// VRRP, when `[ha]` is configured.
+    #[serde(default)]
+    pub ha: Option<crate::ha::HaStatus>,
 }
 
 /// The connection table: its size and what it did (see `lb_common::flows`).
@@ -706,6 +709,7 @@ mod tests {
         (up.packets, up.bytes, up.pps, up.bps) = (1_234_567, 987_654_321, 1520.0, 1_540_000.0);
         (up.new_flows, up.fps) = (81_234, 1234.0);
         Status {
+            ha: None,
             version: "0.1.0".into(),
             interface: "eth0".into(),
             ifindex: 2,
