@@ -136,6 +136,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// High availability (VRRP, [ha]): show the state (the default), or hand mastership over to
+    /// the other node and take it back.
+    Ha {
+        #[command(subcommand)]
+        op: Option<HaCmd>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HaCmd {
+    /// The VRRP state, the master, the last transition, tracking and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give up mastership (for maintenance): returns once the other node is master; fails, and
+    /// this node stays master, if none takes over. This node then stays backup, without
+    /// preempting, until `xdplb ha resume`.
+    Handover {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a handover: the node may preempt again (it becomes master again if its priority is
+    /// higher and [ha] preempt is on).
+    Resume {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -452,6 +482,27 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ha { op, json } => {
+            let client = client(&cli)?;
+            let rt = runtime()?;
+            let (reply, json) = match op {
+                None => (rt.block_on(client.ha_status())?, *json),
+                Some(HaCmd::Status { json: j }) => (rt.block_on(client.ha_status())?, *json || *j),
+                Some(HaCmd::Handover { json: j }) => {
+                    (rt.block_on(client.ha_handover())?, *json || *j)
+                }
+                Some(HaCmd::Resume { json: j }) => (rt.block_on(client.ha_resume())?, *json || *j),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else if matches!(op, None | Some(HaCmd::Status { .. })) {
+                print!("{}", status::render_ha(&reply.status));
+            } else {
+                println!("{}", reply.message);
+                println!("{}", status::ha_state_line(&reply.status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -627,4 +678,40 @@ fn which_offline(path: &Path, service: &str, source: &str) -> anyhow::Result<Whi
         backend_id: None,
         backend,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    fn ha(args: &[&str]) -> (Option<&'static str>, bool) {
+        let cli = Cli::try_parse_from(["xdplb", "ha"].iter().chain(args)).unwrap();
+        let Command::Ha { op, json } = cli.command else {
+            panic!("not ha");
+        };
+        match op {
+            None => (None, json),
+            Some(HaCmd::Status { json: j }) => (Some("status"), json || j),
+            Some(HaCmd::Handover { json: j }) => (Some("handover"), json || j),
+            Some(HaCmd::Resume { json: j }) => (Some("resume"), json || j),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ha_defaults_to_status_and_takes_json_either_side() {
+        assert_eq!(ha(&[]), (None, false));
+        assert_eq!(ha(&["--json"]), (None, true));
+        assert_eq!(ha(&["status"]), (Some("status"), false));
+        assert_eq!(ha(&["status", "--json"]), (Some("status"), true));
+        assert_eq!(ha(&["--json", "handover"]), (Some("handover"), true));
+        assert_eq!(ha(&["resume"]), (Some("resume"), false));
+        assert!(Cli::try_parse_from(["xdplb", "ha", "takeover"]).is_err());
+    }
 }

@@ -4,7 +4,8 @@
 //! (bytes, seconds). Every series of a VIP carries `vip` (its name) and `service`
 //! (`address:port/protocol`); backend series add `backend` (its address). The connection table's
 //! series (`xdplb_flow_table_*`) belong to the whole data path and carry no VIP. The figures are
-//! the same ones `xdplb status` shows, read from the kernel's maps at scrape time.
+//! the same ones `xdplb status` shows, read from the kernel's maps at scrape time. The VRRP series
+//! (`xdplb_ha_*`) exist only on a node with `[ha]`.
 //!
 //! States are exposed as enums-as-labels: one gauge per possible value, 1 for the current one
 //! and 0 for the others (`xdplb_backend_state{state="down"} 1`), so a series exists before its
@@ -17,7 +18,13 @@ use std::{
     fmt::Write as _,
 };
 
-use crate::status::{BackendStatus, FlowTableStatus, ReasonStatus, Status, VipStatus};
+use crate::{
+    ha::HaStatus,
+    status::{BackendStatus, FlowTableStatus, ReasonStatus, Status, VipStatus},
+};
+
+/// Every value of `HaStatus::state`.
+const HA_STATES: [&str; 4] = ["initialize", "backup", "master", "fault"];
 
 /// Every value of `BackendStatus::state`.
 const BACKEND_STATES: [&str; 5] = ["up", "down", "draining", "backup", "unresolved"];
@@ -361,7 +368,152 @@ pub fn render(s: &Status) -> String {
         &per_reason(&|r| r.bytes.to_string()),
     );
     flow_table(&mut out, &s.flows);
+    if let Some(ha) = &s.ha {
+        high_availability(&mut out, ha);
+    }
     out
+}
+
+/// The VRRP families (`xdplb_ha_*`), present only when `[ha]` is configured.
+fn high_availability(out: &mut String, h: &HaStatus) {
+    let one = |v: String| [(String::new(), v)];
+    family(
+        out,
+        "xdplb_ha_state",
+        "gauge",
+        "The node's VRRP state, 1 for the current one and 0 for the others: initialize, backup, \
+         master (holds the VIP addresses), fault (a tracked condition failed: it cannot take \
+         them).",
+        &HA_STATES
+            .iter()
+            .map(|st| (format!("state=\"{st}\""), flag(h.state == *st)))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "xdplb_ha_priority",
+        "gauge",
+        "The node's VRRP priority in the config ([ha] priority).",
+        &one(h.priority.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_effective_priority",
+        "gauge",
+        "The VRRP priority the node advertises after tracking; 0 while it cannot forward.",
+        &one(h.effective_priority.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_held",
+        "gauge",
+        "1 while an operator handover is in force (the node does not preempt until `xdplb ha \
+         resume`), else 0.",
+        &one(flag(h.held)),
+    );
+    family(
+        out,
+        "xdplb_ha_master_info",
+        "gauge",
+        "The current master as this node knows it (itself when master), by address (1); absent \
+         while none is known.",
+        &h.master
+            .iter()
+            .map(|m| (format!("address=\"{}\"", m.address), "1".to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "xdplb_ha_tracking_ok",
+        "gauge",
+        "1 if the tracked condition holds, else 0: dataplane (the XDP program is attached), \
+         interface NAME (the link is up), vip NAME (a backend of the VIP passes its health \
+         checks).",
+        &h.tracking
+            .iter()
+            .map(|t| (format!("what=\"{}\"", esc(&t.what)), flag(t.ok)))
+            .collect::<Vec<_>>(),
+    );
+    let c = &h.counters;
+    family(
+        out,
+        "xdplb_ha_adverts_sent_total",
+        "counter",
+        "VRRP advertisements this node sent.",
+        &one(c.adverts_sent.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_adverts_received_total",
+        "counter",
+        "VRRP advertisements for the node's VRID accepted from other nodes.",
+        &one(c.adverts_received.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_adverts_discarded_total",
+        "counter",
+        "VRRP packets discarded, by reason (the checks of RFC 5798 7.1): length, ttl (not 255: \
+         not from this link), version, checksum, vrid (another VRID), own (this node's own), \
+         not_peer (not from a configured unicast peer), interval (an advert interval of 0).",
+        &c.discarded
+            .iter()
+            .map(|(r, n)| (format!("reason=\"{}\"", esc(r)), n.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "xdplb_ha_advert_send_errors_total",
+        "counter",
+        "VRRP advertisements the kernel refused to send.",
+        &one(c.send_errors.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_priority_zero_received_total",
+        "counter",
+        "Advertisements with priority 0 received: the master resigned.",
+        &one(c.priority_zero_received.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_transitions_total",
+        "counter",
+        "VRRP state changes, by the state entered: master, backup, fault.",
+        &[
+            ("master", c.became_master),
+            ("backup", c.became_backup),
+            ("fault", c.became_fault),
+        ]
+        .map(|(to, n)| (format!("to=\"{to}\""), n.to_string())),
+    );
+    family(
+        out,
+        "xdplb_ha_split_brain_total",
+        "counter",
+        "Times another master was heard while this node had been master for an advert \
+         interval or longer (the node with precedence stays master, the other steps down).",
+        &one(c.split_brain.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_address_mismatch_total",
+        "counter",
+        "Accepted advertisements whose address list differs from this node's (the two nodes' \
+         VIP addresses differ).",
+        &one(c.address_mismatch.to_string()),
+    );
+    family(
+        out,
+        "xdplb_ha_peer_tables_match",
+        "gauge",
+        "1 if the peer's last table digest equals this node's (a failover keeps every flow on \
+         its backend), 0 if they differ; absent before the first digest from the peer.",
+        &h.peer_tables
+            .iter()
+            .map(|p| (String::new(), flag(p.matches)))
+            .collect::<Vec<_>>(),
+    );
 }
 
 /// The connection table's families.
@@ -620,7 +772,6 @@ mod tests {
 
     fn status() -> Status {
         Status {
-            ha: None,
             version: "0.1.0".into(),
             interface: "eth0".into(),
             ifindex: 2,
@@ -724,7 +875,175 @@ mod tests {
                     remaining_secs: 12.5,
                 }],
             },
+            ha: None,
         }
+    }
+
+    fn ip(s: &str) -> std::net::Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// A backup whose tracked VIP has no backend, following a master whose tables match.
+    fn ha() -> HaStatus {
+        use crate::ha::{HaCounters, MasterStatus, PeerTables, TrackStatus};
+        HaStatus {
+            state: "backup".into(),
+            interface: "eth0".into(),
+            vrid: 51,
+            priority: 200,
+            effective_priority: 150,
+            advert_interval_ms: 1000,
+            preempt: true,
+            source: ip("10.0.0.2"),
+            peers: Vec::new(),
+            master: Some(MasterStatus {
+                address: ip("10.0.0.3"),
+                priority: 180,
+                advert_interval_ms: 1000,
+                local: false,
+            }),
+            held: true,
+            last_transition: None,
+            tracking: vec![
+                TrackStatus {
+                    what: "dataplane".into(),
+                    ok: true,
+                },
+                TrackStatus {
+                    what: "vip web \"main\"".into(),
+                    ok: false,
+                },
+            ],
+            counters: HaCounters {
+                adverts_sent: 10,
+                adverts_received: 900,
+                discarded: [("ttl", 3), ("checksum", 0), ("vrid", 2)]
+                    .into_iter()
+                    .map(|(r, n)| (r.to_string(), n))
+                    .collect(),
+                address_mismatch: 4,
+                priority_zero_received: 1,
+                became_master: 2,
+                became_backup: 3,
+                became_fault: 1,
+                split_brain: 5,
+                send_errors: 6,
+            },
+            peer_tables: Some(PeerTables {
+                peer: ip("10.0.0.3"),
+                digest: "9f86d081884c7d65".into(),
+                own_digest: "9f86d081884c7d65".into(),
+                matches: true,
+                age_ms: 400,
+                differs_for_ms: None,
+            }),
+            vips: Vec::new(),
+            vip_addresses: vec![ip("10.0.0.100")],
+            virtual_mac: None,
+        }
+    }
+
+    #[test]
+    fn ha_families_only_when_configured() {
+        let text = render(&status());
+        assert!(!text.contains("xdplb_ha_"), "{text}");
+
+        let mut s = status();
+        s.ha = Some(ha());
+        let text = render(&s);
+        let (samples, types) = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        for line in [
+            r#"xdplb_ha_state{state="initialize"} 0"#,
+            r#"xdplb_ha_state{state="backup"} 1"#,
+            r#"xdplb_ha_state{state="master"} 0"#,
+            r#"xdplb_ha_state{state="fault"} 0"#,
+            "xdplb_ha_priority 200",
+            "xdplb_ha_effective_priority 150",
+            "xdplb_ha_held 1",
+            r#"xdplb_ha_master_info{address="10.0.0.3"} 1"#,
+            r#"xdplb_ha_tracking_ok{what="dataplane"} 1"#,
+            r#"xdplb_ha_tracking_ok{what="vip web \"main\""} 0"#,
+            "xdplb_ha_adverts_sent_total 10",
+            "xdplb_ha_adverts_received_total 900",
+            r#"xdplb_ha_adverts_discarded_total{reason="ttl"} 3"#,
+            r#"xdplb_ha_adverts_discarded_total{reason="checksum"} 0"#,
+            r#"xdplb_ha_adverts_discarded_total{reason="vrid"} 2"#,
+            "xdplb_ha_advert_send_errors_total 6",
+            "xdplb_ha_priority_zero_received_total 1",
+            r#"xdplb_ha_transitions_total{to="master"} 2"#,
+            r#"xdplb_ha_transitions_total{to="backup"} 3"#,
+            r#"xdplb_ha_transitions_total{to="fault"} 1"#,
+            "xdplb_ha_split_brain_total 5",
+            "xdplb_ha_address_mismatch_total 4",
+            "xdplb_ha_peer_tables_match 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        for (name, kind) in [
+            ("xdplb_ha_state", "gauge"),
+            ("xdplb_ha_priority", "gauge"),
+            ("xdplb_ha_effective_priority", "gauge"),
+            ("xdplb_ha_held", "gauge"),
+            ("xdplb_ha_master_info", "gauge"),
+            ("xdplb_ha_tracking_ok", "gauge"),
+            ("xdplb_ha_peer_tables_match", "gauge"),
+            ("xdplb_ha_adverts_sent_total", "counter"),
+            ("xdplb_ha_adverts_received_total", "counter"),
+            ("xdplb_ha_adverts_discarded_total", "counter"),
+            ("xdplb_ha_advert_send_errors_total", "counter"),
+            ("xdplb_ha_priority_zero_received_total", "counter"),
+            ("xdplb_ha_transitions_total", "counter"),
+            ("xdplb_ha_split_brain_total", "counter"),
+            ("xdplb_ha_address_mismatch_total", "counter"),
+        ] {
+            assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+        }
+        // Every discard reason the agent counts, and exactly one state.
+        let reasons: Vec<&str> = samples
+            .iter()
+            .filter(|x| x.name == "xdplb_ha_adverts_discarded_total")
+            .map(|x| x.labels[0].1.as_str())
+            .collect();
+        assert_eq!(reasons, ["checksum", "ttl", "vrid"]);
+        let states: f64 = samples
+            .iter()
+            .filter(|x| x.name == "xdplb_ha_state")
+            .map(|x| x.value)
+            .sum();
+        assert_eq!(states, 1.0);
+
+        // Unknown master and no digest from the peer yet: those series are absent, not 0 (a
+        // digest that matches nothing is not a mismatch), and the exposition still parses.
+        let mut h = ha();
+        h.state = "fault".into();
+        h.master = None;
+        h.peer_tables = None;
+        h.held = false;
+        s.ha = Some(h.clone());
+        let text = render(&s);
+        let (samples, _) = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(text.contains("# TYPE xdplb_ha_master_info gauge"), "{text}");
+        assert!(
+            !samples
+                .iter()
+                .any(|x| x.name == "xdplb_ha_master_info" || x.name == "xdplb_ha_peer_tables_match")
+        );
+        assert_eq!(
+            value(&samples, "xdplb_ha_state", &[("state", "fault")]),
+            Some(1.0)
+        );
+        assert_eq!(value(&samples, "xdplb_ha_held", &[]), Some(0.0));
+        // Tables that differ read 0.
+        h.peer_tables = ha().peer_tables.map(|mut p| {
+            p.matches = false;
+            p
+        });
+        s.ha = Some(h);
+        let (samples, _) = parse(&render(&s)).unwrap();
+        assert_eq!(
+            value(&samples, "xdplb_ha_peer_tables_match", &[]),
+            Some(0.0)
+        );
     }
 
     /// The value of `name` with these labels (in any order), if there is such a sample.

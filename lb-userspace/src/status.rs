@@ -1,9 +1,15 @@
 //! What `xdplb status`, `xdplb flows` and `xdplb which-backend` show: the JSON model the agent's
 //! API returns, and its rendering for a terminal (in the spirit of `ipvsadm -Ln --stats`).
 
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use serde::{Deserialize, Serialize};
+
+use crate::ha::HaStatus;
 
 /// How often the agent samples counters for the per-second rates.
 pub const RATE_PERIOD_SECS: u64 = 2;
@@ -32,7 +38,7 @@ pub struct Status {
     pub flows: FlowTableStatus,
     /// VRRP, when `[ha]` is configured.
     #[serde(default)]
-    pub ha: Option<crate::ha::HaStatus>,
+    pub ha: Option<HaStatus>,
 }
 
 /// The connection table: its size and what it did (see `lb_common::flows`).
@@ -205,7 +211,8 @@ pub struct WhichBackend {
 /// Renders the status for a terminal, in the spirit of `ipvsadm -Ln --stats --rate`: a line about
 /// the agent; a table with a line per service and an indented `->` line per backend, on one grid
 /// of columns (the two heading lines name the columns of each); then the totals per reason; then
-/// the connection table (see `render_flow_table`).
+/// the connection table (see `render_flow_table`); then, on a node with `[ha]`, the VRRP state
+/// (see [`render_ha`]).
 ///
 /// Units: `Conn/s` is new flows per second (TCP SYNs, and UDP packets the connection table had
 /// no live entry for), `Pkt/s` packets per second and `bit/s` bits per second (the agent's bytes
@@ -307,7 +314,209 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out);
         render_flow_table(&mut out, &s.flows);
     }
+    if let Some(ha) = &s.ha {
+        let _ = writeln!(out);
+        out.push_str(&render_ha(ha));
+    }
     out
+}
+
+/// The HA part of `xdplb status`, also what `xdplb ha` shows: the VRRP state and priority
+/// ([`ha_state_line`]), the settings, the handover if one is in force, the master, the last transition (its
+/// age against this machine's clock), the tracked conditions, the addresses held, whether the
+/// peer's tables match ours, and the counters.
+pub fn render_ha(h: &HaStatus) -> String {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    render_ha_at(h, now_ms)
+}
+
+/// The first line of [`render_ha`], also what `xdplb ha handover` and `resume` end with:
+/// `HA  MASTER  vrid 51  priority 200`, or `HA  BACKUP  vrid 51  priority 200, effective 150
+/// (tracking: vip web failing)` when tracking lowered it.
+pub fn ha_state_line(h: &HaStatus) -> String {
+    let failing: Vec<&str> = h
+        .tracking
+        .iter()
+        .filter(|t| !t.ok)
+        .map(|t| t.what.as_str())
+        .collect();
+    let mut line = format!(
+        "HA  {}  vrid {}  priority {}",
+        h.state.to_uppercase(),
+        h.vrid,
+        h.priority
+    );
+    if h.effective_priority != h.priority || !failing.is_empty() {
+        let _ = write!(line, ", effective {}", h.effective_priority);
+        if !failing.is_empty() {
+            let _ = write!(line, " (tracking: {} failing)", failing.join(", "));
+        }
+    }
+    line
+}
+
+/// [`render_ha`] with the wall clock given, in Unix milliseconds.
+fn render_ha_at(h: &HaStatus, now_ms: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", ha_state_line(h));
+    let _ = writeln!(
+        out,
+        "interface {}  source {}  {}  advert {}  preempt {}{}",
+        h.interface,
+        h.source,
+        if h.peers.is_empty() {
+            "multicast".to_string()
+        } else {
+            format!("unicast to {}", join(&h.peers))
+        },
+        fmt_ms(h.advert_interval_ms),
+        if h.preempt { "on" } else { "off" },
+        if h.held { " (held)" } else { "" },
+    );
+    if h.held {
+        let _ = writeln!(
+            out,
+            "handover in force: not preempting until `xdplb ha resume`"
+        );
+    }
+    let master = match &h.master {
+        Some(m) if m.local => format!("this node ({}, priority {})", m.address, m.priority),
+        Some(m) => {
+            let mut words = format!("{} (priority {}", m.address, m.priority);
+            if m.advert_interval_ms != h.advert_interval_ms {
+                let _ = write!(words, ", advert {}", fmt_ms(m.advert_interval_ms));
+            }
+            words.push(')');
+            words
+        }
+        None => "unknown (none heard)".to_string(),
+    };
+    let _ = writeln!(out, "master: {master}");
+    match &h.last_transition {
+        Some(t) => {
+            let age = now_ms.saturating_sub(t.at_unix_ms) as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "last transition: {} -> {} {}: {}",
+                t.from,
+                t.to,
+                fmt_ago(age),
+                t.reason
+            );
+        }
+        None => {
+            let _ = writeln!(out, "last transition: none yet");
+        }
+    }
+    if !h.tracking.is_empty() {
+        let words: Vec<String> = h
+            .tracking
+            .iter()
+            .map(|t| format!("{} {}", t.what, if t.ok { "ok" } else { "FAILING" }))
+            .collect();
+        let _ = writeln!(out, "tracking: {}", words.join(", "));
+    }
+    let missing: Vec<_> = h
+        .vip_addresses
+        .iter()
+        .filter(|a| !h.vips.contains(a))
+        .copied()
+        .collect();
+    let held = if h.vips.is_empty() && h.vip_addresses.is_empty() {
+        "none (no VIP addresses)".to_string()
+    } else if h.vips.is_empty() {
+        format!("none (as master: {})", join(&h.vip_addresses))
+    } else if h.state == "master" && !missing.is_empty() {
+        format!("{} (missing: {})", join(&h.vips), join(&missing))
+    } else {
+        join(&h.vips)
+    };
+    let _ = writeln!(out, "addresses held: {held}");
+    if let Some(mac) = &h.virtual_mac {
+        let _ = writeln!(out, "virtual MAC: {mac}");
+    }
+    match &h.peer_tables {
+        None => {
+            let _ = writeln!(out, "peer tables: not heard yet");
+        }
+        Some(p) if p.matches => {
+            let _ = writeln!(
+                out,
+                "peer tables: match ({}, heard {})",
+                p.peer,
+                fmt_ago(p.age_ms as f64 / 1000.0)
+            );
+        }
+        Some(p) => {
+            let since = p.differs_for_ms.map_or(String::new(), |ms| {
+                format!(" for {}", fmt_span(ms as f64 / 1000.0))
+            });
+            let _ = writeln!(
+                out,
+                "WARNING: peer tables DIFFER from {}{since} (digest {} here, {} there, heard {}): \
+                 after a failover some flows would move",
+                p.peer,
+                p.own_digest,
+                p.digest,
+                fmt_ago(p.age_ms as f64 / 1000.0)
+            );
+        }
+    }
+    let c = &h.counters;
+    let discarded: Vec<String> = c
+        .discarded
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "adverts: sent {}, received {}, discarded: {}",
+        c.adverts_sent,
+        c.adverts_received,
+        if discarded.is_empty() {
+            "none".to_string()
+        } else {
+            discarded.join(", ")
+        }
+    );
+    let mut line = format!(
+        "transitions: to master {}, to backup {}, to fault {}; split brain {}",
+        c.became_master, c.became_backup, c.became_fault, c.split_brain
+    );
+    for (what, n) in [
+        ("address list mismatch", c.address_mismatch),
+        ("priority 0 received", c.priority_zero_received),
+        ("send errors", c.send_errors),
+    ] {
+        if n > 0 {
+            let _ = write!(line, "; {what} {n}");
+        }
+    }
+    let _ = writeln!(out, "{line}");
+    out
+}
+
+/// `10.0.0.100, 10.0.0.101`.
+fn join(addrs: &[Ipv4Addr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An interval in milliseconds: `1s`, `100ms`, `1.50s`, `1m0s`.
+fn fmt_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        fmt_duration(ms / 1000)
+    } else if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        fmt_latency(ms as f64)
+    }
 }
 
 /// The connection table's part of `xdplb status`: its capacity and hit ratio, its settings, the
@@ -625,10 +834,19 @@ pub fn render_flows(r: &FlowsReport, limit: usize) -> String {
 fn fmt_ago(secs: f64) -> String {
     if !secs.is_finite() || secs < 0.0 {
         "-".into()
-    } else if secs < 9.95 {
-        format!("{secs:.1}s ago")
     } else {
-        format!("{} ago", fmt_duration(secs.round() as u64))
+        format!("{} ago", fmt_span(secs))
+    }
+}
+
+/// An elapsed time: `0.3s`, `12s`, `5m3s`.
+fn fmt_span(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        "-".into()
+    } else if secs < 9.95 {
+        format!("{secs:.1}s")
+    } else {
+        fmt_duration(secs.round() as u64)
     }
 }
 
@@ -709,7 +927,6 @@ mod tests {
         (up.packets, up.bytes, up.pps, up.bps) = (1_234_567, 987_654_321, 1520.0, 1_540_000.0);
         (up.new_flows, up.fps) = (81_234, 1234.0);
         Status {
-            ha: None,
             version: "0.1.0".into(),
             interface: "eth0".into(),
             ifindex: 2,
@@ -846,7 +1063,248 @@ mod tests {
                     remaining_secs: 41.3,
                 }],
             },
+            ha: None,
         }
+    }
+
+    /// The wall clock of the HA tests, in Unix milliseconds.
+    const NOW_MS: u64 = 1_700_000_000_000;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// A master with every condition met, heard by a peer whose tables match.
+    fn ha_master() -> HaStatus {
+        use crate::ha::{HaCounters, MasterStatus, PeerTables, TrackStatus, Transition};
+        let track = |what: &str| TrackStatus {
+            what: what.into(),
+            ok: true,
+        };
+        HaStatus {
+            state: "master".into(),
+            interface: "eth0".into(),
+            vrid: 51,
+            priority: 200,
+            effective_priority: 200,
+            advert_interval_ms: 1000,
+            preempt: true,
+            source: ip("10.0.0.2"),
+            peers: Vec::new(),
+            master: Some(MasterStatus {
+                address: ip("10.0.0.2"),
+                priority: 200,
+                advert_interval_ms: 1000,
+                local: true,
+            }),
+            held: false,
+            last_transition: Some(Transition {
+                at_unix_ms: NOW_MS - 125_000,
+                from: "backup".into(),
+                to: "master".into(),
+                reason: "no advertisement from the master 10.0.0.3 for 3.22 s".into(),
+            }),
+            tracking: vec![
+                track("dataplane"),
+                track("interface eth0"),
+                track("vip web"),
+            ],
+            counters: HaCounters {
+                adverts_sent: 1234,
+                adverts_received: 56,
+                discarded: [
+                    ("length", 0),
+                    ("ttl", 3),
+                    ("version", 0),
+                    ("checksum", 1),
+                    ("vrid", 2),
+                    ("own", 0),
+                    ("not_peer", 0),
+                    ("interval", 0),
+                ]
+                .into_iter()
+                .map(|(r, n)| (r.to_string(), n))
+                .collect(),
+                address_mismatch: 0,
+                priority_zero_received: 0,
+                became_master: 2,
+                became_backup: 3,
+                became_fault: 0,
+                split_brain: 1,
+                send_errors: 0,
+            },
+            peer_tables: Some(PeerTables {
+                peer: ip("10.0.0.3"),
+                digest: "9f86d081884c7d65".into(),
+                own_digest: "9f86d081884c7d65".into(),
+                matches: true,
+                age_ms: 400,
+                differs_for_ms: None,
+            }),
+            vips: vec![ip("10.0.0.100"), ip("10.0.0.101")],
+            vip_addresses: vec![ip("10.0.0.100"), ip("10.0.0.101")],
+            virtual_mac: None,
+        }
+    }
+
+    #[test]
+    fn renders_a_master() {
+        let text = render_ha_at(&ha_master(), NOW_MS);
+        println!("{text}");
+        assert_eq!(
+            text,
+            "HA  MASTER  vrid 51  priority 200\n\
+             interface eth0  source 10.0.0.2  multicast  advert 1s  preempt on\n\
+             master: this node (10.0.0.2, priority 200)\n\
+             last transition: backup -> master 2m5s ago: no advertisement from the master \
+             10.0.0.3 for 3.22 s\n\
+             tracking: dataplane ok, interface eth0 ok, vip web ok\n\
+             addresses held: 10.0.0.100, 10.0.0.101\n\
+             peer tables: match (10.0.0.3, heard 0.4s ago)\n\
+             adverts: sent 1234, received 56, discarded: checksum 1, ttl 3, vrid 2\n\
+             transitions: to master 2, to backup 3, to fault 0; split brain 1\n"
+        );
+        for l in text.lines() {
+            assert!(
+                l.chars().count() <= 120,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        // A master missing one of its addresses says so.
+        let mut h = ha_master();
+        h.vips.pop();
+        let text = render_ha_at(&h, NOW_MS);
+        assert!(
+            text.contains("addresses held: 10.0.0.100 (missing: 10.0.0.101)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_a_held_backup_with_failing_tracking() {
+        use crate::ha::MasterStatus;
+        let mut h = ha_master();
+        h.state = "backup".into();
+        h.held = true;
+        h.peers = vec![ip("10.0.0.3")];
+        h.effective_priority = 150;
+        h.tracking[2].ok = false;
+        h.master = Some(MasterStatus {
+            address: ip("10.0.0.3"),
+            priority: 180,
+            advert_interval_ms: 500,
+            local: false,
+        });
+        h.vips.clear();
+        h.virtual_mac = Some("00:00:5e:00:01:33".into());
+        h.counters.discarded.values_mut().for_each(|n| *n = 0);
+        h.counters.send_errors = 4;
+        h.counters.address_mismatch = 7;
+        h.peer_tables = None;
+        let text = render_ha_at(&h, NOW_MS);
+        println!("{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "HA  BACKUP  vrid 51  priority 200, effective 150 (tracking: vip web failing)"
+        );
+        assert_eq!(
+            lines[1],
+            "interface eth0  source 10.0.0.2  unicast to 10.0.0.3  advert 1s  preempt on (held)"
+        );
+        assert_eq!(
+            lines[2],
+            "handover in force: not preempting until `xdplb ha resume`"
+        );
+        assert_eq!(lines[3], "master: 10.0.0.3 (priority 180, advert 500ms)");
+        assert_eq!(
+            lines[5],
+            "tracking: dataplane ok, interface eth0 ok, vip web FAILING"
+        );
+        assert_eq!(
+            lines[6],
+            "addresses held: none (as master: 10.0.0.100, 10.0.0.101)"
+        );
+        assert_eq!(lines[7], "virtual MAC: 00:00:5e:00:01:33");
+        assert_eq!(lines[8], "peer tables: not heard yet");
+        assert_eq!(lines[9], "adverts: sent 1234, received 56, discarded: none");
+        assert_eq!(
+            lines[10],
+            "transitions: to master 2, to backup 3, to fault 0; split brain 1; address list \
+             mismatch 7; send errors 4"
+        );
+        assert_eq!(lines.len(), 11, "{text}");
+        assert_eq!(ha_state_line(&h), lines[0]);
+
+        // The data path detached: a fault, priority 0; nothing known yet.
+        h.state = "fault".into();
+        h.held = false;
+        h.effective_priority = 0;
+        h.tracking[0].ok = false;
+        h.master = None;
+        h.last_transition = None;
+        h.vip_addresses.clear();
+        let text = render_ha_at(&h, NOW_MS);
+        for want in [
+            "HA  FAULT  vrid 51  priority 200, effective 0 (tracking: dataplane, vip web \
+             failing)\n",
+            "\ninterface eth0  source 10.0.0.2  unicast to 10.0.0.3  advert 1s  preempt on\n",
+            "\nmaster: unknown (none heard)\n",
+            "\nlast transition: none yet\n",
+            "\naddresses held: none (no VIP addresses)\n",
+        ] {
+            assert!(text.contains(want), "{want:?}\n{text}");
+        }
+        assert!(!text.contains("handover"), "{text}");
+    }
+
+    #[test]
+    fn warns_when_the_peer_tables_differ() {
+        let mut h = ha_master();
+        let p = h.peer_tables.as_mut().unwrap();
+        p.matches = false;
+        p.digest = "0a1b2c3d4e5f6071".into();
+        p.differs_for_ms = Some(6200);
+        p.age_ms = 1100;
+        let text = render_ha_at(&h, NOW_MS);
+        assert!(
+            text.lines().any(|l| l
+                == "WARNING: peer tables DIFFER from 10.0.0.3 for 6.2s (digest 9f86d081884c7d65 \
+                    here, 0a1b2c3d4e5f6071 there, heard 1.1s ago): after a failover some flows \
+                    would move"),
+            "{text}"
+        );
+        assert!(!text.contains("peer tables: match"), "{text}");
+        // A transition stamped ahead of this clock (the clocks of agent and CLI differ) is not
+        // in the future.
+        h.last_transition.as_mut().unwrap().at_unix_ms = NOW_MS + 5000;
+        let text = render_ha_at(&h, NOW_MS);
+        assert!(
+            text.contains("last transition: backup -> master 0.0s ago: "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_ha_section_last_only_when_configured() {
+        let text = render(&sample());
+        assert!(!text.contains("HA  "), "{text}");
+        let mut s = sample();
+        s.ha = Some(ha_master());
+        let text = render(&s);
+        let at = text
+            .find("\n\nHA  MASTER  vrid 51  ")
+            .expect("no HA section");
+        assert!(text.find("Connection table").unwrap() < at, "{text}");
+        assert!(text.ends_with("split brain 1\n"), "{text}");
+        // JSON without the field (an agent from before HA) reads as no HA.
+        let mut v = serde_json::to_value(&s).unwrap();
+        let back: Status = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, s);
+        v.as_object_mut().unwrap().remove("ha");
+        let back: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(back.ha, None);
     }
 
     fn events(counts: &[(&str, u64)]) -> Vec<FlowEventStatus> {
