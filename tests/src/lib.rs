@@ -6,4 +6,5 @@ pub mod fixtures;
 pub mod ha;
 pub mod netns;
 pub mod packet;
+pub mod streams;
 pub mod topology;

@@ -8,13 +8,12 @@
 //! stalls or reads a wrong byte is reported broken with the reason and the moment it happened.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::{AsFd as _, AsRawFd as _},
+    collections::BTreeMap,
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -22,443 +21,16 @@ use std::{
 
 use lb_tests::{
     netns::{Netns, require_privileges},
+    streams::{
+        Stream, ask_echo, assert_unbroken, connect_many, echo_each, finish_all, open_streams,
+        spawn_in,
+    },
     topology::{
         Agent, CLIENT_ADDR, IdentityServers, LbTopology, VIP, backend_addr, backend_status, tally,
         udp_ask, udp_client, wait_for_log, wait_until,
     },
 };
 use lb_userspace::status::Status;
-use socket2::{Domain, Protocol, Socket, Type};
-
-/// How long a stream waits for its echo before calling the stream broken (a blackhole).
-const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(3);
-
-// ---- echo servers on the backends ----
-
-/// A TCP server that sends `NAME\n` on every new connection, then echoes every byte back, a
-/// thread per connection. Counts the bytes it echoed per client address. Closing its listener
-/// ([`EchoServer::close_listener`]) leaves established connections running; dropping it closes
-/// everything.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    /// A duplicate of the listener, to wake and close the accept loop.
-    listener: Option<TcpListener>,
-    accept: Option<JoinHandle<()>>,
-    /// Duplicates of the open connections, by a sequence number, to shut them down on drop.
-    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
-    live: Arc<AtomicUsize>,
-    echoed: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>>,
-}
-
-impl EchoServer {
-    fn start(ns: &Netns, port: u16, name: &str) -> EchoServer {
-        let listener = ns
-            .run_in(move || TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
-            .unwrap_or_else(|e| panic!("binding echo server {port}: {e}"));
-        let dup = listener.try_clone().expect("dup listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
-        let live = Arc::new(AtomicUsize::new(0));
-        let echoed: Arc<Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>> = Arc::default();
-        let banner = format!("{name}\n");
-        let accept = {
-            let (stop, conns, live, echoed) =
-                (stop.clone(), conns.clone(), live.clone(), echoed.clone());
-            std::thread::spawn(move || {
-                let mut seq = 0u64;
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(mut c) = conn else { continue };
-                    let Ok(peer) = c.peer_addr() else { continue };
-                    let Ok(dup) = c.try_clone() else { continue };
-                    seq += 1;
-                    let id = seq;
-                    conns.lock().unwrap().insert(id, dup);
-                    let counter = echoed
-                        .lock()
-                        .unwrap()
-                        .entry(peer)
-                        .or_insert_with(Arc::default)
-                        .clone();
-                    live.fetch_add(1, Ordering::SeqCst);
-                    let (conns, live, banner) = (conns.clone(), live.clone(), banner.clone());
-                    std::thread::spawn(move || {
-                        if c.write_all(banner.as_bytes()).is_ok() {
-                            let mut buf = vec![0u8; 16 * 1024];
-                            loop {
-                                match c.read(&mut buf) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => {
-                                        if c.write_all(&buf[..n]).is_err() {
-                                            break;
-                                        }
-                                        counter.fetch_add(n as u64, Ordering::Relaxed);
-                                    }
-                                }
-                            }
-                        }
-                        conns.lock().unwrap().remove(&id);
-                        live.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-            })
-        };
-        EchoServer {
-            stop,
-            listener: Some(dup),
-            accept: Some(accept),
-            conns,
-            live,
-            echoed,
-        }
-    }
-
-    /// Stops accepting (new connections and health checks are refused); established
-    /// connections keep being echoed.
-    fn close_listener(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(l) = self.listener.take() {
-            // SAFETY: our own duplicate of the listening socket, open until dropped below;
-            // shutting it down wakes the blocked accept() and stops the socket listening.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
-        }
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Bytes echoed so far to the client at `peer`.
-    fn echoed_to(&self, peer: SocketAddrV4) -> u64 {
-        self.echoed
-            .lock()
-            .unwrap()
-            .get(&SocketAddr::V4(peer))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.close_listener();
-        for (_, c) in self.conns.lock().unwrap().drain() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.live.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-/// An echo server named `b1`, `b2`, ... on every backend of `topo`.
-fn echo_each(topo: &LbTopology, port: u16) -> Vec<EchoServer> {
-    topo.backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| EchoServer::start(&b.ns, port, &format!("b{}", i + 1)))
-        .collect()
-}
-
-// ---- clients ----
-
-/// Connects from the calling thread's namespace, from `src`, within 3 s.
-fn connect(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::V4(src).into())?;
-    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
-    Ok(s.into())
-}
-
-/// Reads the server's one-line banner (its name).
-fn read_banner(s: &mut TcpStream) -> io::Result<String> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.len() < 64 {
-        if s.read(&mut b)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("closed after {line:?}"),
-            ));
-        }
-        if b[0] == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        line.push(b[0]);
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "banner too long",
-    ))
-}
-
-/// One short connection from the calling thread's namespace: banner, a request echoed, and if
-/// `hold` is not zero, after `hold`, a second one; then close. Returns the backend's name.
-fn ask_echo(src: SocketAddrV4, dst: SocketAddrV4, hold: Duration) -> io::Result<String> {
-    let mut s = connect(src, dst)?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let name = read_banner(&mut s)?;
-    for round in 0..if hold.is_zero() { 1 } else { 2 } {
-        if round > 0 {
-            std::thread::sleep(hold);
-        }
-        let req = format!("ping {round} from {src}\n");
-        s.write_all(req.as_bytes())?;
-        let mut back = vec![0u8; req.len()];
-        s.read_exact(&mut back)?;
-        if back != req.as_bytes() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("echo {back:?}"),
-            ));
-        }
-    }
-    Ok(name)
-}
-
-/// Runs `f` on a new thread inside `ns` (for clients that open sockets as they go).
-fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let fd = ns.as_fd().try_clone_to_owned().expect("dup netns fd");
-    std::thread::spawn(move || {
-        // SAFETY: entering the network namespace of an fd we own, on this thread only.
-        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            panic!("setns: {}", io::Error::last_os_error());
-        }
-        drop(fd);
-        f()
-    })
-}
-
-/// `n` short connections from `first_port`, `first_port + 1`, ...: answers and failures.
-fn connect_many(
-    topo: &LbTopology,
-    dst: SocketAddrV4,
-    first_port: u16,
-    n: u16,
-) -> (Vec<String>, Vec<String>) {
-    spawn_in(&topo.client.ns, move || {
-        let mut answers = Vec::new();
-        let mut failures = Vec::new();
-        for i in 0..n {
-            let src = SocketAddrV4::new(CLIENT_ADDR, first_port + i);
-            match ask_echo(src, dst, Duration::ZERO) {
-                Ok(a) => answers.push(a),
-                Err(e) => failures.push(format!("{src}: {e}")),
-            }
-        }
-        (answers, failures)
-    })
-    .join()
-    .expect("client thread")
-}
-
-/// The `i`th byte of stream `seed`'s pattern.
-fn pattern(seed: u64, i: u64) -> u8 {
-    let x = (i ^ seed.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8 ^ (i >> 11) as u8
-}
-
-/// How a stream broke.
-#[derive(Debug, Clone)]
-struct Broken {
-    kind: io::ErrorKind,
-    what: String,
-    at: Instant,
-}
-
-#[derive(Debug)]
-struct StreamReport {
-    src: SocketAddrV4,
-    backend: String,
-    /// Bytes sent, echoed and verified.
-    bytes: u64,
-    chunks: u64,
-    broken: Option<Broken>,
-}
-
-/// A long-lived TCP connection through the VIP, writing chunks of a deterministic pattern (1 to
-/// 4096 bytes) and verifying each echoed byte, until stopped or broken.
-struct Stream {
-    src: SocketAddrV4,
-    /// Its backend, from the server's banner.
-    backend: String,
-    stop: Arc<AtomicBool>,
-    verified: Arc<AtomicU64>,
-    thread: Option<JoinHandle<StreamReport>>,
-}
-
-impl Stream {
-    /// Opens the stream from `src` in `ns` to `dst`; `pause` between chunks.
-    fn open(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4, pause: Duration) -> Stream {
-        let mut s = ns
-            .run_in(move || connect(src, dst))
-            .unwrap_or_else(|e| panic!("stream from {src}: {e}"));
-        s.set_read_timeout(Some(STREAM_READ_TIMEOUT)).unwrap();
-        s.set_nodelay(true).unwrap();
-        let backend = read_banner(&mut s).unwrap_or_else(|e| panic!("banner for {src}: {e}"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let verified = Arc::new(AtomicU64::new(0));
-        let seed = u64::from(src.port());
-        let thread = {
-            let (stop, verified, backend) = (stop.clone(), verified.clone(), backend.clone());
-            std::thread::spawn(move || {
-                let mut report = StreamReport {
-                    src,
-                    backend,
-                    bytes: 0,
-                    chunks: 0,
-                    broken: None,
-                };
-                let mut out = Vec::with_capacity(4096);
-                let mut back = vec![0u8; 4096];
-                let mut off = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let len = 1
-                        + (u64::from(pattern(seed, report.chunks)) * 16 + report.chunks % 16)
-                            as usize;
-                    out.clear();
-                    out.extend((off..off + len as u64).map(|i| pattern(seed, i)));
-                    let res = s
-                        .write_all(&out)
-                        .map_err(|e| (e, "write"))
-                        .and_then(|()| s.read_exact(&mut back[..len]).map_err(|e| (e, "read")));
-                    if let Err((e, op)) = res {
-                        report.broken = Some(Broken {
-                            kind: e.kind(),
-                            what: format!("{op} at byte {off}: {e}"),
-                            at: Instant::now(),
-                        });
-                        break;
-                    }
-                    if let Some(k) = (0..len).find(|&k| back[k] != out[k]) {
-                        report.broken = Some(Broken {
-                            kind: io::ErrorKind::InvalidData,
-                            what: format!(
-                                "byte {} corrupted: {:#04x}, expected {:#04x}",
-                                off + k as u64,
-                                back[k],
-                                out[k]
-                            ),
-                            at: Instant::now(),
-                        });
-                        break;
-                    }
-                    off += len as u64;
-                    report.bytes = off;
-                    report.chunks += 1;
-                    verified.store(off, Ordering::Relaxed);
-                    if !pause.is_zero() {
-                        std::thread::sleep(pause);
-                    }
-                }
-                report
-            })
-        };
-        Stream {
-            src,
-            backend,
-            stop,
-            verified,
-            thread: Some(thread),
-        }
-    }
-
-    fn verified(&self) -> u64 {
-        self.verified.load(Ordering::Relaxed)
-    }
-
-    fn has_ended(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-
-    /// Stops the stream (if it still runs) and returns what it did.
-    fn finish(mut self) -> StreamReport {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .expect("finished once")
-            .join()
-            .expect("stream thread panicked")
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Opens a stream from each port; `pause` between chunks.
-fn open_streams(
-    topo: &LbTopology,
-    ports: &[u16],
-    dst: SocketAddrV4,
-    pause: Duration,
-) -> Vec<Stream> {
-    ports
-        .iter()
-        .map(|&p| {
-            Stream::open(
-                &topo.client.ns,
-                SocketAddrV4::new(CLIENT_ADDR, p),
-                dst,
-                pause,
-            )
-        })
-        .collect()
-}
-
-/// Stops every stream; returns the reports and prints them.
-fn finish_all(streams: Vec<Stream>) -> Vec<StreamReport> {
-    for s in &streams {
-        s.stop.store(true, Ordering::Relaxed);
-    }
-    let reports: Vec<StreamReport> = streams.into_iter().map(Stream::finish).collect();
-    let total: u64 = reports.iter().map(|r| r.bytes).sum();
-    let broken = reports.iter().filter(|r| r.broken.is_some()).count();
-    let mut per_backend: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
-    for r in &reports {
-        let e = per_backend.entry(r.backend.as_str()).or_default();
-        e.0 += 1;
-        e.1 += r.bytes;
-    }
-    eprintln!(
-        "{} streams, {broken} broken, {total} bytes echoed and verified; per backend \
-         (streams, bytes): {per_backend:?}; fewest bytes in a stream: {}",
-        reports.len(),
-        reports.iter().map(|r| r.bytes).min().unwrap_or(0)
-    );
-    reports
-}
-
-/// Panics with every broken stream's story if any broke.
-fn assert_unbroken(reports: &[StreamReport], start: Instant) {
-    let broken: Vec<String> = reports
-        .iter()
-        .filter_map(|r| {
-            r.broken.as_ref().map(|b| {
-                format!(
-                    "{} on {} after {} bytes, at +{:?}: {:?} {}",
-                    r.src,
-                    r.backend,
-                    r.bytes,
-                    b.at - start,
-                    b.kind,
-                    b.what
-                )
-            })
-        })
-        .collect();
-    assert!(broken.is_empty(), "broken streams:\n{}", broken.join("\n"));
-}
 
 // ---- the agent ----
 
@@ -571,7 +143,7 @@ fn drain_keeps_established_streams() {
         return;
     }
     let topo = LbTopology::new(3).expect("topology");
-    let servers = echo_each(&topo, 80);
+    let servers = echo_each(&topo.backends, 80);
     let agent = topo.start_agent(&topo.config(&web(3, "")), &[]).unwrap();
     wait_all_up(&agent);
     let dst = SocketAddrV4::new(VIP, 80);
@@ -579,7 +151,7 @@ fn drain_keeps_established_streams() {
     // 12 streams, 4 on each backend (where the table puts their ports).
     let ports = ports_for(&agent, "web", 41000..41300, &["b1", "b2", "b3"], 4);
     let start = Instant::now();
-    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(2));
+    let streams = open_streams(&topo.client.ns, &ports, dst, Duration::from_millis(2));
     for s in &streams {
         assert_eq!(
             s.backend,
@@ -612,7 +184,7 @@ fn drain_keeps_established_streams() {
 
     // Streams keep going for 3 s; meanwhile 100 new connections, none of which may reach b2.
     std::thread::sleep(Duration::from_millis(1500));
-    let (answers, failures) = connect_many(&topo, dst, 41500, 100);
+    let (answers, failures) = connect_many(&topo.client.ns, dst, 41500, 100);
     std::thread::sleep(Duration::from_millis(
         3000u64.saturating_sub(drained_at.elapsed().as_millis() as u64),
     ));
@@ -765,13 +337,13 @@ fn add_backend_under_load_zero_failures() {
     }
     // Three backends serve; the config lists two, the third is added live.
     let topo = LbTopology::new(3).expect("topology");
-    let _servers = echo_each(&topo, 80);
+    let _servers = echo_each(&topo.backends, 80);
     let agent = topo.start_agent(&topo.config(&web(2, "")), &[]).unwrap();
     wait_all_up(&agent);
     let dst = SocketAddrV4::new(VIP, 80);
     let ports = ports_for(&agent, "web", 42000..42100, &["b1", "b2"], 4);
     let start = Instant::now();
-    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(2));
+    let streams = open_streams(&topo.client.ns, &ports, dst, Duration::from_millis(2));
     // 4 loops of connections open for about 10 ms each: a few hundred per second, several in
     // flight at any moment.
     let load = Load::start(
@@ -851,7 +423,7 @@ fn add_backend_under_load_zero_failures() {
     assert!(on_b3_after > 0, "no new connection reached b3: {counts:?}");
     assert!(rebuilds >= 4, "{rebuilds} table rebuilds");
     assert!(backend_status(&status, "web", b3).new_flows > 0);
-    let (answers, failures) = connect_many(&topo, dst, 53100, 100);
+    let (answers, failures) = connect_many(&topo.client.ns, dst, 53100, 100);
     assert!(failures.is_empty(), "{failures:?}");
     assert!(tally(answers.iter().map(String::as_str)).contains_key("b3"));
     assert!(agent.stop().success());
@@ -863,7 +435,7 @@ fn removed_backend_keeps_flows_for_grace_then_remaps() {
         return;
     }
     let topo = LbTopology::new(3).expect("topology");
-    let _servers = echo_each(&topo, 80);
+    let _servers = echo_each(&topo.backends, 80);
     let grace = Duration::from_secs(3);
     let services = format!("{}{}", flows_section("remove_grace = \"3s\""), web(3, ""));
     let agent = topo.start_agent(&topo.config(&services), &[]).unwrap();
@@ -873,7 +445,7 @@ fn removed_backend_keeps_flows_for_grace_then_remaps() {
     let mut ports = ports_for(&agent, "web", 44000..44100, &["b1"], 2);
     ports.extend(ports_for(&agent, "web", 44100..44200, &["b2", "b3"], 1));
     let start = Instant::now();
-    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(5));
+    let streams = open_streams(&topo.client.ns, &ports, dst, Duration::from_millis(5));
     assert_eq!(
         streams.iter().filter(|s| s.backend == "b1").count(),
         2,
@@ -929,7 +501,7 @@ fn removed_backend_keeps_flows_for_grace_then_remaps() {
         );
     }
     // New connections no longer reach b1, even during the grace.
-    let (answers, failures) = connect_many(&topo, dst, 44500, 50);
+    let (answers, failures) = connect_many(&topo.client.ns, dst, 44500, 50);
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(
         tally(answers.iter().map(String::as_str)).get("b1"),
@@ -1001,7 +573,7 @@ fn failed_backend_flows_are_remapped() {
     // connection, which resets it at once (no timeout), and a remapped UDP flow is answered by
     // another backend's name.
     let topo = LbTopology::new(3).expect("topology");
-    let mut servers = echo_each(&topo, 80);
+    let mut servers = echo_each(&topo.backends, 80);
     let mut udp = IdentityServers::new();
     for (i, b) in topo.backends.iter().enumerate() {
         udp.udp(&b.ns, SocketAddrV4::new(VIP, 5353), &format!("b{}", i + 1))
@@ -1029,7 +601,7 @@ fn failed_backend_flows_are_remapped() {
     let mut ports = ports_for(&agent, "web", 45000..45100, &["b1"], 2);
     ports.extend(ports_for(&agent, "web", 45100..45200, &["b2", "b3"], 1));
     let start = Instant::now();
-    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(5));
+    let streams = open_streams(&topo.client.ns, &ports, dst, Duration::from_millis(5));
     let udp_port = ports_for(&agent, "dns", 45500..45600, &["b1"], 1)[0];
     let usock = udp_client(&topo.client.ns, SocketAddrV4::new(CLIENT_ADDR, udp_port)).unwrap();
     for k in 0..5 {
@@ -1111,14 +683,14 @@ fn fifty_streams_survive_twenty_table_changes() {
         return;
     }
     let topo = LbTopology::new(6).expect("topology");
-    let _servers = echo_each(&topo, 80);
+    let _servers = echo_each(&topo.backends, 80);
     let services = format!("{}{}", flows_section("remove_grace = \"120s\""), web(4, ""));
     let agent = topo.start_agent(&topo.config(&services), &[]).unwrap();
     wait_all_up(&agent);
     let dst = SocketAddrV4::new(VIP, 80);
     let ports: Vec<u16> = (46000..46050).collect();
     let start = Instant::now();
-    let streams = open_streams(&topo, &ports, dst, Duration::from_millis(10));
+    let streams = open_streams(&topo.client.ns, &ports, dst, Duration::from_millis(10));
     let on = tally(streams.iter().map(|s| s.backend.as_str()));
     eprintln!("50 streams: {on:?}");
     assert_eq!(on.len(), 4, "{on:?}");
@@ -1153,7 +725,7 @@ fn fifty_streams_survive_twenty_table_changes() {
         std::thread::sleep(Duration::from_millis(150));
     }
     std::thread::sleep(Duration::from_millis(1000));
-    let (answers, failures) = connect_many(&topo, dst, 46500, 100);
+    let (answers, failures) = connect_many(&topo.client.ns, dst, 46500, 100);
     let reports = finish_all(streams);
     let status = agent.status().unwrap();
     let rebuilds = status.table_rebuilds - rebuilds_before;
