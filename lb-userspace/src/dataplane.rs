@@ -476,6 +476,11 @@ pub struct Dataplane {
     flow_stats: PerCpuArray<MapData, u64>,
     flow_entries: u32,
     link: Option<(String, XdpLinkId)>,
+    /// The link, pinned under [`pin_dir`] from the moment it is attached, so that it survives
+    /// the agent: a crashed agent's data path keeps forwarding (with its last tables) instead
+    /// of handing the VIPs' traffic to the kernel, which would reset every established
+    /// connection; the next agent takes it over. `detach` unpins it.
+    pinned: Option<(String, PathBuf, PinnedLink)>,
 }
 
 impl Dataplane {
@@ -545,6 +550,7 @@ impl Dataplane {
             backend_stats,
             reason_stats,
             link: None,
+            pinned: None,
         })
     }
 
@@ -632,6 +638,7 @@ impl Dataplane {
                 interface,
                 "took over the data path a previous agent left running (atomic program swap)"
             );
+            self.pin_link()?;
             return Ok(Attached::TookOver);
         }
         let attempt = |dp: &mut Dataplane, m: XdpMode, name: &'static str| {
@@ -664,11 +671,62 @@ impl Dataplane {
             },
         };
         self.link = Some((interface.to_string(), id));
+        if let Err(e) = self.pin_link() {
+            // Unpinned, it would be detached when we exit; better not to forward at all than
+            // to leave a data path that dies with the agent unnoticed.
+            let _ = self.detach();
+            return Err(e);
+        }
         Ok(Attached::New(attached))
+    }
+
+    /// Moves the attached link from aya's keeping to a pin (see [`Dataplane::pinned`]).
+    fn pin_link(&mut self) -> Result<(), DataplaneError> {
+        let Some((interface, id)) = self.link.take() else {
+            return Ok(());
+        };
+        ensure_bpffs()?;
+        let dir = pin_dir(&interface);
+        let link_path = dir.join("link");
+        let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Pin {
+            path: link_path.clone(),
+            source: e,
+        };
+        // Whatever an earlier failed attempt left there would make the pin fail.
+        if dir.exists() {
+            remove_pins(&dir);
+        }
+        fs::create_dir_all(&dir).map_err(|e| pin_err(e.into()))?;
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program {
+                program: maps::PROG_XDPLB,
+                source,
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+        let pinned = fd_link.pin(&link_path).map_err(|e| pin_err(e.into()))?;
+        self.pinned = Some((interface, dir, pinned));
+        Ok(())
     }
 
     /// Detaches the program (if attached). Dropping the `Dataplane` does the same.
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        if let Some((interface, dir, pinned)) = self.pinned.take() {
+            // Unpinned and closed, the link has no holder left: the kernel detaches it.
+            let unpinned = pinned.unpin();
+            remove_pins(&dir);
+            match unpinned {
+                Ok(fd_link) => drop(fd_link),
+                Err(e) => {
+                    return Err(DataplaneError::Pin {
+                        path: dir,
+                        source: e.into(),
+                    });
+                }
+            }
+            info!(interface, "XDP program detached");
+        }
         if let Some((interface, id)) = self.link.take() {
             self.program_mut()
                 .detach(id)
@@ -684,6 +742,11 @@ impl Dataplane {
     /// Leaves the program attached after this process exits: pins the link under [`pin_dir`] for
     /// the next agent to take over. The link keeps the program, and the program its maps.
     pub fn persist(mut self) -> Result<PathBuf, DataplaneError> {
+        if let Some((_, dir, pinned)) = self.pinned.take() {
+            // Closing our fd leaves the pin as the link's only holder.
+            drop(pinned);
+            return Ok(dir);
+        }
         let Some((interface, id)) = self.link.take() else {
             return Err(DataplaneError::Pin {
                 path: PathBuf::from(PIN_ROOT),
@@ -931,6 +994,19 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Dropped in-process (an error, a panic that unwinds), the data path is detached as it always
+/// was; only a process that dies without unwinding (SIGKILL, abort) leaves its pinned link
+/// forwarding for the next agent, and [`Dataplane::persist`] does so on purpose.
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if self.pinned.is_some()
+            && let Err(e) = self.detach()
+        {
+            warn!("detaching the data path failed: {e}");
+        }
+    }
 }
 
 /// Where the data path of `interface` is pinned: `/sys/fs/bpf/xdplb/<interface>` in the host's

@@ -24,10 +24,16 @@
 
 use std::{
     io::Read as _,
+    net::TcpStream,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::ExitStatus,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -810,6 +816,85 @@ fn ones_complement_sum(data: &[u8]) -> u16 {
 /// Lowercase hex without separators, for test vectors.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// New connections from the client, one after another, each with a short connect timeout so
+/// that an outage is measured to within tens of milliseconds (a lost SYN would otherwise wait
+/// for the kernel's 1 s retransmission).
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<(Instant, bool)>>>,
+}
+
+impl Probe {
+    /// Starts probing `dst` from `ns`.
+    pub fn start(ns: &Netns, dst: SocketAddrV4) -> Result<Probe> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let fd = ns.run_in(|| std::fs::File::open("/proc/thread-self/ns/net"))?;
+        let thread = std::thread::spawn(move || {
+            // SAFETY: entering the network namespace of an fd we own, on this thread only.
+            assert_eq!(
+                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let mut log = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let ok = probe_once(dst).is_ok();
+                log.push((Instant::now(), ok));
+                if !ok {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            log
+        });
+        Ok(Probe {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns every attempt: when it ended and whether it succeeded.
+    pub fn finish(mut self) -> Vec<(Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn probe_once(dst: SocketAddrV4) -> Result<String> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_millis(50))?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    ensure!(!buf.is_empty(), "empty answer");
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The client-visible outage: the longest time from a success to the next success (the issue's
+/// "time from last success to first success"), and how many attempts failed.
+pub fn outage(log: &[(Instant, bool)]) -> (Duration, usize) {
+    let mut last_ok: Option<Instant> = None;
+    let mut worst = Duration::ZERO;
+    for (t, ok) in log {
+        if *ok {
+            if let Some(l) = last_ok {
+                worst = worst.max(t.duration_since(l));
+            }
+            last_ok = Some(*t);
+        }
+    }
+    (worst, log.iter().filter(|(_, ok)| !ok).count())
 }
 
 #[cfg(test)]

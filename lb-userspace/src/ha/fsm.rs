@@ -16,9 +16,12 @@
 //!   resumed; if no other node takes over, its master-down timer fires and it takes the VIPs back,
 //!   since a VIP nobody holds is worse than one not handed over.
 //! - **Split brain**: a master that hears another master of lower precedence answers at once
-//!   instead of waiting for its timer, so the other steps down within one round trip; it is
-//!   counted when this node has been master for longer than one advert interval (adverts from a
-//!   master that was just preempted are still in flight for that long).
+//!   instead of waiting for its timer, so the other steps down within one round trip. A master
+//!   that steps down for another says so with a priority-0 advert (RFC 5798 only sends one on
+//!   shutdown), so that the winner learns of the other master even when the loser heard the
+//!   winner first. The winner counts a split brain when it hears either while it has been master
+//!   for longer than one advert interval: adverts of a master it just preempted are still in
+//!   flight for that long, so a normal preemption is not counted.
 
 use std::{fmt, net::Ipv4Addr, time::Duration};
 
@@ -123,6 +126,9 @@ pub struct Machine {
     master_down_timer: Option<Duration>,
     /// Why the master-down timer is armed, for the transition's reason.
     down_cause: DownCause,
+    /// The last other master heard while master, and when: one split brain shows as several
+    /// adverts (its adverts in flight, then its goodbye), and is counted once.
+    last_split: Option<(Ipv4Addr, Duration)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +152,21 @@ impl Machine {
             adver_timer: None,
             master_down_timer: None,
             down_cause: DownCause::Silence,
+            last_split: None,
+        }
+    }
+
+    /// A split brain with `peer` is new unless that peer was heard as master moments ago.
+    fn split_brain(&mut self, now: Duration, peer: Peer, fx: &mut Vec<Effect>) {
+        if now < self.master_since + self.advert_interval() {
+            return;
+        }
+        let repeat = self
+            .last_split
+            .is_some_and(|(a, at)| a == peer.address && now < at + 2 * self.master_down_interval());
+        self.last_split = Some((peer.address, now));
+        if !repeat {
+            fx.push(Effect::SplitBrain { peer });
         }
     }
 
@@ -221,6 +242,8 @@ impl Machine {
 
     fn become_master(&mut self, now: Duration, reason: String, fx: &mut Vec<Effect>) {
         self.go(State::Master, reason, fx);
+        // A handover that nobody took is over: this node holds the VIPs again.
+        self.held = false;
         self.master_since = now;
         self.master = None;
         fx.push(Effect::SendAdvert {
@@ -355,6 +378,8 @@ impl Machine {
                     interval_cs,
                 };
                 if priority == 0 {
+                    // Only a master resigns: if we had been master for a while, there were two.
+                    self.split_brain(now, peer, &mut fx);
                     fx.push(Effect::SendAdvert {
                         priority: self.effective,
                     });
@@ -362,6 +387,10 @@ impl Machine {
                 } else if priority > self.effective
                     || (priority == self.effective && src > self.params.address)
                 {
+                    // Say goodbye with priority 0: the winner may never have heard us (in a
+                    // healed split brain whoever hears the other first decides), and this is
+                    // how it learns that there were two masters.
+                    fx.push(Effect::SendAdvert { priority: 0 });
                     self.master_interval_cs = interval_cs;
                     self.become_backup(
                         now,
@@ -370,9 +399,7 @@ impl Machine {
                     );
                     self.master = Some(peer);
                 } else {
-                    if now >= self.master_since + self.advert_interval() {
-                        fx.push(Effect::SplitBrain { peer });
-                    }
+                    self.split_brain(now, peer, &mut fx);
                     fx.push(Effect::SendAdvert {
                         priority: self.effective,
                     });
@@ -628,7 +655,7 @@ mod tests {
         let fx = m.step(ms(10_000), advert(LOWER_IP, 101));
         assert_eq!(transitioned(&fx), Some(State::Backup));
         assert!(fx.contains(&Effect::ReleaseVips));
-        assert!(!fx.iter().any(|e| matches!(e, Effect::SendAdvert { .. })));
+        assert_eq!(fx[0], Effect::SendAdvert { priority: 0 });
         assert_eq!(m.master().unwrap().address, LOWER_IP);
         assert_eq!(
             m.deadline(),
@@ -663,14 +690,28 @@ mod tests {
         assert!(matches!(fx[0], Effect::SplitBrain { peer } if peer.address == HIGHER_IP));
         assert_eq!(fx[1], Effect::SendAdvert { priority: 200 });
         assert_eq!(m.deadline().unwrap().0, since + ms(61_000));
+        // The same episode: its next advert and its goodbye are not counted again.
+        let fx = m.step(since + ms(60_100), advert(HIGHER_IP, 100));
+        assert_eq!(fx, vec![Effect::SendAdvert { priority: 200 }]);
+        let fx = m.step(since + ms(60_150), advert(HIGHER_IP, 0));
+        assert_eq!(fx, vec![Effect::SendAdvert { priority: 200 }]);
+        // A new partition much later is.
+        let fx = m.step(since + ms(200_000), advert(HIGHER_IP, 100));
+        assert!(matches!(fx[0], Effect::SplitBrain { .. }));
     }
 
     #[test]
-    fn master_answers_a_resigning_master() {
+    fn master_answers_a_resigning_master_and_counts_the_split_brain() {
         let mut m = machine(100, true);
         master_at(&mut m, ms(0));
-        let fx = m.step(ms(20_000), advert(HIGHER_IP, 0));
+        let since = m.deadline().unwrap().0 - ms(1000);
+        // The master we just preempted resigns: normal.
+        let fx = m.step(since + ms(20), advert(HIGHER_IP, 0));
         assert_eq!(fx, vec![Effect::SendAdvert { priority: 100 }]);
+        // Another master resigns long after we became master: there were two.
+        let fx = m.step(since + ms(20_000), advert(HIGHER_IP, 0));
+        assert!(matches!(fx[0], Effect::SplitBrain { peer } if peer.priority == 0));
+        assert_eq!(fx[1], Effect::SendAdvert { priority: 100 });
         assert_eq!(m.state(), State::Master);
     }
 
@@ -763,5 +804,6 @@ mod tests {
         let (at, ev) = m.deadline().unwrap();
         let fx = m.step(at, ev);
         assert_eq!(transitioned(&fx), Some(State::Master));
+        assert!(!m.held());
     }
 }

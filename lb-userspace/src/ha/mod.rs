@@ -753,15 +753,24 @@ impl Runner {
             }
             Effect::SplitBrain { peer } => {
                 self.counters.split_brain += 1;
-                warn!(
-                    peer = %peer.address,
-                    "split brain: {} (priority {}) also claims master of vrid {}; this node has \
-                     precedence (priority {}) and keeps the VIPs, the other steps down",
-                    peer.address,
-                    peer.priority,
-                    self.cfg.vrid,
-                    self.machine.effective_priority()
-                );
+                if peer.priority == 0 {
+                    warn!(
+                        peer = %peer.address,
+                        "split brain: {} was also master of vrid {} and has stepped down on hearing this node (priority {}); this node keeps the VIPs",
+                        peer.address,
+                        self.cfg.vrid,
+                        self.machine.effective_priority()
+                    );
+                } else {
+                    warn!(
+                        peer = %peer.address,
+                        "split brain: {} (priority {}) also claims master of vrid {}; this node has precedence (priority {}) and keeps the VIPs, the other steps down",
+                        peer.address,
+                        peer.priority,
+                        self.cfg.vrid,
+                        self.machine.effective_priority()
+                    );
+                }
             }
         }
     }

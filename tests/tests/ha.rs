@@ -1,0 +1,508 @@
+//! High availability end to end: two real `xdplb` agents share the VIP with VRRPv3 on one bridge,
+//! with a client and three backends (tests/src/ha.rs). Each test asserts on what a user sees:
+//! which node holds the VIP, the client's connections and their outage, the bytes of long
+//! streams, and the agents' status, CLI and logs.
+
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use lb_tests::{
+    ha::{HaAgent, HaTopology, Probe, lb_addr, outage},
+    netns::{Netns, require_privileges},
+    streams::{assert_unbroken, echo_each, finish_all, open_streams},
+    topology::{IdentityServers, VIP, backend_addr},
+};
+use lb_userspace::ha::HaStatus;
+
+const PORT: u16 = 80;
+const INTERVAL_MS: u64 = 100;
+
+fn services(n: usize) -> String {
+    let mut s = format!(
+        "[[vip]]\nname = \"web\"\naddress = \"{VIP}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+         [vip.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2\n"
+    );
+    for i in 0..n {
+        s.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\n",
+            backend_addr(i)
+        ));
+    }
+    s
+}
+
+fn ha_keys(priority: u8, extra: &str) -> String {
+    format!("vrid = 51\npriority = {priority}\nadvert_interval = \"{INTERVAL_MS}ms\"\n{extra}")
+}
+
+/// RFC 5798: 3 x Master_Adver_Interval + Skew_Time, for the backup's priority.
+fn master_down(priority: u8) -> Duration {
+    let skew_cs = (256 - u64::from(priority)) * (INTERVAL_MS / 10) / 256;
+    Duration::from_millis(3 * INTERVAL_MS + skew_cs * 10)
+}
+
+/// The issue's bound on the client-visible outage of a failover.
+fn outage_bound(backup_priority: u8) -> Duration {
+    master_down(backup_priority) + Duration::from_millis(200)
+}
+
+/// Identity servers on every backend, on every address (health checks reach them on the
+/// backend's own address, clients through the VIP).
+fn servers(topo: &HaTopology) -> Result<IdentityServers> {
+    let mut s = IdentityServers::new();
+    for (i, b) in topo.backends.iter().enumerate() {
+        s.tcp(
+            &b.ns,
+            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, PORT),
+            &format!("b{}", i + 1),
+        )?;
+    }
+    Ok(s)
+}
+
+fn ha(agent: &HaAgent) -> Result<HaStatus> {
+    agent
+        .status()?
+        .ha
+        .ok_or_else(|| anyhow!("lb{}: status has no ha section", agent.node + 1))
+}
+
+fn wait_state(agent: &HaAgent, state: &str, timeout: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let h = ha(agent)?;
+        if h.state == state {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "lb{} not {state} within {timeout:?} (is {}, {:?}); log:\n{}",
+                agent.node + 1,
+                h.state,
+                h.last_transition,
+                agent.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts lb1 (priority 200) and lb2 (priority 100) with the same services and waits for the
+/// election: lb1 master holding the VIP, lb2 backup.
+fn pair(topo: &HaTopology, extra1: &str, extra2: &str) -> Result<(HaAgent, HaAgent)> {
+    let a = topo.start_agent(0, &topo.config(0, &services(3), &ha_keys(200, extra1)), &[])?;
+    let b = topo.start_agent(1, &topo.config(1, &services(3), &ha_keys(100, extra2)), &[])?;
+    wait_state(&a, "master", Duration::from_secs(5))?;
+    wait_state(&b, "backup", Duration::from_secs(5))?;
+    ensure!(
+        topo.wait_vip_holder(&[0], Duration::from_secs(2)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    Ok((a, b))
+}
+
+/// Runs nft inside `ns`.
+fn nft(ns: &Netns, rules: &str) -> Result<()> {
+    let path =
+        std::env::temp_dir().join(format!("xdplb-ha-{}-{}.nft", std::process::id(), ns.name()));
+    std::fs::write(&path, rules)?;
+    let out = ns.exec("nft", &["-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    out.map(drop).context("nft")
+}
+
+/// The CLI's JSON answer, checking its exit status.
+fn cli_json(agent: &HaAgent, args: &[&str], ok: bool) -> Result<serde_json::Value> {
+    let out = agent.cli(args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        out.status.success() == ok,
+        "xdplb {args:?}: exit {} (wanted success = {ok}); stdout {stdout}; stderr {stderr}",
+        out.status
+    );
+    if !ok {
+        return Ok(serde_json::Value::String(stderr));
+    }
+    serde_json::from_str(&stdout).with_context(|| format!("xdplb {args:?} printed {stdout}"))
+}
+
+#[test]
+fn master_crash_backup_takes_over_within_bound() -> Result<()> {
+    if !require_privileges("master_crash_backup_takes_over_within_bound") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "", "")?;
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(Duration::from_millis(1000));
+    // A crash: no goodbye advert, and the node's link goes too.
+    a.kill9()?;
+    topo.set_link(0, false)?;
+    let took = wait_state(&b, "master", Duration::from_secs(5))?;
+    ensure!(
+        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
+        "lb2 does not hold the VIP"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = probe.finish();
+    let (worst, failed) = outage(&log);
+    let bound = outage_bound(100);
+    eprintln!(
+        "lb2 master {took:?} after the kill; client outage {worst:?} ({failed} failed of {} \
+         connections); bound {bound:?}",
+        log.len()
+    );
+    ensure!(worst < bound, "outage {worst:?} >= bound {bound:?}");
+    // New connections after the failover are served (through lb2).
+    let after: Vec<_> = log.iter().rev().take(20).collect();
+    ensure!(after.iter().all(|(_, ok)| *ok), "late failures: {after:?}");
+    let h = ha(&b)?;
+    let t = h.last_transition.context("no transition")?;
+    ensure!(
+        t.from == "backup"
+            && t.to == "master"
+            && t.reason
+                .contains("no advertisement from the master 10.0.0.2"),
+        "{t:?}"
+    );
+    ensure!(h.vips == vec![VIP], "{:?}", h.vips);
+    ensure!(
+        b.wait_log(
+            "VRRP backup -> master: no advertisement from the master 10.0.0.2",
+            Duration::from_secs(1)
+        ),
+        "log:\n{}",
+        b.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn streams_survive_planned_handover_and_master_failure() -> Result<()> {
+    if !require_privileges("streams_survive_planned_handover_and_master_failure") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = echo_each(&topo.backends, PORT);
+    let (a, b) = pair(&topo, "", "")?;
+    let start = Instant::now();
+    let ports: Vec<u16> = (41000..41006).collect();
+    let streams = open_streams(
+        &topo.client.ns,
+        &ports,
+        SocketAddrV4::new(VIP, PORT),
+        Duration::ZERO,
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let before: u64 = streams.iter().map(|s| s.verified()).sum();
+
+    // Planned: the operator moves mastership to lb2.
+    let t0 = Instant::now();
+    let reply = cli_json(&a, &["ha", "handover", "--json"], true)?;
+    let handover = t0.elapsed();
+    let msg = reply["message"].as_str().unwrap_or_default().to_string();
+    ensure!(msg.contains("mastership handed to 10.0.0.3"), "{reply}");
+    ensure!(
+        reply["status"]["state"] == "backup" && reply["status"]["held"] == true,
+        "{reply}"
+    );
+    wait_state(&b, "master", Duration::from_secs(1))?;
+    ensure!(
+        topo.wait_vip_holder(&[1], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    // The resigning master's priority 0 lets lb2 take over after its skew time alone.
+    ensure!(
+        handover < Duration::from_millis(500),
+        "handover took {handover:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let after_handover: u64 = streams.iter().map(|s| s.verified()).sum();
+    ensure!(
+        after_handover > before,
+        "streams stalled after the handover"
+    );
+    // Held: lb1 does not preempt lb2 although its priority is higher.
+    std::thread::sleep(master_down(200) * 2);
+    ensure!(
+        ha(&a)?.state == "backup" && ha(&b)?.state == "master",
+        "lb1 preempted while held"
+    );
+
+    // Unplanned: lb2 crashes; lb1, held or not, takes over because nobody else is master.
+    b.kill9()?;
+    topo.set_link(1, false)?;
+    let took = wait_state(&a, "master", Duration::from_secs(5))?;
+    ensure!(took < outage_bound(200), "lb1 took over after {took:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after_crash: u64 = streams.iter().map(|s| s.verified()).sum();
+    ensure!(
+        after_crash > after_handover,
+        "streams stalled after the failover"
+    );
+    let reports = finish_all(streams);
+    eprintln!(
+        "handover answered in {handover:?}; lb1 master {took:?} after lb2's crash; {} bytes \
+         verified ({before} before the handover, {after_handover} before the crash)",
+        reports.iter().map(|r| r.bytes).sum::<u64>()
+    );
+    assert_unbroken(&reports, start);
+    Ok(())
+}
+
+#[test]
+fn interface_tracking_preemption_and_clean_shutdown() -> Result<()> {
+    if !require_privileges("interface_tracking_preemption_and_clean_shutdown") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "", "")?;
+
+    // lb1's link goes down with its agent running: it cannot forward, so it gives up.
+    topo.set_link(0, false)?;
+    wait_state(&a, "fault", Duration::from_secs(2))?;
+    let took = wait_state(&b, "master", Duration::from_secs(2))?;
+    let h = ha(&a)?;
+    ensure!(
+        h.effective_priority == 0
+            && h.vips.is_empty()
+            && h.tracking
+                .iter()
+                .any(|t| t.what == "interface eth0" && !t.ok),
+        "{h:?}"
+    );
+    ensure!(
+        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
+        "lb2 does not hold the VIP"
+    );
+    eprintln!("lb2 master {took:?} after lb1's link went down");
+
+    // Link back: lb1 is a backup first, then preempts lb2 (priority 200 > 100).
+    topo.set_link(0, true)?;
+    let back = wait_state(&a, "master", Duration::from_secs(3))?;
+    wait_state(&b, "backup", Duration::from_secs(1))?;
+    ensure!(
+        topo.wait_vip_holder(&[0], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    let t = ha(&a)?.last_transition.context("no transition")?;
+    ensure!(
+        t.reason
+            .contains("preempted lower-priority master 10.0.0.3 (priority 100)"),
+        "{t:?}"
+    );
+    eprintln!("lb1 master again {back:?} after its link came back");
+
+    // A clean stop resigns with priority 0: lb2 takes over after its skew time, not the
+    // master-down interval.
+    let t0 = Instant::now();
+    let st = a.stop();
+    ensure!(st.success(), "lb1 exited {st}");
+    let took = wait_state(&b, "master", Duration::from_secs(2))?;
+    let stop_to_master = t0.elapsed();
+    ensure!(
+        ha(&b)?
+            .last_transition
+            .context("none")?
+            .reason
+            .contains("master 10.0.0.2 resigned (priority 0)"),
+        "{:?}",
+        ha(&b)?.last_transition
+    );
+    ensure!(
+        topo.wait_vip_holder(&[1], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    eprintln!("lb2 master {stop_to_master:?} after lb1's SIGTERM ({took:?} after it exited)");
+
+    // preempt = false: the returning lb1 stays backup.
+    let a = topo.start_agent(
+        0,
+        &topo.config(0, &services(3), &ha_keys(200, "preempt = false")),
+        &[],
+    )?;
+    wait_state(&a, "backup", Duration::from_secs(2))?;
+    std::thread::sleep(master_down(200) * 3);
+    ensure!(
+        ha(&a)?.state == "backup" && ha(&b)?.state == "master",
+        "lb1 preempted with preempt = false"
+    );
+    let m = ha(&a)?.master.context("lb1 knows no master")?;
+    ensure!(
+        m.address == lb_addr(1) && m.priority == 100 && !m.local,
+        "{m:?}"
+    );
+    ensure!(
+        topo.vip_holder() == vec![1],
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    Ok(())
+}
+
+#[test]
+fn split_brain_is_resolved_within_an_interval_and_counted() -> Result<()> {
+    if !require_privileges("split_brain_is_resolved_within_an_interval_and_counted") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "", "")?;
+    // Cut VRRP between the nodes (both ways): each thinks the other is gone.
+    let cut = "table inet ha_cut {\n chain in { type filter hook input priority 0; ip protocol 112 drop; }\n}\n";
+    nft(&topo.lb(0).ns, cut)?;
+    nft(&topo.lb(1).ns, cut)?;
+    wait_state(&b, "master", Duration::from_secs(2))?;
+    ensure!(ha(&a)?.state == "master", "lb1 is not master any more");
+    std::thread::sleep(Duration::from_millis(500));
+    // Healed.
+    let t0 = Instant::now();
+    nft(&topo.lb(0).ns, "delete table inet ha_cut\n")?;
+    nft(&topo.lb(1).ns, "delete table inet ha_cut\n")?;
+    let resolved = wait_state(&b, "backup", Duration::from_secs(2))?;
+    let healed = t0.elapsed();
+    ensure!(ha(&a)?.state == "master", "the wrong node stepped down");
+    // The issue's bound: one advertisement interval after they hear each other again (plus
+    // scheduling slack for the status polls).
+    ensure!(
+        healed < Duration::from_millis(INTERVAL_MS + 50),
+        "split brain lasted {healed:?} after healing"
+    );
+    let h = ha(&a)?;
+    ensure!(h.counters.split_brain == 1, "{:?}", h.counters);
+    ensure!(
+        a.wait_log(
+            "split brain: 10.0.0.3 was also master of vrid 51 and has stepped down",
+            Duration::from_secs(1)
+        ),
+        "log:\n{}",
+        a.log_text()
+    );
+    let t = ha(&b)?.last_transition.context("none")?;
+    ensure!(
+        t.reason
+            .contains("master 10.0.0.2 (priority 200) has precedence"),
+        "{t:?}"
+    );
+    ensure!(
+        topo.wait_vip_holder(&[0], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    eprintln!("split brain resolved {healed:?} after healing ({resolved:?} by lb2's status)");
+    Ok(())
+}
+
+#[test]
+fn tracked_vip_without_backends_gives_up_mastership() -> Result<()> {
+    if !require_privileges("tracked_vip_without_backends_gives_up_mastership") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "track_vips = [\"web\"]", "track_vips = [\"web\"]")?;
+    // Only lb1 loses its backends: its health checks are dropped on the way out.
+    nft(
+        &topo.lb(0).ns,
+        "table inet ha_track {\n chain out { type filter hook output priority 0; ip daddr 10.0.0.0/24 tcp dport 80 drop; }\n}\n",
+    )?;
+    let took = wait_state(&a, "fault", Duration::from_secs(3))?;
+    wait_state(&b, "master", Duration::from_secs(1))?;
+    let h = ha(&a)?;
+    ensure!(
+        h.tracking.iter().any(|t| t.what == "vip web" && !t.ok),
+        "{h:?}"
+    );
+    ensure!(
+        a.wait_log(
+            "tracking: failing: vip web; priority 200 -> 0",
+            Duration::from_secs(1)
+        ),
+        "log:\n{}",
+        a.log_text()
+    );
+    ensure!(
+        topo.wait_vip_holder(&[1], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    eprintln!("lb1 gave up {took:?} after its health checks started failing");
+    // Its backends answer again: it comes back and preempts.
+    nft(&topo.lb(0).ns, "delete table inet ha_track\n")?;
+    wait_state(&a, "master", Duration::from_secs(3))?;
+    ensure!(
+        topo.wait_vip_holder(&[0], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    Ok(())
+}
+
+#[test]
+fn nodes_compare_table_digests() -> Result<()> {
+    if !require_privileges("nodes_compare_table_digests") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "", "")?;
+    let matches =
+        |agent: &HaAgent| -> Result<Option<bool>> { Ok(ha(agent)?.peer_tables.map(|p| p.matches)) };
+    let wait_match = |want: bool, timeout: Duration| -> Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if matches(&a)? == Some(want) && matches(&b)? == Some(want) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "peer tables not matches={want} on both within {timeout:?}: {:?} / {:?}",
+            ha(&a)?.peer_tables,
+            ha(&b)?.peer_tables
+        )
+    };
+    wait_match(true, Duration::from_secs(4))?;
+    // One node's operator change makes the tables differ.
+    cli_json(
+        &b,
+        &["backend", "weight", "web", "10.0.0.11", "5", "--json"],
+        true,
+    )?;
+    wait_match(false, Duration::from_secs(4))?;
+    ensure!(
+        b.wait_log(
+            "forwarding tables differ from peer 10.0.0.2",
+            Duration::from_secs(8)
+        ),
+        "log:\n{}",
+        b.log_text()
+    );
+    let text = String::from_utf8_lossy(&b.cli(&["status"])?.stdout).into_owned();
+    ensure!(text.contains("peer tables DIFFER from 10.0.0.2"), "{text}");
+    cli_json(
+        &b,
+        &["backend", "weight", "web", "10.0.0.11", "1", "--json"],
+        true,
+    )?;
+    wait_match(true, Duration::from_secs(4))?;
+    ensure!(
+        b.wait_log(
+            "forwarding tables match peer 10.0.0.2 again",
+            Duration::from_secs(2)
+        ),
+        "log:\n{}",
+        b.log_text()
+    );
+    Ok(())
+}
