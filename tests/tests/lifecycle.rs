@@ -114,10 +114,12 @@ fn keep_forwarding_then_take_over() {
         second.log_text()
     );
     assert_eq!(second.status().unwrap().xdp_mode.as_deref(), Some("driver"));
-    assert!(!pins.exists(), "old pins not cleaned up after the takeover");
+    // The running agent keeps its link pinned, so that even its crash would not stop
+    // forwarding.
     assert!(
-        !pins.parent().unwrap().exists(),
-        "empty namespace pin directory left behind"
+        pins.join("link").exists(),
+        "the new agent's link is not pinned at {}",
+        pins.display()
     );
     let after = connect_many(&topo, 21000, 150);
     assert_eq!(after, before, "flows moved across the takeover");
@@ -142,6 +144,11 @@ fn keep_forwarding_then_take_over() {
     assert!(
         !link.contains("prog/xdp"),
         "still attached after a normal stop:\n{link}"
+    );
+    assert!(!pins.exists(), "pins left behind by a normal stop");
+    assert!(
+        !pins.parent().unwrap().exists(),
+        "empty namespace pin directory left behind"
     );
 }
 
