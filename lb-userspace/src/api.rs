@@ -174,6 +174,10 @@ pub enum Request {
     },
 }
 
+/// How long the client waits for a handover: the longest master-down interval (4 x 40.95 s)
+/// and some.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// What an HA request asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HaOp {
@@ -950,6 +954,7 @@ enum Transport {
 }
 
 /// A client of the agent's API, over its Unix socket or its TCP address.
+#[derive(Clone)]
 pub struct Client {
     transport: Transport,
     timeout: Duration,
@@ -1235,8 +1240,12 @@ impl Client {
     }
 
     /// Resigns mastership and waits until another node is master (`POST /v1/ha/handover`).
+    /// That takes up to the master-down interval (about 3.6 advert intervals, at most 164 s),
+    /// so this one call waits longer than the others.
     pub async fn ha_handover(&self) -> Result<HaReply, ClientError> {
-        self.call("POST", "/v1/ha/handover", None).await
+        let mut c = self.clone();
+        c.timeout = c.timeout.max(HANDOVER_TIMEOUT);
+        c.call("POST", "/v1/ha/handover", None).await
     }
 
     /// Ends a handover (`POST /v1/ha/resume`).
