@@ -356,12 +356,25 @@ async fn serve(
 
     // HA starts once the data path forwards: a node must never hold the VIPs before it can
     // serve them. It starts as backup and only becomes master after the master-down interval.
+    let mut attached_now = true;
     let mut ha = match &config.ha {
-        Some(cfg) => Some(Ha::start(cfg.clone(), nl.clone(), rec.vip_addresses(), ha_inputs(rec)).await?),
+        Some(cfg) => Some(
+            Ha::start(
+                cfg.clone(),
+                nl.clone(),
+                rec.vip_addresses(),
+                ha_inputs(rec, attached_now),
+            )
+            .await?,
+        ),
         None => None,
     };
     let mut ha_digest_rebuilds = None;
-    sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds);
+    sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds, attached_now);
+    // Someone may detach the program behind our back (`bpftool link detach`); a node that no
+    // longer forwards must not hold the VIPs.
+    let mut attach_check = tokio::time::interval(Duration::from_secs(1));
+    attach_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let (report_tx, mut reports) = mpsc::channel::<health::Report>(256);
     let mut checks = Scheduler::new(report_tx);
@@ -402,6 +415,28 @@ async fn serve(
                     let _ = rec.health_report(report.key, report.outcome).await;
                 }
             }
+            _ = attach_check.tick(), if ha.is_some() => {
+                let ours = rec.dataplane().program_id();
+                let now = match nl.interface(iface_name).await {
+                    Ok(i) => i.xdp_prog_id.is_some() && i.xdp_prog_id == ours,
+                    Err(e) => {
+                        warn!("checking that the program is still attached failed: {e}");
+                        attached_now
+                    }
+                };
+                if now != attached_now {
+                    if now {
+                        info!(interface = %iface_name, "the XDP program is attached again");
+                    } else {
+                        error!(
+                            interface = %iface_name,
+                            "the XDP program is no longer attached (detached by someone else?); \
+                             nothing is forwarded. Restart the agent to attach it again"
+                        );
+                    }
+                    attached_now = now;
+                }
+            }
             _ = rates.tick() => {
                 if let Err(e) = rec.sample_rates() {
                     warn!("reading counters for rates failed: {e}");
@@ -434,7 +469,7 @@ async fn serve(
                 }
             }
         }
-        sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds);
+        sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds, attached_now);
     }
     // Before the data path goes: the peer takes over at once on our priority-0 advert.
     if let Some(ha) = ha.take() {
@@ -465,19 +500,20 @@ fn after_change(rec: &Reconciler, watcher: &MacWatcher, checks: &mut Scheduler) 
     checks.sync(rec.check_specs());
 }
 
-/// What HA tracking needs from the reconciler. The agent only runs the loop while attached.
-fn ha_inputs(rec: &Reconciler) -> ha::Inputs {
+/// What HA tracking needs: whether the program is still attached (checked every second) and
+/// which VIPs have no healthy backend.
+fn ha_inputs(rec: &Reconciler, attached: bool) -> ha::Inputs {
     ha::Inputs {
-        attached: rec.attach_mode().is_some(),
+        attached: attached && rec.attach_mode().is_some(),
         vips_down: rec.vips_down(),
     }
 }
 
 /// Tells HA what changed: tracking inputs, the VIP addresses, and the table digest (only
 /// recomputed when tables were rebuilt, as it reads every table).
-fn sync_ha(rec: &Reconciler, ha: Option<&Ha>, digest_at: &mut Option<u64>) {
+fn sync_ha(rec: &Reconciler, ha: Option<&Ha>, digest_at: &mut Option<u64>, attached: bool) {
     let Some(ha) = ha else { return };
-    ha.set_inputs(ha_inputs(rec));
+    ha.set_inputs(ha_inputs(rec, attached));
     ha.set_vips(rec.vip_addresses());
     let rebuilds = rec.table_rebuilds();
     if *digest_at != Some(rebuilds) {
@@ -547,12 +583,7 @@ async fn reload(rec: &mut Reconciler, path: Option<&Path>) -> Result<Vec<String>
     }
 }
 
-async fn handle(
-    rec: &mut Reconciler,
-    req: Request,
-    config_path: Option<&Path>,
-    ha: Option<&Ha>,
-) {
+async fn handle(rec: &mut Reconciler, req: Request, config_path: Option<&Path>, ha: Option<&Ha>) {
     match req {
         Request::Status(reply) => {
             let status = rec.status().map(|mut s| {

@@ -72,8 +72,21 @@ pub struct HaTopology {
     pub backends: Vec<Host>,
     pub dir: TempDir,
     _pass: Vec<PassProgram>,
+    /// Each node's pin directory: an agent killed with SIGKILL leaves its link pinned (and
+    /// forwarding) there, holding the program and its maps until someone removes the pin.
+    pins: Vec<PathBuf>,
     // Last, so the hosts' namespaces go before the switch's.
     pub lan: Lan,
+}
+
+impl Drop for HaTopology {
+    fn drop(&mut self) {
+        for dir in &self.pins {
+            if dir.exists() {
+                lb_userspace::dataplane::remove_pins(dir);
+            }
+        }
+    }
 }
 
 impl HaTopology {
@@ -102,7 +115,12 @@ impl HaTopology {
             pass.push(attach_pass(lan.switch(), lb.peer_ifindex)?);
         }
         let dir = TempDir::new("ha")?;
+        let pins = lbs
+            .iter()
+            .map(|lb| lb.ns.run_in(|| lb_userspace::dataplane::pin_dir("eth0")))
+            .collect();
         Ok(HaTopology {
+            pins,
             client,
             lbs,
             backends,

@@ -97,11 +97,20 @@ fn pair(topo: &HaTopology, extra1: &str, extra2: &str) -> Result<(HaAgent, HaAge
     let b = topo.start_agent(1, &topo.config(1, &services(3), &ha_keys(100, extra2)), &[])?;
     wait_state(&a, "master", Duration::from_secs(5))?;
     wait_state(&b, "backup", Duration::from_secs(5))?;
-    ensure!(
-        topo.wait_vip_holder(&[0], Duration::from_secs(2)).is_some(),
-        "holders {:?}",
-        topo.vip_holder()
-    );
+    // With the virtual MAC the addresses are on the macvlan, not eth0.
+    if extra1.contains("virtual_mac") {
+        ensure!(
+            ha(&a)?.vips == vec![VIP] && ha(&b)?.vips.is_empty(),
+            "{:?}",
+            ha(&a)?.vips
+        );
+    } else {
+        ensure!(
+            topo.wait_vip_holder(&[0], Duration::from_secs(2)).is_some(),
+            "holders {:?}",
+            topo.vip_holder()
+        );
+    }
     Ok((a, b))
 }
 
@@ -503,6 +512,96 @@ fn nodes_compare_table_digests() -> Result<()> {
         ),
         "log:\n{}",
         b.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn detached_data_path_gives_up_mastership() -> Result<()> {
+    if !require_privileges("detached_data_path_gives_up_mastership") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "", "")?;
+    // Someone detaches lb1's program behind the agent's back.
+    let prog = a.status()?.program_id.context("no program id")?;
+    let links: serde_json::Value =
+        serde_json::from_str(&topo.lb(0).ns.exec("bpftool", &["-j", "link", "show"])?)?;
+    let link = links
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["prog_id"] == prog))
+        .and_then(|l| l["id"].as_u64())
+        .with_context(|| format!("no link runs program {prog}: {links}"))?;
+    topo.lb(0)
+        .ns
+        .exec("bpftool", &["link", "detach", "id", &link.to_string()])?;
+    let took = wait_state(&a, "fault", Duration::from_secs(3))?;
+    wait_state(&b, "master", Duration::from_secs(1))?;
+    let h = ha(&a)?;
+    ensure!(
+        h.tracking.iter().any(|t| t.what == "dataplane" && !t.ok) && h.vips.is_empty(),
+        "{h:?}"
+    );
+    ensure!(
+        a.wait_log(
+            "the XDP program is no longer attached",
+            Duration::from_secs(1)
+        ),
+        "log:\n{}",
+        a.log_text()
+    );
+    ensure!(
+        topo.wait_vip_holder(&[1], Duration::from_secs(1)).is_some(),
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    eprintln!("lb1 gave up {took:?} after its program was detached");
+    Ok(())
+}
+
+#[test]
+fn virtual_mac_moves_with_mastership() -> Result<()> {
+    if !require_privileges("virtual_mac_moves_with_mastership") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "virtual_mac = true", "virtual_mac = true")?;
+    let vmac = "00:00:5e:00:01:33";
+    ensure!(
+        ha(&a)?.virtual_mac.as_deref() == Some(vmac),
+        "{:?}",
+        ha(&a)?.virtual_mac
+    );
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        topo.client_arp().as_deref() == Some(vmac),
+        "client resolves the VIP to {:?}",
+        topo.client_arp()
+    );
+    a.kill9()?;
+    topo.set_link(0, false)?;
+    wait_state(&b, "master", Duration::from_secs(2))?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let log = probe.finish();
+    let (worst, failed) = outage(&log);
+    // The client's ARP entry never changes: the switch learns the MAC's new port from lb2's
+    // gratuitous ARP.
+    ensure!(
+        topo.client_arp().as_deref() == Some(vmac),
+        "client resolves the VIP to {:?}",
+        topo.client_arp()
+    );
+    ensure!(worst < outage_bound(100), "outage {worst:?}");
+    ensure!(
+        log.iter().rev().take(20).all(|(_, ok)| *ok),
+        "failures after the failover"
+    );
+    eprintln!(
+        "virtual MAC failover: outage {worst:?}, {failed} failed of {}",
+        log.len()
     );
     Ok(())
 }
