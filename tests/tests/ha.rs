@@ -605,3 +605,47 @@ fn virtual_mac_moves_with_mastership() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn unicast_peers_elect_compare_tables_and_fail_over() -> Result<()> {
+    if !require_privileges("unicast_peers_elect_compare_tables_and_fail_over") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = servers(&topo)?;
+    let (a, b) = pair(&topo, "peers = [\"10.0.0.3\"]", "peers = [\"10.0.0.2\"]")?;
+    let m = ha(&b)?.master.context("lb2 knows no master")?;
+    ensure!(m.address == lb_addr(0) && m.priority == 200, "{m:?}");
+    ensure!(ha(&a)?.peers == vec![lb_addr(1)], "{:?}", ha(&a)?.peers);
+    // Unicast: both ask each other for table digests.
+    let t0 = Instant::now();
+    while !(ha(&a)?.peer_tables.is_some_and(|p| p.matches)
+        && ha(&b)?.peer_tables.is_some_and(|p| p.matches))
+    {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(4),
+            "peer tables: {:?} / {:?}",
+            ha(&a)?.peer_tables,
+            ha(&b)?.peer_tables
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(Duration::from_millis(500));
+    a.kill9()?;
+    topo.set_link(0, false)?;
+    wait_state(&b, "master", Duration::from_secs(2))?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let log = probe.finish();
+    let (worst, failed) = outage(&log);
+    ensure!(worst < outage_bound(100), "outage {worst:?}");
+    ensure!(
+        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
+        "lb2 does not hold the VIP"
+    );
+    eprintln!(
+        "unicast failover: outage {worst:?}, {failed} failed of {}",
+        log.len()
+    );
+    Ok(())
+}
