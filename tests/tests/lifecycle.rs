@@ -8,6 +8,7 @@ use std::{
 
 use lb_tests::{
     netns::require_privileges,
+    streams::{Stream, assert_unbroken, echo_each},
     topology::{
         Agent, CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, Traffic, VIP, backend_addr,
         tally, tcp_ask, wait_for_log,
@@ -433,4 +434,98 @@ fn backend_lost_and_back_rebuilds_the_table() {
     );
     assert!(agent.status().unwrap().table_rebuilds >= 3);
     assert!(agent.stop().success());
+}
+
+#[test]
+fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
+    if !require_privileges("sigkill_keeps_forwarding_and_a_restart_takes_over") {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = serve(&topo);
+    let _echo = echo_each(&topo.backends, 7000);
+    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
+    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
+    let backends = [backend_addr(0), backend_addr(1), backend_addr(2)];
+    let mut services = web(&backends);
+    services.push_str(&format!(
+        "[[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nport = 7000\nprotocol = \"tcp\"\n\n"
+    ));
+    for b in &backends {
+        services.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
+    }
+    let cfg = topo.config(&services);
+    let mut first = topo.start_agent(&cfg, &[]).unwrap();
+    let before = connect_many(&topo, 23000, 100);
+    let start = Instant::now();
+    let stream = Stream::open(
+        &topo.client.ns,
+        SocketAddrV4::new(CLIENT_ADDR, 45000),
+        SocketAddrV4::new(VIP, 7000),
+        Duration::from_millis(1),
+    );
+    let traffic = web_traffic(&topo);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A crash: no clean-up at all. The pinned link keeps the program forwarding.
+    let pid = first.guard.pid() as libc::pid_t;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let st = first.guard.wait_timeout(Duration::from_secs(5)).unwrap();
+    assert!(st.is_some(), "agent still running after SIGKILL");
+    let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(
+        link.contains("prog/xdp"),
+        "program gone with the agent:\n{link}"
+    );
+    let verified = stream.verified();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        stream.verified() > verified,
+        "the stream stalled without the agent"
+    );
+    let alone = connect_many(&topo, 23000, 100);
+    assert_eq!(alone, before, "flows moved while no agent ran");
+
+    // The restarted agent takes the data path over and can change it.
+    let second = topo.start_agent(&cfg, &[]).unwrap();
+    assert!(
+        wait_for_log(&second, "took over the data path", Duration::from_secs(5)),
+        "{}",
+        second.log_text()
+    );
+    let out = second
+        .cli(&[
+            "backend",
+            "weight",
+            "web",
+            &backend_addr(0).to_string(),
+            "3",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let during = traffic.finish();
+    let report = stream.finish();
+    eprintln!(
+        "{} connections through the kill, the agent-less time and the restart, {} failed; \
+         stream {} bytes verified",
+        during.answers.len(),
+        during.failures.len(),
+        report.bytes
+    );
+    assert!(during.failures.is_empty(), "{:?}", during.failures);
+    assert!(
+        !during.answers.iter().any(|a| a == "lb"),
+        "fell through to the LB's stack"
+    );
+    assert_unbroken(&[report], start);
+    let after = tally(connect_many(&topo, 24000, 150).iter().map(String::as_str));
+    assert!(
+        after.get("b1").copied().unwrap_or(0) > 50,
+        "weight 3 not applied: {after:?}"
+    );
+    let st = second.stop();
+    assert!(st.success());
+    assert!(!pins.exists(), "pins left behind by a normal stop");
 }
