@@ -330,8 +330,13 @@ impl Machine {
                     interval_cs,
                 };
                 if priority == 0 {
-                    self.down_cause = DownCause::Resigned(src);
-                    self.master_down_timer = Some(now + self.skew_time());
+                    // Only our master's resignation matters: a priority 0 from another node is
+                    // a master that just stepped down for a better one (its goodbye), or a stale
+                    // node, and taking over on it would fight the real master.
+                    if self.master.is_none_or(|m| m.address == src) {
+                        self.down_cause = DownCause::Resigned(src);
+                        self.master_down_timer = Some(now + self.skew_time());
+                    }
                 } else if !self.preempts(now) || priority >= self.effective {
                     self.master = Some(peer);
                     self.master_interval_cs = interval_cs;
@@ -594,6 +599,18 @@ mod tests {
         assert_eq!(m.deadline(), Some((ms(800), Event::MasterDownTimer)));
         let fx = m.step(ms(800), Event::MasterDownTimer);
         assert!(reason(&fx).contains("master 10.0.0.3 resigned"));
+    }
+
+    #[test]
+    fn priority_zero_from_another_node_than_the_master_is_ignored() {
+        let mut m = machine(100, true);
+        m.step(ms(0), Event::Startup);
+        // A third router became master; the node it replaced says goodbye with priority 0.
+        m.step(ms(100), advert(LOWER_IP, 250));
+        let before = m.deadline();
+        m.step(ms(110), advert(HIGHER_IP, 0));
+        assert_eq!(m.deadline(), before);
+        assert_eq!(m.master().unwrap().address, LOWER_IP);
     }
 
     #[test]
