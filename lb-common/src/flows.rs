@@ -73,6 +73,29 @@ impl FlowStat {
     }
 }
 
+/// Longest a live UDP entry's `atime` lags its last packet. Refreshing on every datagram
+/// wrote the entry on every packet, which cost more than the lookup (entries are shared by all
+/// CPUs); a refresh when due keeps expiry exact enough and the writes rare.
+pub const ATIME_REFRESH_MAX_NS: u64 = 1_000_000_000;
+
+/// Whether a UDP hit on an entry idle for `idle` ns refreshes its `atime`, given the idle
+/// `timeout` (0: never expires). At most every [`ATIME_REFRESH_MAX_NS`], and at most every
+/// eighth of the timeout, so a flow that keeps sending never looks idle for longer than that.
+#[inline(always)]
+pub fn atime_refresh_due(idle: u64, timeout: u64) -> bool {
+    let every = if timeout == 0 {
+        ATIME_REFRESH_MAX_NS
+    } else {
+        let eighth = timeout >> 3;
+        if eighth < ATIME_REFRESH_MAX_NS {
+            eighth
+        } else {
+            ATIME_REFRESH_MAX_NS
+        }
+    };
+    idle >= every
+}
+
 /// Length of an insert-rate window.
 pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
 
@@ -99,6 +122,20 @@ pub fn admit(state: &mut crate::maps::FlowRate, now: u64, limit: u32) -> bool {
 mod tests {
     use super::*;
     use crate::maps::FlowRate;
+
+    #[test]
+    fn atime_is_refreshed_when_due() {
+        let s = 1_000_000_000;
+        // 30 s timeout: every second.
+        assert!(!atime_refresh_due(s - 1, 30 * s));
+        assert!(atime_refresh_due(s, 30 * s));
+        // 2 s timeout: every 250 ms, so a flow sending every 300 ms never expires.
+        assert!(!atime_refresh_due(249_999_999, 2 * s));
+        assert!(atime_refresh_due(250_000_000, 2 * s));
+        // No timeout: every second, for `xdplb flows`.
+        assert!(!atime_refresh_due(s / 2, 0));
+        assert!(atime_refresh_due(s, 0));
+    }
 
     #[test]
     fn all_is_in_index_order() {

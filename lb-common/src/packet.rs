@@ -246,10 +246,13 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         let entry = unsafe { &mut *entry };
         let id = entry.backend_id;
         let mut expired = false;
+        let mut refresh = false;
         if proto == UDP {
             now = tables.now_ns();
             let timeout = tables.settings().map_or(0, |s| s.flow_udp_timeout_ns);
-            expired = timeout != 0 && now.wrapping_sub(entry.atime) > timeout;
+            let idle = now.wrapping_sub(entry.atime);
+            expired = timeout != 0 && idle > timeout;
+            refresh = crate::flows::atime_refresh_due(idle, timeout);
         }
         if expired {
             new_flow = true;
@@ -259,7 +262,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
                 && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
                 && backend.vip == vip_key_word(&key)
             {
-                if proto == UDP {
+                if refresh {
                     entry.atime = now;
                 }
                 tables.flow_event(FlowStat::Hit);

@@ -12,7 +12,7 @@ mod bench;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -166,8 +166,10 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn now_ns(&self) -> u64 {
+        // The coarse clock (CLOCK_MONOTONIC_COARSE, a tick's resolution) is cheaper to read, and
+        // idle timeouts and insert windows are seconds. The agent reads the same clock.
         // SAFETY: helper without arguments.
-        unsafe { bpf_ktime_get_ns() }
+        unsafe { bpf_ktime_get_coarse_ns() }
     }
 }
 

@@ -984,15 +984,16 @@ fn reset(map: &mut PerCpuArray<MapData, Counter>, index: u32) -> Result<(), MapE
     map.set(index, values, 0)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps the
-/// connection table's entries.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`, which
+/// stamps the connection table's entries.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // The data path's clock is bpf_ktime_get_coarse_ns, which is CLOCK_MONOTONIC_COARSE.
+    // SAFETY: clock_gettime writes the timespec it is given; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
