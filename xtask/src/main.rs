@@ -71,14 +71,15 @@ enum Command {
     /// Run setup, build the binaries, then the benchmarks (needs root)
     ///
     /// Data path (BPF_PROG_TEST_RUN against two floor programs), control plane (Maglev, change
-    /// latency) and end to end in namespaces (xdplb, nftables DNAT, HAProxy, no load balancer).
+    /// latency), end to end in namespaces (xdplb, nftables DNAT, HAProxy, no load balancer) and
+    /// failover (client-visible outage when the VRRP master dies, xdplb [ha] vs keepalived).
     /// Prints tables and whether each target holds; writes bench.json and bench.svg into
     /// <target>/bench/. Exits with 2 if a target was missed.
     Bench {
         /// A reduced run of a few minutes.
         #[arg(long)]
         quick: bool,
-        /// Only these sections: datapath, control, e2e (comma-separated).
+        /// Only these sections: datapath, control, e2e, failover (comma-separated).
         #[arg(long)]
         only: Option<String>,
         /// Extra arguments for xdplb-bench, after `--`.

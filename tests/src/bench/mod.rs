@@ -11,11 +11,14 @@
 //! - [`control`]: Maglev build time, memory, balance and disruption; time for a change to be live;
 //! - [`e2e`]: client -> load balancer -> 3 backends in namespaces: xdplb, nftables DNAT, HAProxy
 //!   and no load balancer, same topology and workload;
+//! - [`failover`]: the client-visible outage when the VRRP master dies, xdplb's `[ha]` against
+//!   keepalived, at the default advert interval and at 100 ms;
 //! - [`report`]: the terminal table, the JSON file and the SVG chart.
 
 pub mod control;
 pub mod datapath;
 pub mod e2e;
+pub mod failover;
 pub mod report;
 
 use std::collections::BTreeMap;
@@ -125,6 +128,7 @@ pub struct Report {
     pub datapath: Option<datapath::DatapathReport>,
     pub control: Option<control::ControlReport>,
     pub e2e: Option<e2e::E2eReport>,
+    pub failover: Option<failover::FailoverReport>,
     /// Every target, in the order of the issue.
     pub checks: Vec<Check>,
     /// Free-form remarks worth reading next to the figures (e.g. a peer that could not run).

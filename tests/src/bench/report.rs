@@ -42,6 +42,9 @@ pub fn render_text(report: &Report) -> String {
     if let Some(e) = &report.e2e {
         e2e_text(&mut out, e);
     }
+    if let Some(f) = &report.failover {
+        out.push_str(&super::failover::render_text(f));
+    }
 
     let _ = writeln!(out, "\nTARGETS");
     if report.checks.is_empty() {
@@ -1001,6 +1004,7 @@ mod tests {
                 setup: "veth bridge, 3 backends".into(),
                 ..Default::default()
             }),
+            failover: None,
             checks: vec![
                 Check {
                     name: "Maglev build, 1000 backends, M = 65537".into(),

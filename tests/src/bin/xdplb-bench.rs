@@ -19,6 +19,7 @@ use lb_tests::{
         control::{self, ControlOptions},
         datapath::{self, DatapathOptions},
         e2e::{self, E2eOptions},
+        failover::{self, FailoverOptions},
         report,
     },
     netns::require_privileges,
@@ -29,6 +30,7 @@ enum Section {
     Datapath,
     Control,
     E2e,
+    Failover,
 }
 
 #[derive(Parser)]
@@ -45,13 +47,14 @@ struct Args {
     /// Directory for bench.json and bench.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// The xdplb binary (end-to-end section).
+    /// The xdplb binary (end-to-end and failover sections).
     #[arg(long, default_value = "target/release/xdplb")]
     xdplb: PathBuf,
     /// CPU the data-path measurements are pinned to.
     #[arg(long, default_value_t = 1)]
     cpu: usize,
-    /// Rounds per measurement (default: 5, or 3 with --quick for the end-to-end section).
+    /// Rounds per measurement (default: 5, or 3 with --quick for the end-to-end and failover
+    /// sections).
     #[arg(long)]
     rounds: Option<usize>,
 }
@@ -119,6 +122,14 @@ fn bench(args: &Args) -> Result<bool> {
         };
         report.e2e = Some(e2e::run(&opts).context("end-to-end benchmark")?);
     }
+    if wanted(Section::Failover) {
+        eprintln!("== failover (VRRP: xdplb [ha] and keepalived, namespaces)");
+        let opts = FailoverOptions {
+            rounds: args.rounds.unwrap_or(if args.quick { 3 } else { 5 }),
+            xdplb: args.xdplb.clone(),
+        };
+        report.failover = Some(failover::run(&opts).context("failover benchmark")?);
+    }
     if let Some(d) = &report.datapath {
         report.checks.extend(d.checks());
     }
@@ -127,6 +138,9 @@ fn bench(args: &Args) -> Result<bool> {
     }
     if let Some(c) = &report.control {
         report.checks.extend(c.checks());
+    }
+    if let Some(f) = &report.failover {
+        report.checks.extend(f.checks());
     }
     print!("{}", report::render_text(&report));
     for path in report::write_files(&report, &args.out)? {
