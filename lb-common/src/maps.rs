@@ -389,18 +389,23 @@ pub struct Settings {
     /// MAC of the interface the program is attached to (forwarded frames take theirs from
     /// [`BackendInfo::src_mac`]).
     pub iface_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// A second MAC VIP traffic may be addressed to (the VRRP virtual MAC when `[ha]
+    /// virtual_mac` is on); all zero: none. Frames to VIPs addressed to neither are not ours
+    /// (a switch flooding unknown unicast, a promiscuous interface) and go to the kernel, which
+    /// drops them as it would without the program.
+    pub alt_mac: [u8; 6],
     /// Highest diagnostic level the program emits: 0 off, 1 error, 2 warn, 3 info, 4 debug,
     /// 5 trace (the numbering of `aya_log_common::Level`). Changed at run time by the agent.
     pub log_level: u32,
     /// Most connection-table inserts per CPU per second; 0 means no bound. Flows past the
     /// bound are still forwarded (by the table), just not remembered.
     pub flow_insert_rate: u32,
+    pub _pad: u32,
     /// UDP connection-table entries idle longer than this (nanoseconds) are not honoured; the
     /// flow is decided again by the table and counted as new. 0: they never expire.
     pub flow_udp_timeout_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 
 /// Packet, byte and new-flow counter (per CPU in the maps; the agent sums over CPUs).
 #[repr(C)]

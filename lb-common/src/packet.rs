@@ -262,6 +262,9 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
                 && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
                 && backend.vip == vip_key_word(&key)
             {
+                if !for_us(frame, backend, tables) {
+                    return Verdict::of(Reason::PassOtherHost);
+                }
                 if refresh {
                     entry.atime = now;
                 }
@@ -316,6 +319,9 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         v.reason = Reason::DropBackendInvalid;
         return v;
     }
+    if !for_us(frame, backend, tables) {
+        return Verdict::of(Reason::PassOtherHost);
+    }
     if now == 0 {
         now = tables.now_ns();
     }
@@ -335,6 +341,31 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         tables.flow_event(FlowStat::InsertFailed);
     }
     forward(frame, backend, v)
+}
+
+/// Whether the frame is addressed to this host: to the interface's MAC (every backend entry
+/// carries it as its source MAC, so the common case needs no settings lookup) or to the
+/// alternative MAC in the settings.
+#[inline(always)]
+fn for_us<F: Frame, T: Tables>(frame: &F, backend: &BackendInfo, tables: &T) -> bool {
+    let Some(dst) = frame.ptr_at::<[u8; 6]>(0) else {
+        return false;
+    };
+    // SAFETY: in bounds; alignment 1.
+    let dst = unsafe { &*dst };
+    // Byte by byte: an array comparison compiles to a call to memcmp in BPF.
+    let same = |mac: &[u8; 6]| {
+        let mut eq = true;
+        for i in 0..6 {
+            eq &= dst[i] == mac[i];
+        }
+        eq
+    };
+    same(&backend.src_mac)
+        || tables.settings().is_some_and(|s| {
+            let a = &s.alt_mac;
+            (a[0] | a[1] | a[2] | a[3] | a[4] | a[5]) != 0 && same(a)
+        })
 }
 
 /// Rewrites the frame's MACs towards `backend` and returns `v` as forwarded.

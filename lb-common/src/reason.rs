@@ -51,11 +51,15 @@ pub enum Reason {
     /// A map lookup that cannot fail did (ring index out of range, settings missing): a bug or a
     /// half-initialised data path.
     DropInternal = 12,
+    /// For a VIP, but the frame is addressed to another host's MAC (a switch flooding unknown
+    /// unicast, a promiscuous interface): the kernel drops it, as it would without the program.
+    /// A backup of an HA pair must not forward what the master forwards.
+    PassOtherHost = 13,
 }
 
 impl Reason {
     /// Number of reasons: the size of the `REASON_STATS` map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Every reason in index order, for the agent's reports.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -72,6 +76,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropBackendInvalid,
         Reason::DropInternal,
+        Reason::PassOtherHost,
     ];
 
     #[inline(always)]
@@ -82,7 +87,8 @@ impl Reason {
             | Reason::PassIpv6
             | Reason::PassVlan
             | Reason::PassIpProto
-            | Reason::PassNotVip => Action::Pass,
+            | Reason::PassNotVip
+            | Reason::PassOtherHost => Action::Pass,
             Reason::DropMalformedEth
             | Reason::DropMalformedIp
             | Reason::DropMalformedL4
@@ -109,6 +115,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropBackendInvalid => "drop_backend_invalid",
             Reason::DropInternal => "drop_internal",
+            Reason::PassOtherHost => "pass_other_host",
         }
     }
 }

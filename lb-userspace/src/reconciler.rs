@@ -587,6 +587,13 @@ impl<M: Maps> Reconciler<M> {
         let flows = &self.config.flows;
         Settings {
             iface_mac: self.iface_mac,
+            alt_mac: self
+                .config
+                .ha
+                .as_ref()
+                .filter(|h| h.virtual_mac)
+                .map(|h| crate::ha::arp::virtual_mac(h.vrid))
+                .unwrap_or_default(),
             log_level: self.log_level.ebpf_level(),
             flow_insert_rate: flows.insert_rate_limit,
             flow_udp_timeout_ns: u64::try_from(flows.udp_idle_timeout.as_nanos())

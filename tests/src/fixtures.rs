@@ -24,7 +24,10 @@ use lb_common::{
     packet::Tables,
 };
 
-use crate::packet::{self, ETH_P_8021AD, ETH_P_8021Q, LB_MAC, Packet, TCP_ACK, TCP_PSH, TCP_SYN};
+use crate::packet::{
+    self, ALT_MAC, CLIENT_MAC, ETH_P_8021AD, ETH_P_8021Q, LB_MAC, OTHER_HOST_MAC, Packet, TCP_ACK,
+    TCP_PSH, TCP_SYN,
+};
 
 /// Table size used by the fixture VIPs (small, prime).
 pub const M: u32 = 13;
@@ -194,6 +197,7 @@ impl World {
         let mut w = World {
             settings: Settings {
                 iface_mac: LB_MAC,
+                alt_mac: ALT_MAC,
                 log_level: 0,
                 flow_insert_rate: 0,
                 flow_udp_timeout_ns: UDP_TIMEOUT_NS,
@@ -725,6 +729,31 @@ fn flow_fixtures(w: &World) -> Vec<Fixture> {
             MAC_B2,
         )
         .flows(&[FlowStat::Hit], false),
+        // Flooded to us (unknown unicast, a promiscuous port): the master's business, not ours,
+        // whether the flow is remembered here or not.
+        same(
+            "established_flow_addressed_to_another_host_passes",
+            Packet::tcp(FLOW_ON_DRAINED, web, TCP_ACK)
+                .macs(OTHER_HOST_MAC, CLIENT_MAC)
+                .frame(),
+            Reason::PassOtherHost,
+        ),
+        same(
+            "syn_addressed_to_another_host_passes",
+            Packet::tcp(FLOW_ON_DRAINED, web, TCP_SYN)
+                .macs(OTHER_HOST_MAC, CLIENT_MAC)
+                .frame(),
+            Reason::PassOtherHost,
+        )
+        .flows(&[FlowStat::Syn], false),
+        fwd(
+            "syn_addressed_to_the_alternative_mac_is_forwarded",
+            Packet::tcp(FLOW_ON_DRAINED, web, TCP_SYN)
+                .macs(ALT_MAC, CLIENT_MAC)
+                .frame(),
+            MAC_B1,
+        )
+        .flows(SYN_INSERT, true),
         fwd(
             "syn_on_remembered_tuple_is_decided_by_the_table",
             Packet::tcp(FLOW_ON_DRAINED, web, TCP_SYN).frame(),

@@ -284,6 +284,10 @@ impl Packet {
 /// MAC addresses used across fixtures (locally administered).
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+/// The load balancer's second MAC (`Settings::alt_mac`: the VRRP virtual MAC for VRID 51).
+pub const ALT_MAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x33];
+/// Another host on the segment: frames to it reach us only by flooding.
+pub const OTHER_HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x99];
 
 /// An ARP request `who-has target tell sender`.
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
