@@ -353,13 +353,14 @@ fn for_us<F: Frame, T: Tables>(frame: &F, backend: &BackendInfo, tables: &T) -> 
     };
     // SAFETY: in bounds; alignment 1.
     let dst = unsafe { &*dst };
-    // Byte by byte: an array comparison compiles to a call to memcmp in BPF.
+    // Byte by byte (an array comparison compiles to a call to memcmp in BPF), without a branch
+    // per byte.
     let same = |mac: &[u8; 6]| {
-        let mut eq = true;
+        let mut diff = 0u8;
         for i in 0..6 {
-            eq &= dst[i] == mac[i];
+            diff |= dst[i] ^ mac[i];
         }
-        eq
+        diff == 0
     };
     same(&backend.src_mac)
         || tables.settings().is_some_and(|s| {
