@@ -453,9 +453,9 @@ fn xdplb_master_keepalived_backup() -> Result<()> {
     assert_backends_serve(&topo, "(a) xdplb master on lb1 again")?;
 
     // Crash: kill -9 (no goodbye, the address stays on lb1) and lb1's link goes down.
-    // The takeover is asserted on the VIP's move, which only VRRP decides. The client's outage
-    // is typically shorter: once lb1's bridge port is down the bridge floods frames for lb1's
-    // MAC, and lb2's data path forwards VIP traffic whatever the destination MAC.
+    // The takeover is asserted on the VIP's move, which only VRRP decides. Once lb1's bridge
+    // port is down the bridge floods frames for lb1's MAC to lb2 too; lb2's data path passes
+    // them to its kernel (another host's MAC: pass_other_host), which drops them.
     let probe = start_probe(&topo)?;
     let crashed = Instant::now();
     let a1_log = a1.log_text();

@@ -28,14 +28,14 @@
 //! when a backend's answer arrives. The outage is the longest time from a success to the next
 //! success (the "time from last success to first success"), resolved to about 55 ms.
 //!
-//! The bridge does not flood unknown unicast to the LBs' ports (`bridge link set flood off`).
-//! Taking lb1's link down flushes its MAC from the bridge, which then floods the client's frames
-//! for the VIP (still addressed to lb1's MAC until a gratuitous ARP moves it) to every port; a
-//! veth has no unicast MAC filter, so lb2 receives them, and xdplb's program forwards frames for
-//! a VIP whatever their destination MAC: with flooding, lb2's data path carried the client's
-//! connections within ~20 ms of the kill in every setup, VRRP or not (measured), and the bench
-//! measured the bridge. A physical NIC drops unicast frames for another MAC before XDP sees them
-//! (unless promiscuous); turning the flooding off gives the LBs that behaviour.
+//! The bridge does not flood unknown unicast to the LBs' ports (`bridge link set flood off`), as
+//! a physical NIC's unicast filter would not pass another host's frames. Taking lb1's link down
+//! flushes its MAC from the bridge, which then floods the client's frames for the VIP (still
+//! addressed to lb1's MAC until a gratuitous ARP moves it) to every port, and a veth has no
+//! unicast filter. Before the data path checked destination MACs, lb2's program forwarded those
+//! frames and carried the client within ~20 ms of the kill in every setup (measured); it now
+//! passes them to the kernel (`pass_other_host`), which drops them, so flooding no longer changes
+//! the outcome, and it stays off to keep the setup the same as a NIC's.
 //!
 //! The setups run round-robin (the order rotating from round to round), so noise hits all of
 //! them alike. Every wait is bounded; every process, namespace and thread goes with its guard,
