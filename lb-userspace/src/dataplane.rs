@@ -742,38 +742,20 @@ impl Dataplane {
     /// Leaves the program attached after this process exits: pins the link under [`pin_dir`] for
     /// the next agent to take over. The link keeps the program, and the program its maps.
     pub fn persist(mut self) -> Result<PathBuf, DataplaneError> {
-        if let Some((_, dir, pinned)) = self.pinned.take() {
-            // Closing our fd leaves the pin as the link's only holder.
-            drop(pinned);
-            return Ok(dir);
+        if self.pinned.is_none() {
+            if self.link.is_none() {
+                return Err(DataplaneError::Pin {
+                    path: PathBuf::from(PIN_ROOT),
+                    source: "the program is not attached".into(),
+                });
+            }
+            self.pin_link()?;
         }
-        let Some((interface, id)) = self.link.take() else {
-            return Err(DataplaneError::Pin {
-                path: PathBuf::from(PIN_ROOT),
-                source: "the program is not attached".into(),
-            });
+        let Some((_, dir, pinned)) = self.pinned.take() else {
+            unreachable!("pinned just above");
         };
-        ensure_bpffs()?;
-        let dir = pin_dir(&interface);
-        let link_path = dir.join("link");
-        let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Pin {
-            path: link_path.clone(),
-            source: e,
-        };
-        // Whatever an earlier failed attempt left there would make the pin fail.
-        if dir.exists() {
-            remove_pins(&dir);
-        }
-        fs::create_dir_all(&dir).map_err(|e| pin_err(e.into()))?;
-        let link = self
-            .program_mut()
-            .take_link(id)
-            .map_err(|source| DataplaneError::Program {
-                program: maps::PROG_XDPLB,
-                source,
-            })?;
-        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
-        fd_link.pin(&link_path).map_err(|e| pin_err(e.into()))?;
+        // Closing our fd leaves the pin as the link's only holder.
+        drop(pinned);
         Ok(dir)
     }
 

@@ -31,7 +31,7 @@ use std::{
     process::ExitStatus,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -836,68 +836,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// New connections from the client, one after another, each with a short connect timeout so
-/// that an outage is measured to within tens of milliseconds (a lost SYN would otherwise wait
-/// for the kernel's 1 s retransmission).
-pub struct Probe {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(Instant, bool)>>>,
-}
-
-impl Probe {
-    /// Starts probing `dst` from `ns`.
-    pub fn start(ns: &Netns, dst: SocketAddrV4) -> Result<Probe> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let fd = ns.run_in(|| std::fs::File::open("/proc/thread-self/ns/net"))?;
-        let thread = std::thread::spawn(move || {
-            // SAFETY: entering the network namespace of an fd we own, on this thread only.
-            assert_eq!(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            let mut log = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let ok = probe_once(dst).is_ok();
-                log.push((Instant::now(), ok));
-                if !ok {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-            log
-        });
-        Ok(Probe {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops and returns every attempt: when it ended and whether it succeeded.
-    pub fn finish(mut self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn probe_once(dst: SocketAddrV4) -> Result<String> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_millis(50))?;
-    let mut s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    ensure!(!buf.is_empty(), "empty answer");
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
+/// How long one probe waits for its connection: a lost SYN would otherwise wait for the
+/// kernel's 1 s retransmission, and the outage would be measured in seconds.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(50);
+const PROBE_READ_TIMEOUT: Duration = Duration::from_millis(200);
+/// Between attempts, so the probe does not starve the VRRP daemons of CPU on a small machine.
+const PROBE_PAUSE: Duration = Duration::from_millis(5);
 
 /// The client-visible outage: the longest time from a success to the next success (the issue's
 /// "time from last success to first success"), and how many attempts failed.
@@ -913,6 +857,101 @@ pub fn outage(log: &[(Instant, bool)]) -> (Duration, usize) {
         }
     }
     (worst, log.iter().filter(|(_, ok)| !ok).count())
+}
+
+/// One connection to `dst` from the calling thread's namespace, with the probe's timeouts; the
+/// answer.
+pub fn ask(dst: SocketAddrV4) -> Result<String> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.connect_timeout(&SocketAddr::V4(dst).into(), PROBE_CONNECT_TIMEOUT)?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(PROBE_READ_TIMEOUT))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    ensure!(!buf.is_empty(), "empty answer");
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// New connections to `dst`, one after another, on a thread of its own in a namespace, each
+/// with a short timeout so that an outage is measured to within tens of milliseconds; what it
+/// has seen so far is readable while it runs.
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    successes: Arc<AtomicU64>,
+    /// When the last success ended, ns after `epoch`; 0: none yet.
+    last_ok_ns: Arc<AtomicU64>,
+    epoch: Instant,
+    thread: Option<JoinHandle<Vec<(Instant, bool)>>>,
+}
+
+impl Probe {
+    /// Starts probing `dst` from `ns`.
+    pub fn start(ns: &Netns, dst: SocketAddrV4) -> Result<Probe> {
+        let fd = ns.run_in(|| std::fs::File::open("/proc/thread-self/ns/net"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let successes = Arc::new(AtomicU64::new(0));
+        let last_ok_ns = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let (flag, count, last) = (stop.clone(), successes.clone(), last_ok_ns.clone());
+        let thread = std::thread::spawn(move || {
+            // SAFETY: entering the network namespace of an fd we own, on this thread only.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Vec::new();
+            }
+            let mut log = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let ok = ask(dst).is_ok();
+                let now = Instant::now();
+                log.push((now, ok));
+                if ok {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let ns =
+                        u64::try_from(now.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
+                    last.store(ns.max(1), Ordering::Relaxed);
+                }
+                std::thread::sleep(PROBE_PAUSE);
+            }
+            log
+        });
+        Ok(Probe {
+            stop,
+            successes,
+            last_ok_ns,
+            epoch,
+            thread: Some(thread),
+        })
+    }
+
+    /// Successes so far.
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+
+    /// When the last success so far ended.
+    pub fn last_success(&self) -> Option<Instant> {
+        match self.last_ok_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.epoch + Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Stops and returns every attempt: when it ended and whether it succeeded.
+    pub fn finish(mut self) -> Vec<(Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

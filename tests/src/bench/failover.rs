@@ -43,28 +43,20 @@
 
 use std::{
     fmt::Write as _,
-    io::Read as _,
-    net::{SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{Check, Stats};
 use crate::{
     ha::{
-        HaAgent, HaTopology, Keepalived, KeepalivedConfig, NODES, VrrpSniffer, keepalived_bin,
-        lb_addr,
+        HaAgent, HaTopology, Keepalived, KeepalivedConfig, NODES, Probe, VrrpSniffer, ask,
+        keepalived_bin, lb_addr, outage,
     },
     topology::{CLIENT_ADDR, IdentityServers, VIP, backend_addr},
 };
@@ -307,10 +299,6 @@ const PORT: u16 = 80;
 const BACKENDS: usize = 3;
 const INTERVALS: [Duration; 2] = [Duration::from_secs(1), Duration::from_millis(100)];
 
-/// Probe timing, as `ha::Probe`.
-const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(50);
-const PROBE_READ_TIMEOUT: Duration = Duration::from_millis(200);
-const PROBE_PAUSE: Duration = Duration::from_millis(5);
 /// Probing before the kill, so the last success before it is recent.
 const PROBE_WARMUP: Duration = Duration::from_millis(300);
 /// Probing after the first success after the kill.
@@ -709,14 +697,7 @@ fn run_rep(setup: Setup, xdplb: &Path) -> Result<Rep> {
     }
 
     let mut sniffer = VrrpSniffer::open(&topo.client.ns, CLIENT_ADDR)?;
-    let probe = Probe::start(
-        topo.client
-            .ns
-            .as_fd()
-            .try_clone_to_owned()
-            .context("duplicating the client namespace fd")?,
-        dst,
-    );
+    let probe = Probe::start(&topo.client.ns, dst)?;
     std::thread::sleep(PROBE_WARMUP);
     ensure!(
         probe.successes() > 0,
@@ -792,112 +773,6 @@ fn run_rep(setup: Setup, xdplb: &Path) -> Result<Rep> {
         failed,
         recovered,
     })
-}
-
-/// The longest time from a success to the next success, and how many attempts failed.
-fn outage(log: &[(Instant, bool)]) -> (Duration, usize) {
-    let mut last_ok: Option<Instant> = None;
-    let mut worst = Duration::ZERO;
-    for (t, ok) in log {
-        if *ok {
-            if let Some(l) = last_ok {
-                worst = worst.max(t.duration_since(l));
-            }
-            last_ok = Some(*t);
-        }
-    }
-    (worst, log.iter().filter(|(_, ok)| !ok).count())
-}
-
-/// One connection to `dst` from the calling thread's namespace; the answer.
-fn ask(dst: SocketAddrV4) -> Result<String> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.connect_timeout(&SocketAddr::V4(dst).into(), PROBE_CONNECT_TIMEOUT)?;
-    let mut s: TcpStream = s.into();
-    s.set_read_timeout(Some(PROBE_READ_TIMEOUT))?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    ensure!(!buf.is_empty(), "empty answer");
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// Connections to `dst` one after another on a thread of its own in the client's namespace;
-/// what it has seen so far is readable while it runs.
-struct Probe {
-    stop: Arc<AtomicBool>,
-    /// Successes so far.
-    successes: Arc<AtomicU64>,
-    /// When the last success ended, ns after `epoch`; 0: none yet.
-    last_ok_ns: Arc<AtomicU64>,
-    epoch: Instant,
-    thread: Option<JoinHandle<Vec<(Instant, bool)>>>,
-}
-
-impl Probe {
-    fn start(netns: OwnedFd, dst: SocketAddrV4) -> Probe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let successes = Arc::new(AtomicU64::new(0));
-        let last_ok_ns = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        let (flag, count, last) = (stop.clone(), successes.clone(), last_ok_ns.clone());
-        let thread = std::thread::spawn(move || {
-            // SAFETY: setns only reads the fd, which this thread owns; it moves this thread
-            // alone into the client's namespace.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Vec::new();
-            }
-            let mut log = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let ok = ask(dst).is_ok();
-                let now = Instant::now();
-                log.push((now, ok));
-                if ok {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let ns =
-                        u64::try_from(now.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
-                    last.store(ns.max(1), Ordering::Relaxed);
-                }
-                std::thread::sleep(PROBE_PAUSE);
-            }
-            log
-        });
-        Probe {
-            stop,
-            successes,
-            last_ok_ns,
-            epoch,
-            thread: Some(thread),
-        }
-    }
-
-    fn successes(&self) -> u64 {
-        self.successes.load(Ordering::Relaxed)
-    }
-
-    fn last_success(&self) -> Option<Instant> {
-        match self.last_ok_ns.load(Ordering::Relaxed) {
-            0 => None,
-            ns => Some(self.epoch + Duration::from_nanos(ns)),
-        }
-    }
-
-    /// Stops and returns every attempt: when it ended and whether it succeeded.
-    fn finish(mut self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]
