@@ -38,15 +38,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use lb_userspace::{
-    api::Client,
-    status::{Status, WhichBackend},
-};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     netns::{ChildGuard, Host, Lan, Netns},
-    topology::{CLIENT_ADDR, PassProgram, TempDir, VIP, attach_pass, backend_addr, xdplb_bin},
+    topology::{
+        Agent, CLIENT_ADDR, PassProgram, TempDir, VIP, attach_pass, backend_addr, xdplb_bin,
+    },
 };
 
 /// How many load balancers the topology has.
@@ -315,21 +313,25 @@ fn next_seq() -> u32 {
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A running `xdplb run` on one node of an [`HaTopology`].
-///
-/// Like `topology::Agent`, which cannot be built for another namespace than `LbTopology`'s LB
-/// (its runtime field and start-up wait are private).
+/// A running `xdplb run` on one node of an [`HaTopology`]: a [`topology::Agent`](Agent) that
+/// knows its node.
 pub struct HaAgent {
     pub node: usize,
-    pub guard: ChildGuard,
-    pub socket: PathBuf,
-    pub log: PathBuf,
-    rt: tokio::runtime::Runtime,
+    pub agent: Agent,
+}
+
+impl std::ops::Deref for HaAgent {
+    type Target = Agent;
+
+    fn deref(&self) -> &Agent {
+        &self.agent
+    }
 }
 
 impl HaAgent {
     /// Starts `bin run --config cfg_path extra_args...` inside `ns`, output to `log`, and waits
-    /// (30 s at most) until its data path is attached.
+    /// (30 s at most) until its data path is attached, whatever its VRRP state: a backup keeps
+    /// its data path ready, so that taking over only moves the address.
     pub fn start(
         ns: &Netns,
         node: usize,
@@ -339,60 +341,9 @@ impl HaAgent {
         log: &Path,
         extra_args: &[&str],
     ) -> Result<HaAgent> {
-        let file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = ns.command(bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(cfg_path)
-            .args(extra_args)
-            .env("NO_COLOR", "1")
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let guard = ChildGuard::spawn(&mut cmd)?;
-        let mut agent = HaAgent {
-            node,
-            guard,
-            socket: socket.to_path_buf(),
-            log: log.to_path_buf(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        };
-        agent.wait_ready(Duration::from_secs(30))?;
-        Ok(agent)
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.guard.wait_timeout(Duration::ZERO)? {
-                bail!(
-                    "lb{}'s xdplb exited during start-up ({st}); log:\n{}",
-                    self.node + 1,
-                    self.log_text()
-                );
-            }
-            // Attached, whatever its VRRP state: a backup keeps its data path ready, so that
-            // taking over only moves the address.
-            if let Ok(s) = self.status()
-                && s.xdp_mode.is_some()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lb{}'s xdplb not ready within {timeout:?}; log:\n{}",
-                    self.node + 1,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let agent = Agent::spawn(ns, bin, cfg_path, socket, log, extra_args)
+            .with_context(|| format!("lb{}", node + 1))?;
+        Ok(HaAgent { node, agent })
     }
 
     /// Polls the log until it contains `needle`; `false` after `timeout`.
@@ -400,38 +351,14 @@ impl HaAgent {
         poll_log(&self.log, needle, timeout)
     }
 
-    pub fn status(&self) -> Result<Status> {
-        Ok(self.rt.block_on(Client::new(&self.socket).status())?)
-    }
-
-    /// The Prometheus exposition the agent serves at `GET /metrics`.
-    pub fn metrics(&self) -> Result<String> {
-        Ok(self.rt.block_on(Client::new(&self.socket).metrics())?)
-    }
-
-    pub fn which(&self, service: &str, src: SocketAddrV4) -> Result<WhichBackend> {
-        Ok(self
-            .rt
-            .block_on(Client::new(&self.socket).which_backend(service, &src.to_string()))?)
-    }
-
-    /// Runs the `xdplb` CLI against this agent's socket (`xdplb --socket SOCKET ARGS...`).
-    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(std::process::Command::new(xdplb_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()?)
-    }
-
     /// SIGTERM (a graceful exit: a master hands over) and wait, 10 s at most before SIGKILL.
-    pub fn stop(mut self) -> ExitStatus {
-        self.guard.terminate(Duration::from_secs(10))
+    pub fn stop(self) -> ExitStatus {
+        self.agent.stop()
     }
 
     /// SIGKILL, as a crash: no goodbye advert, addresses left in place.
     pub fn kill9(mut self) -> Result<ExitStatus> {
-        kill_group(&mut self.guard)
+        kill_group(&mut self.agent.guard)
     }
 }
 

@@ -218,26 +218,7 @@ impl LbTopology {
         log_name: &str,
     ) -> Result<Agent> {
         let log_path = self.dir.path().join(log_name);
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = self.lb.ns.command(bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(cfg_path)
-            .args(extra_args)
-            .env("NO_COLOR", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let guard = ChildGuard::spawn(&mut cmd)?;
-        let mut agent = Agent {
-            guard,
-            socket: socket.to_path_buf(),
-            log: log_path,
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-        };
-        agent.wait_ready(Duration::from_secs(30))?;
-        Ok(agent)
+        Agent::spawn(&self.lb.ns, bin, cfg_path, socket, &log_path, extra_args)
     }
 }
 
@@ -250,6 +231,39 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts `bin run --config cfg_path extra_args...` inside `ns` (its API socket is `socket`,
+    /// its output goes to `log_path`) and waits, 30 s at most, until its data path is attached.
+    pub fn spawn(
+        ns: &Netns,
+        bin: &Path,
+        cfg_path: &Path,
+        socket: &Path,
+        log_path: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let log = std::fs::File::create(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = ns.command(bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(cfg_path)
+            .args(extra_args)
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let guard = ChildGuard::spawn(&mut cmd)?;
+        let mut agent = Agent {
+            guard,
+            socket: socket.to_path_buf(),
+            log: log_path.to_path_buf(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        };
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {

@@ -577,7 +577,7 @@ impl Nodes {
     /// Node `node`'s VRRP state in upper case (MASTER, BACKUP, ...), or why it is unknown.
     fn state(&self, vrrp: Vrrp, node: usize) -> String {
         match vrrp {
-            Vrrp::Xdplb => match self.agents[node].as_ref().map(HaAgent::status) {
+            Vrrp::Xdplb => match self.agents[node].as_ref().map(|a| a.status()) {
                 Some(Ok(s)) => {
                     s.ha.map_or("(no ha section)".into(), |h| h.state.to_uppercase())
                 }
