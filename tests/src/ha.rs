@@ -43,7 +43,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::{
     netns::{ChildGuard, Host, Lan, Netns},
     topology::{
-        Agent, CLIENT_ADDR, PassProgram, TempDir, VIP, attach_pass, backend_addr, xdplb_bin,
+        Agent, CLIENT_ADDR, IdentityServers, PassProgram, TempDir, VIP, attach_pass, backend_addr,
+        xdplb_bin,
     },
 };
 
@@ -131,6 +132,21 @@ impl HaTopology {
     /// The host of node `node` (0-based).
     pub fn lb(&self, node: usize) -> &Host {
         &self.lbs[node]
+    }
+
+    /// An identity server (answering its name, `b1`, `b2`, ...) on `port` of every backend, on
+    /// every address: the VIP for the client's connections, the backend's own address for the
+    /// agents' health checks.
+    pub fn identity_servers(&self, port: u16) -> Result<IdentityServers> {
+        let mut s = IdentityServers::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            s.tcp(
+                &b.ns,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+                &format!("b{}", i + 1),
+            )?;
+        }
+        Ok(s)
     }
 
     /// Node `node`'s eth0 MAC as `ip` prints it (`aa:bb:cc:dd:ee:ff`), comparable with
@@ -349,6 +365,13 @@ impl HaAgent {
     /// Polls the log until it contains `needle`; `false` after `timeout`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         poll_log(&self.log, needle, timeout)
+    }
+
+    /// The VRRP part of its status.
+    pub fn ha(&self) -> Result<lb_userspace::ha::HaStatus> {
+        self.status()?
+            .ha
+            .ok_or_else(|| anyhow!("lb{}: status has no ha section", self.node + 1))
     }
 
     /// SIGTERM (a graceful exit: a master hands over) and wait, 10 s at most before SIGKILL.

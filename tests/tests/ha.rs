@@ -8,14 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use lb_tests::{
     ha::{HaAgent, HaTopology, Probe, lb_addr, outage},
     netns::{Netns, require_privileges},
     streams::{assert_unbroken, echo_each, finish_all, open_streams},
-    topology::{IdentityServers, VIP, backend_addr},
+    topology::{VIP, backend_addr},
 };
-use lb_userspace::ha::HaStatus;
 
 const PORT: u16 = 80;
 const INTERVAL_MS: u64 = 100;
@@ -49,31 +48,10 @@ fn outage_bound(backup_priority: u8) -> Duration {
     master_down(backup_priority) + Duration::from_millis(200)
 }
 
-/// Identity servers on every backend, on every address (health checks reach them on the
-/// backend's own address, clients through the VIP).
-fn servers(topo: &HaTopology) -> Result<IdentityServers> {
-    let mut s = IdentityServers::new();
-    for (i, b) in topo.backends.iter().enumerate() {
-        s.tcp(
-            &b.ns,
-            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, PORT),
-            &format!("b{}", i + 1),
-        )?;
-    }
-    Ok(s)
-}
-
-fn ha(agent: &HaAgent) -> Result<HaStatus> {
-    agent
-        .status()?
-        .ha
-        .ok_or_else(|| anyhow!("lb{}: status has no ha section", agent.node + 1))
-}
-
 fn wait_state(agent: &HaAgent, state: &str, timeout: Duration) -> Result<Duration> {
     let t0 = Instant::now();
     loop {
-        let h = ha(agent)?;
+        let h = agent.ha()?;
         if h.state == state {
             return Ok(t0.elapsed());
         }
@@ -100,9 +78,9 @@ fn pair(topo: &HaTopology, extra1: &str, extra2: &str) -> Result<(HaAgent, HaAge
     // With the virtual MAC the addresses are on the macvlan, not eth0.
     if extra1.contains("virtual_mac") {
         ensure!(
-            ha(&a)?.vips == vec![VIP] && ha(&b)?.vips.is_empty(),
+            a.ha()?.vips == vec![VIP] && b.ha()?.vips.is_empty(),
             "{:?}",
-            ha(&a)?.vips
+            a.ha()?.vips
         );
     } else {
         ensure!(
@@ -146,7 +124,7 @@ fn master_crash_backup_takes_over_within_bound() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
     let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
     std::thread::sleep(Duration::from_millis(1000));
@@ -171,7 +149,7 @@ fn master_crash_backup_takes_over_within_bound() -> Result<()> {
     // New connections after the failover are served (through lb2).
     let after: Vec<_> = log.iter().rev().take(20).collect();
     ensure!(after.iter().all(|(_, ok)| *ok), "late failures: {after:?}");
-    let h = ha(&b)?;
+    let h = b.ha()?;
     let t = h.last_transition.context("no transition")?;
     ensure!(
         t.from == "backup"
@@ -241,7 +219,7 @@ fn streams_survive_planned_handover_and_master_failure() -> Result<()> {
     // Held: lb1 does not preempt lb2 although its priority is higher.
     std::thread::sleep(master_down(200) * 2);
     ensure!(
-        ha(&a)?.state == "backup" && ha(&b)?.state == "master",
+        a.ha()?.state == "backup" && b.ha()?.state == "master",
         "lb1 preempted while held"
     );
 
@@ -272,14 +250,14 @@ fn interface_tracking_preemption_and_clean_shutdown() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
 
     // lb1's link goes down with its agent running: it cannot forward, so it gives up.
     topo.set_link(0, false)?;
     wait_state(&a, "fault", Duration::from_secs(2))?;
     let took = wait_state(&b, "master", Duration::from_secs(2))?;
-    let h = ha(&a)?;
+    let h = a.ha()?;
     ensure!(
         h.effective_priority == 0
             && h.vips.is_empty()
@@ -303,7 +281,7 @@ fn interface_tracking_preemption_and_clean_shutdown() -> Result<()> {
         "holders {:?}",
         topo.vip_holder()
     );
-    let t = ha(&a)?.last_transition.context("no transition")?;
+    let t = a.ha()?.last_transition.context("no transition")?;
     ensure!(
         t.reason
             .contains("preempted lower-priority master 10.0.0.3 (priority 100)"),
@@ -319,13 +297,13 @@ fn interface_tracking_preemption_and_clean_shutdown() -> Result<()> {
     let took = wait_state(&b, "master", Duration::from_secs(2))?;
     let stop_to_master = t0.elapsed();
     ensure!(
-        ha(&b)?
+        b.ha()?
             .last_transition
             .context("none")?
             .reason
             .contains("master 10.0.0.2 resigned (priority 0)"),
         "{:?}",
-        ha(&b)?.last_transition
+        b.ha()?.last_transition
     );
     ensure!(
         topo.wait_vip_holder(&[1], Duration::from_secs(1)).is_some(),
@@ -343,10 +321,10 @@ fn interface_tracking_preemption_and_clean_shutdown() -> Result<()> {
     wait_state(&a, "backup", Duration::from_secs(2))?;
     std::thread::sleep(master_down(200) * 3);
     ensure!(
-        ha(&a)?.state == "backup" && ha(&b)?.state == "master",
+        a.ha()?.state == "backup" && b.ha()?.state == "master",
         "lb1 preempted with preempt = false"
     );
-    let m = ha(&a)?.master.context("lb1 knows no master")?;
+    let m = a.ha()?.master.context("lb1 knows no master")?;
     ensure!(
         m.address == lb_addr(1) && m.priority == 100 && !m.local,
         "{m:?}"
@@ -365,14 +343,14 @@ fn split_brain_is_resolved_within_an_interval_and_counted() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
     // Cut VRRP between the nodes (both ways): each thinks the other is gone.
     let cut = "table inet ha_cut {\n chain in { type filter hook input priority 0; ip protocol 112 drop; }\n}\n";
     nft(&topo.lb(0).ns, cut)?;
     nft(&topo.lb(1).ns, cut)?;
     wait_state(&b, "master", Duration::from_secs(2))?;
-    ensure!(ha(&a)?.state == "master", "lb1 is not master any more");
+    ensure!(a.ha()?.state == "master", "lb1 is not master any more");
     std::thread::sleep(Duration::from_millis(500));
     // Healed.
     let t0 = Instant::now();
@@ -380,14 +358,14 @@ fn split_brain_is_resolved_within_an_interval_and_counted() -> Result<()> {
     nft(&topo.lb(1).ns, "delete table inet ha_cut\n")?;
     let resolved = wait_state(&b, "backup", Duration::from_secs(2))?;
     let healed = t0.elapsed();
-    ensure!(ha(&a)?.state == "master", "the wrong node stepped down");
+    ensure!(a.ha()?.state == "master", "the wrong node stepped down");
     // The bound: one advertisement interval after they hear each other again (plus
     // scheduling slack for the status polls).
     ensure!(
         healed < Duration::from_millis(INTERVAL_MS + 50),
         "split brain lasted {healed:?} after healing"
     );
-    let h = ha(&a)?;
+    let h = a.ha()?;
     ensure!(h.counters.split_brain == 1, "{:?}", h.counters);
     ensure!(
         a.wait_log(
@@ -397,7 +375,7 @@ fn split_brain_is_resolved_within_an_interval_and_counted() -> Result<()> {
         "log:\n{}",
         a.log_text()
     );
-    let t = ha(&b)?.last_transition.context("none")?;
+    let t = b.ha()?.last_transition.context("none")?;
     ensure!(
         t.reason
             .contains("master 10.0.0.2 (priority 200) has precedence"),
@@ -418,7 +396,7 @@ fn tracked_vip_without_backends_gives_up_mastership() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "track_vips = [\"web\"]", "track_vips = [\"web\"]")?;
     // Only lb1 loses its backends: its health checks are dropped on the way out.
     nft(
@@ -427,7 +405,7 @@ fn tracked_vip_without_backends_gives_up_mastership() -> Result<()> {
     )?;
     let took = wait_state(&a, "fault", Duration::from_secs(3))?;
     wait_state(&b, "master", Duration::from_secs(1))?;
-    let h = ha(&a)?;
+    let h = a.ha()?;
     ensure!(
         h.tracking.iter().any(|t| t.what == "vip web" && !t.ok),
         "{h:?}"
@@ -463,10 +441,11 @@ fn nodes_compare_table_digests() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
-    let matches =
-        |agent: &HaAgent| -> Result<Option<bool>> { Ok(ha(agent)?.peer_tables.map(|p| p.matches)) };
+    let matches = |agent: &HaAgent| -> Result<Option<bool>> {
+        Ok(agent.ha()?.peer_tables.map(|p| p.matches))
+    };
     let wait_match = |want: bool, timeout: Duration| -> Result<()> {
         let t0 = Instant::now();
         while t0.elapsed() < timeout {
@@ -477,8 +456,8 @@ fn nodes_compare_table_digests() -> Result<()> {
         }
         bail!(
             "peer tables not matches={want} on both within {timeout:?}: {:?} / {:?}",
-            ha(&a)?.peer_tables,
-            ha(&b)?.peer_tables
+            a.ha()?.peer_tables,
+            b.ha()?.peer_tables
         )
     };
     wait_match(true, Duration::from_secs(4))?;
@@ -522,7 +501,7 @@ fn detached_data_path_gives_up_mastership() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
     // Someone detaches lb1's program behind the agent's back.
     let prog = a.status()?.program_id.context("no program id")?;
@@ -538,7 +517,7 @@ fn detached_data_path_gives_up_mastership() -> Result<()> {
         .exec("bpftool", &["link", "detach", "id", &link.to_string()])?;
     let took = wait_state(&a, "fault", Duration::from_secs(3))?;
     wait_state(&b, "master", Duration::from_secs(1))?;
-    let h = ha(&a)?;
+    let h = a.ha()?;
     ensure!(
         h.tracking.iter().any(|t| t.what == "dataplane" && !t.ok) && h.vips.is_empty(),
         "{h:?}"
@@ -566,13 +545,13 @@ fn virtual_mac_moves_with_mastership() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "virtual_mac = true", "virtual_mac = true")?;
     let vmac = "00:00:5e:00:01:33";
     ensure!(
-        ha(&a)?.virtual_mac.as_deref() == Some(vmac),
+        a.ha()?.virtual_mac.as_deref() == Some(vmac),
         "{:?}",
-        ha(&a)?.virtual_mac
+        a.ha()?.virtual_mac
     );
     let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
     std::thread::sleep(Duration::from_millis(500));
@@ -612,21 +591,21 @@ fn unicast_peers_elect_compare_tables_and_fail_over() -> Result<()> {
         return Ok(());
     }
     let topo = HaTopology::new(3)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "peers = [\"10.0.0.3\"]", "peers = [\"10.0.0.2\"]")?;
-    let m = ha(&b)?.master.context("lb2 knows no master")?;
+    let m = b.ha()?.master.context("lb2 knows no master")?;
     ensure!(m.address == lb_addr(0) && m.priority == 200, "{m:?}");
-    ensure!(ha(&a)?.peers == vec![lb_addr(1)], "{:?}", ha(&a)?.peers);
+    ensure!(a.ha()?.peers == vec![lb_addr(1)], "{:?}", a.ha()?.peers);
     // Unicast: both ask each other for table digests.
     let t0 = Instant::now();
-    while !(ha(&a)?.peer_tables.is_some_and(|p| p.matches)
-        && ha(&b)?.peer_tables.is_some_and(|p| p.matches))
+    while !(a.ha()?.peer_tables.is_some_and(|p| p.matches)
+        && b.ha()?.peer_tables.is_some_and(|p| p.matches))
     {
         ensure!(
             t0.elapsed() < Duration::from_secs(4),
             "peer tables: {:?} / {:?}",
-            ha(&a)?.peer_tables,
-            ha(&b)?.peer_tables
+            a.ha()?.peer_tables,
+            b.ha()?.peer_tables
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use lb_tests::{
     ha::{HaAgent, HaTopology, Keepalived, KeepalivedConfig, Probe, VRRP_GROUP, lb_addr, outage},
     netns::require_privileges,
-    topology::{CLIENT_ADDR, IdentityServers, VIP, backend_addr},
+    topology::{CLIENT_ADDR, VIP, backend_addr},
 };
 use lb_userspace::ha::{
     HaStatus, MasterStatus,
@@ -92,25 +92,6 @@ const PROBE_RESOLUTION: Duration = Duration::from_millis(60);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn servers(topo: &HaTopology) -> Result<IdentityServers> {
-    let mut s = IdentityServers::new();
-    for (i, b) in topo.backends.iter().enumerate() {
-        s.tcp(
-            &b.ns,
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-            &format!("b{}", i + 1),
-        )?;
-    }
-    Ok(s)
-}
-
-fn ha(agent: &HaAgent) -> Result<HaStatus> {
-    agent
-        .status()?
-        .ha
-        .ok_or_else(|| anyhow!("lb{}: status has no ha section", agent.node + 1))
-}
-
 /// Polls `agent`'s HA status until `pred` holds; how long that took and the status then.
 fn wait_ha(
     agent: &HaAgent,
@@ -120,7 +101,7 @@ fn wait_ha(
 ) -> Result<(Duration, HaStatus)> {
     let t0 = Instant::now();
     loop {
-        let h = ha(agent)?;
+        let h = agent.ha()?;
         if pred(&h) {
             return Ok((t0.elapsed(), h));
         }
@@ -339,7 +320,7 @@ fn xdplb_and_keepalived_elect_one_master_and_fail_over_both_ways() -> Result<()>
 /// xdplb with `[ha]` on lb1 (priority 200), keepalived on lb2 (priority 100).
 fn xdplb_master_keepalived_backup() -> Result<()> {
     let topo = HaTopology::new(BACKENDS)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let lb1_cfg = topo.config(0, &services(), &ha_keys(HIGH));
     // lb2: xdplb's data path, keepalived's VRRP.
     let _fwd2 = topo.start_agent(1, &topo.config(1, &services(), ""), &[])?;
@@ -362,7 +343,7 @@ fn xdplb_master_keepalived_backup() -> Result<()> {
         reason(&h1)
     );
     check_xdplb_took_over_from_keepalived(&a1, &k2)?;
-    let received = ha(&a1)?.counters.adverts_received;
+    let received = a1.ha()?.counters.adverts_received;
     let timeouts = count(&k2.log_text(), "Receive advertisement timeout");
     steady(10 * Duration::from_millis(INTERVAL_MS), || {
         ensure!(
@@ -370,7 +351,7 @@ fn xdplb_master_keepalived_backup() -> Result<()> {
             "holders {:?}",
             topo.vip_holder()
         );
-        let h = ha(&a1)?;
+        let h = a1.ha()?;
         ensure!(h.state == "master", "lb1 is {} ({})", h.state, reason(&h));
         // A backup is silent: nothing from keepalived while xdplb is master.
         ensure!(
@@ -504,7 +485,7 @@ fn xdplb_master_keepalived_backup() -> Result<()> {
 
 /// lb1 is xdplb master after preempting keepalived on lb2, and keepalived saw why.
 fn check_xdplb_took_over_from_keepalived(a1: &HaAgent, k2: &Keepalived) -> Result<()> {
-    let h = ha(a1)?;
+    let h = a1.ha()?;
     ensure!(
         h.master
             == Some(MasterStatus {
@@ -553,7 +534,7 @@ fn check_xdplb_took_over_from_keepalived(a1: &HaAgent, k2: &Keepalived) -> Resul
 /// (priority 100).
 fn keepalived_master_xdplb_backup() -> Result<()> {
     let topo = HaTopology::new(BACKENDS)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let _fwd1 = topo.start_agent(0, &topo.config(0, &services(), ""), &[])?;
     let a2 = topo.start_agent(1, &topo.config(1, &services(), &ha_keys(LOW)), &[])?;
     // xdplb alone becomes master, so keepalived has to take the VIP from xdplb.
@@ -574,7 +555,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
         reason(&h2)
     );
     check_keepalived_took_over_from_xdplb(&a2, &k1)?;
-    let received = ha(&a2)?.counters.adverts_received;
+    let received = a2.ha()?.counters.adverts_received;
     let t0 = Instant::now();
     steady(10 * Duration::from_millis(INTERVAL_MS), || {
         ensure!(
@@ -582,7 +563,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
             "holders {:?}",
             topo.vip_holder()
         );
-        let h = ha(&a2)?;
+        let h = a2.ha()?;
         ensure!(h.state == "backup", "lb2 is {} ({})", h.state, reason(&h));
         ensure!(
             h.master.as_ref().map(|m| (m.address, m.priority)) == Some((lb_addr(0), HIGH)),
@@ -596,7 +577,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
         );
         Ok(())
     })?;
-    let h2 = ha(&a2)?;
+    let h2 = a2.ha()?;
     let heard = h2.counters.adverts_received - received;
     // One advert per interval; allow for the edges of the window.
     let expected = (t0.elapsed().as_millis() as u64 / INTERVAL_MS).saturating_sub(2);
@@ -618,7 +599,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
 
     // Graceful stop of keepalived: priority 0, xdplb takes over after its skew time.
     let probe = start_probe(&topo)?;
-    let zero_before = ha(&a2)?.counters.priority_zero_received;
+    let zero_before = a2.ha()?.counters.priority_zero_received;
     let signalled_ms = unix_ms();
     let stopped = Instant::now();
     sigterm(k1.pid())?;
@@ -725,7 +706,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
         "crash outage {worst:?} >= {:?}",
         crash_bound(LOW)
     );
-    let h2 = ha(&a2)?;
+    let h2 = a2.ha()?;
     ensure!(
         h2.master.as_ref().is_some_and(|m| m.local) && h2.vips == vec![VIP],
         "lb2 after the takeover: master {:?}, holds {:?}",
@@ -744,7 +725,7 @@ fn keepalived_master_xdplb_backup() -> Result<()> {
 
 /// lb2 (xdplb) is backup under keepalived on lb1, and keepalived saw xdplb's adverts.
 fn check_keepalived_took_over_from_xdplb(a2: &HaAgent, k1: &Keepalived) -> Result<()> {
-    let h = ha(a2)?;
+    let h = a2.ha()?;
     ensure!(
         h.master
             == Some(MasterStatus {
@@ -820,7 +801,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
     }
     const N: u64 = 50;
     let topo = HaTopology::new(BACKENDS)?;
-    let _servers = servers(&topo)?;
+    let _servers = topo.identity_servers(PORT)?;
     let a1 = topo.start_agent(0, &topo.config(0, &services(), &ha_keys(HIGH)), &[])?;
     let a2 = topo.start_agent(1, &topo.config(1, &services(), &ha_keys(LOW)), &[])?;
     wait_state(&a1, "master", Duration::from_secs(5))?;
@@ -833,7 +814,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
             .map(|a| format!("--- lb{} ---\n{}", a.node + 1, a.log_text()))
             .collect::<String>()
     };
-    let before = [ha(&a1)?, ha(&a2)?];
+    let before = [a1.ha()?, a2.ha()?];
 
     // What a client on the link would claim: the highest priority, for our VRID and VIP.
     let claim = Advert {
@@ -867,7 +848,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
             topo.vip_holder(),
             logs()
         );
-        let (h1, h2) = (ha(&a1)?, ha(&a2)?);
+        let (h1, h2) = (a1.ha()?, a2.ha()?);
         ensure!(
             h1.state == "master" && h2.state == "backup",
             "lb1 {} ({}), lb2 {} ({})\n{}",
@@ -910,7 +891,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
     }
     // ...and exactly N: nothing counted late, nothing else counted.
     steady(Duration::from_millis(300), &roles_hold)?;
-    let after = [ha(&a1)?, ha(&a2)?];
+    let after = [a1.ha()?, a2.ha()?];
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         let delta: BTreeMap<&str, u64> = a
             .counters
@@ -1013,7 +994,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
             .collect::<String>()
     };
     let back = loop {
-        let (h1, h2) = (ha(&a1)?, ha(&a2)?);
+        let (h1, h2) = (a1.ha()?, a2.ha()?);
         let holders = topo.vip_holder();
         ensure!(
             h2.state == "backup"
@@ -1043,7 +1024,7 @@ fn spoofed_adverts_are_ignored_and_counted() -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     };
     wait_vip_holder(&topo, &[0], Duration::from_secs(1))?;
-    let h2 = ha(&a2)?;
+    let h2 = a2.ha()?;
     ensure!(
         h2.master.as_ref().map(|m| m.address) == Some(lb_addr(0)),
         "lb2's master: {:?}",

@@ -58,7 +58,7 @@ use crate::{
         HaAgent, HaTopology, Keepalived, KeepalivedConfig, NODES, Probe, VrrpSniffer, ask,
         keepalived_bin, lb_addr, outage,
     },
-    topology::{CLIENT_ADDR, IdentityServers, VIP, backend_addr},
+    topology::{CLIENT_ADDR, VIP, backend_addr},
 };
 
 #[derive(Clone, Debug)]
@@ -607,16 +607,7 @@ fn run_rep(setup: Setup, xdplb: &Path) -> Result<Rep> {
             .with_context(|| format!("turning unknown-unicast flooding off on {}", lb.peer))?;
     }
     // Everything below is declared after the topology, so it goes before the namespaces do.
-    let mut servers = IdentityServers::new();
-    for (i, b) in topo.backends.iter().enumerate() {
-        // 0.0.0.0: the VIP for the client's connections, the backend's own address for the
-        // agents' health checks.
-        servers.tcp(
-            &b.ns,
-            SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, PORT),
-            &format!("b{}", i + 1),
-        )?;
-    }
+    let servers = topo.identity_servers(PORT)?;
     let mut nodes = Nodes {
         agents: Vec::new(),
         keepalived: Vec::new(),
