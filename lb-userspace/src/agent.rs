@@ -227,15 +227,28 @@ pub async fn run(
 
     // 4. Program and maps.
     let ring_entries = config.ring_entries_needed().max(MIN_RING_ENTRIES);
-    let mut dp = Dataplane::load(LoadOptions {
-        ring_entries,
-        flow_entries: config.flows.entries,
-    })?;
+    // The connection table lives in a pin next to the link's, so that a restarted agent (after
+    // a crash, or `--keep-forwarding`) keeps established flows on their backends.
+    let flows_pin = pins.join("flows");
+    let (mut dp, adopted) = Dataplane::load_adopting(
+        LoadOptions {
+            ring_entries,
+            flow_entries: config.flows.entries,
+        },
+        &flows_pin,
+    )?;
     info!(
         program_id = ?dp.program_id(),
         ring_entries = dp.ring_capacity(),
         "XDP program loaded and verified"
     );
+    if adopted {
+        info!(
+            path = %flows_pin.display(),
+            "adopted the connection table a previous agent left: established flows keep their \
+             backends"
+        );
+    }
     let logger_task = match dp.take_logger(EbpfLogBridge) {
         Ok(logger) => Some(tokio::spawn(drain_ebpf_log(logger))),
         Err(e) => {

@@ -56,6 +56,17 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/xdplb";
 pub enum DataplaneError {
     #[error("loading the XDP object failed: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error(
+        "the connection table pinned at {path} does not fit this agent: it is {found}, this \
+         agent needs {wanted}. Either start the xdplb version and [flows] entries that made it, \
+         or remove it (`rm {path}`: established flows then follow the VIPs' tables, as after a \
+         fresh start)"
+    )]
+    FlowsLayout {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
     #[error("the kernel rejected program `{program}`: {source}")]
     Program {
         program: &'static str,
@@ -487,12 +498,41 @@ impl Dataplane {
     /// Loads the embedded object and has the kernel verify the load-balancing program and the
     /// pass program.
     pub fn load(opts: LoadOptions) -> Result<Dataplane, DataplaneError> {
+        Self::load_with(opts, None)
+    }
+
+    /// [`load`](Self::load), with the connection table pinned at `flows_pin`: a table pinned
+    /// there by an earlier agent (one that crashed, or left with `--keep-forwarding`) is adopted
+    /// if its layout is exactly this agent's, so established flows keep their backends across
+    /// the restart; otherwise a new one is created and pinned there. Returns whether it adopted.
+    pub fn load_adopting(
+        opts: LoadOptions,
+        flows_pin: &Path,
+    ) -> Result<(Dataplane, bool), DataplaneError> {
+        let adopted = flows_pin.exists();
+        if adopted {
+            check_flows_layout(flows_pin, opts.flow_entries)?;
+        } else if let Some(dir) = flows_pin.parent() {
+            ensure_bpffs()?;
+            fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
+                path: dir.to_path_buf(),
+                source: e.into(),
+            })?;
+        }
+        Ok((Self::load_with(opts, Some(flows_pin))?, adopted))
+    }
+
+    fn load_with(opts: LoadOptions, flows_pin: Option<&Path>) -> Result<Dataplane, DataplaneError> {
         raise_memlock_limit();
         let chunks = opts.ring_entries.div_ceil(RING_CHUNK_ENTRIES).max(1);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(maps::RING, chunks)
-            .map_max_entries(maps::FLOWS, opts.flow_entries)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(maps::FLOWS, opts.flow_entries);
+        if let Some(path) = flows_pin {
+            loader.map_pin_path(maps::FLOWS, path);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [maps::PROG_XDPLB, maps::PROG_PASS] {
             let program_err = |source| DataplaneError::Program {
                 program: name,
@@ -633,7 +673,8 @@ impl Dataplane {
             })?;
             drop(link_fd);
             self.link = Some((interface.to_string(), id));
-            remove_pins(&pin_dir);
+            // Only the link's pin: the connection table's, next to it, is ours now.
+            let _ = fs::remove_file(&link_path);
             info!(
                 interface,
                 "took over the data path a previous agent left running (atomic program swap)"
@@ -693,8 +734,8 @@ impl Dataplane {
             source: e,
         };
         // Whatever an earlier failed attempt left there would make the pin fail.
-        if dir.exists() {
-            remove_pins(&dir);
+        if link_path.exists() {
+            let _ = fs::remove_file(&link_path);
         }
         fs::create_dir_all(&dir).map_err(|e| pin_err(e.into()))?;
         let link = self
@@ -990,6 +1031,43 @@ impl Drop for Dataplane {
             warn!("detaching the data path failed: {e}");
         }
     }
+}
+
+/// Refuses a pinned connection table whose layout differs from this build's (key and value
+/// sizes, type, flags) or from the configured size: aya would adopt any map at that path.
+fn check_flows_layout(path: &Path, entries: u32) -> Result<(), DataplaneError> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| DataplaneError::Pin {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    let describe = |ty: String, k: u32, v: u32, n: u32, f: u32| {
+        format!("a {ty} with {k}-byte keys, {v}-byte values, {n} entries, flags {f:#x}")
+    };
+    let ty = info
+        .map_type()
+        .map_or_else(|_| "map of unknown type".to_string(), |t| format!("{t:?}"));
+    let found = describe(
+        ty.clone(),
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.map_flags(),
+    );
+    let wanted = describe(
+        format!("{:?}", aya::maps::MapType::LruHash),
+        core::mem::size_of::<FlowKey>() as u32,
+        core::mem::size_of::<FlowEntry>() as u32,
+        entries,
+        maps::BPF_F_NO_COMMON_LRU,
+    );
+    if found != wanted {
+        return Err(DataplaneError::FlowsLayout {
+            path: path.to_path_buf(),
+            found,
+            wanted,
+        });
+    }
+    Ok(())
 }
 
 /// Where the data path of `interface` is pinned: `/sys/fs/bpf/xdplb/<interface>` in the host's

@@ -486,14 +486,65 @@ fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
     );
     let alone = connect_many(&topo, 23000, 100);
     assert_eq!(alone, before, "flows moved while no agent ran");
+    assert!(
+        pins.join("flows").exists(),
+        "connection table not pinned at {}",
+        pins.display()
+    );
 
-    // The restarted agent takes the data path over and can change it.
+    // An agent whose connection table would not fit refuses to adopt it, and says what to do.
+    let wrong = cfg.replacen("[api]", "[flows]\nentries = 4096\n\n[api]", 1);
+    let refused = topo.start_agent(&wrong, &[]);
+    let err = format!(
+        "{:#}",
+        refused
+            .err()
+            .expect("an agent with another table size started")
+    );
+    assert!(
+        err.contains("does not fit this agent")
+            && err.contains("4096 entries")
+            && err.contains("rm "),
+        "{err}"
+    );
+
+    // The restarted agent takes the data path over, adopts the connection table, and can
+    // change it.
     let second = topo.start_agent(&cfg, &[]).unwrap();
     assert!(
         wait_for_log(&second, "took over the data path", Duration::from_secs(5)),
         "{}",
         second.log_text()
     );
+    assert!(
+        wait_for_log(
+            &second,
+            "adopted the connection table",
+            Duration::from_secs(1)
+        ),
+        "{}",
+        second.log_text()
+    );
+    // The connections made before the kill (source ports 23000..) are still remembered: only
+    // the adopted table can hold them, no new connection used those ports since.
+    let out = second
+        .cli(&["flows", "web", "--limit", "100000", "--json"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let old = report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .and_then(|c| c.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_some_and(|p| (23000..23100).contains(&p))
+        })
+        .count();
+    assert_eq!(old, 100, "flows from before the restart: {report}");
     let out = second
         .cli(&[
             "backend",
