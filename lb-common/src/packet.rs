@@ -26,7 +26,11 @@
 //!   padding) are fine.
 //! - IP options (IHL > 5) are skipped: the L4 header is found at `IHL * 4`, the frame forwarded
 //!   unchanged.
-//! - not TCP/UDP (ICMP, ...) to a VIP address: `PassIpProto`.
+//! - not TCP/UDP (GRE, ...) to a VIP address: `PassIpProto`; ICMP other than destination
+//!   unreachable (echo: the master's stack answers) likewise.
+//! - ICMP destination unreachable to a VIP address quoting a TCP/UDP packet from that VIP: sent
+//!   to the backend of the quoted flow (`Forwarded`, nothing remembered, no new flow); quoting
+//!   anything else: `PassIpProto`; too short to quote the ports: `DropMalformedL4`.
 //! - fragments (MF set or offset != 0): `DropFragment` when the destination is a VIP address,
 //!   otherwise `PassNotVip`.
 //! - TCP header shorter than 20 bytes or UDP shorter than 8 (in the frame or within the IP total
@@ -133,6 +137,12 @@ const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const UDP: u8 = IpProto::Udp as u8;
+const ICMP: u8 = IpProto::Icmp as u8;
+/// ICMP type "destination unreachable" (code 4: fragmentation needed, what path MTU discovery
+/// listens for).
+const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP header: type, code, checksum, 4 bytes (unused, or next-hop MTU).
+const ICMP_HDR_LEN: usize = 8;
 
 /// Decides the fate of one frame and, if it is forwarded, rewrites its MACs. See the module docs.
 #[inline(always)]
@@ -174,6 +184,16 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     }
 
     let proto = ip.proto;
+    if proto == ICMP && u16::from_be_bytes(ip.frags) & IP_MF_OFFSET_MASK == 0 {
+        return icmp_error(
+            frame,
+            tables,
+            ETH_HDR_LEN + ip_hdr_len,
+            ip_hdr_len,
+            tot_len,
+            dst,
+        );
+    }
     if proto != TCP && proto != UDP {
         return Verdict::of(Reason::PassIpProto);
     }
@@ -339,6 +359,134 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         tables.flow_event(FlowStat::Insert);
     } else {
         tables.flow_event(FlowStat::InsertFailed);
+    }
+    forward(frame, backend, v)
+}
+
+/// An ICMP message to a VIP address. A destination-unreachable error quotes the packet that
+/// caused it: with direct server return that is a backend's reply, sent from the VIP to the
+/// client, so the error comes to the VIP, and only the backend that owns the flow can act on it
+/// (path MTU discovery needs "fragmentation needed" to reach it). The quoted header names the
+/// flow (client = quoted destination); the frame goes to the backend the connection table
+/// remembers for it, else to the one the VIP's table picks, without remembering anything.
+/// Everything else (echo requests, other types) is the kernel's: the master's stack answers
+/// pings to the VIP. A quoted header too short to name a flow is malformed.
+#[inline(always)]
+fn icmp_error<F: Frame, T: Tables>(
+    frame: &mut F,
+    tables: &T,
+    l4: usize,
+    ip_hdr_len: usize,
+    tot_len: usize,
+    dst: [u8; 4],
+) -> Verdict {
+    let Some(icmp_type) = frame.ptr_at::<u8>(l4) else {
+        return Verdict::of(Reason::PassIpProto);
+    };
+    // SAFETY: in bounds.
+    if unsafe { *icmp_type } != ICMP_DEST_UNREACH {
+        return Verdict::of(Reason::PassIpProto);
+    }
+    // The quoted IPv4 header and the first 8 bytes after it (RFC 792): the ports.
+    // The frame bounds first: checked after the length arithmetic below, the compiler would
+    // drop them as implied, and the verifier needs to see them.
+    let quoted = l4 + ICMP_HDR_LEN;
+    let Some(q) = frame.ptr_at::<Ipv4Hdr>(quoted) else {
+        return Verdict::of(Reason::DropMalformedL4);
+    };
+    if ip_hdr_len + ICMP_HDR_LEN + Ipv4Hdr::LEN + 4 > tot_len {
+        return Verdict::of(Reason::DropMalformedL4);
+    }
+    // SAFETY: in bounds; alignment 1.
+    let q = unsafe { &*q };
+    let q_ihl = (q.vihl & 0x0f) as usize;
+    let q_proto = q.proto;
+    if q.vihl >> 4 != 4 || q_ihl < 5 {
+        return Verdict::of(Reason::DropMalformedL4);
+    }
+    // Not about a TCP/UDP packet the VIP sent (its source would be the address this error came
+    // to): the kernel's, like the host's own traffic.
+    if (q_proto != TCP && q_proto != UDP) || q.src_addr != dst {
+        return Verdict::of(Reason::PassIpProto);
+    }
+    let q_l4 = quoted + q_ihl * 4;
+    let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(q_l4) else {
+        return Verdict::of(Reason::DropMalformedL4);
+    };
+    if ip_hdr_len + ICMP_HDR_LEN + q_ihl * 4 + 4 > tot_len {
+        return Verdict::of(Reason::DropMalformedL4);
+    }
+    // SAFETY: in bounds; alignment 1.
+    let [vport, cport] = unsafe { *ports };
+    let client = q.dst_addr;
+    let key = VipKey {
+        addr: dst,
+        port: vport,
+        proto: q_proto,
+        _pad: 0,
+    };
+    let flow = FlowKey {
+        src: client,
+        dst,
+        sport: cport,
+        dport: vport,
+        proto: q_proto,
+        _pad: [0; 3],
+    };
+    if let Some(entry) = tables.flow(&flow) {
+        // SAFETY: a valid map value for the rest of the packet (see Tables::flow).
+        let id = unsafe { (*entry).backend_id };
+        if let Some(backend) = tables.backend(id)
+            && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
+            && backend.vip == vip_key_word(&key)
+        {
+            if !for_us(frame, backend, tables) {
+                return Verdict::of(Reason::PassOtherHost);
+            }
+            let v = Verdict {
+                reason: Reason::Forwarded,
+                vip_index: backend.vip_index,
+                backend_id: id,
+                dst,
+                dport: vport,
+                new_flow: false,
+            };
+            return forward(frame, backend, v);
+        }
+    }
+    let Some(vip) = tables.vip(&key) else {
+        return Verdict::of(Reason::PassNotVip);
+    };
+    let mut v = Verdict {
+        reason: Reason::DropNoBackend,
+        vip_index: vip.vip_index,
+        backend_id: 0,
+        dst,
+        dport: vport,
+        new_flow: false,
+    };
+    if vip.ring_size == 0 {
+        return v;
+    }
+    let slot = flow_slot_v4(client, dst, cport, vport, q_proto, vip.ring_size);
+    let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
+        v.reason = Reason::DropInternal;
+        return v;
+    };
+    if backend_id == 0 {
+        return v;
+    }
+    v.backend_id = backend_id;
+    let Some(backend) = tables.backend(backend_id) else {
+        v.reason = Reason::DropInternal;
+        return v;
+    };
+    if backend.flags & BACKEND_F_READY == 0 {
+        v.reason = Reason::DropBackendInvalid;
+        return v;
+    }
+    if !for_us(frame, backend, tables) {
+        return Verdict::of(Reason::PassOtherHost);
     }
     forward(frame, backend, v)
 }

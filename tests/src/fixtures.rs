@@ -411,6 +411,17 @@ impl Fixture {
     }
 }
 
+/// A router on the client's path says "fragmentation needed, MTU 1500" about `quoted`, a packet
+/// a backend sent from the VIP, addressed to the VIP: its IP header and first 8 bytes after it.
+fn icmp_error(quoted: Packet) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    m.extend_from_slice(&quoted.ip_bytes()[..28]);
+    Packet::raw(ROUTER, VIP, 1).payload(&m).frame()
+}
+
+/// A router between the backends and the clients.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+
 fn fwd(name: &'static str, input: Vec<u8>, mac: [u8; 6]) -> Fixture {
     let mut out = input.clone();
     out[0..6].copy_from_slice(&mac);
@@ -731,6 +742,35 @@ fn flow_fixtures(w: &World) -> Vec<Fixture> {
         .flows(&[FlowStat::Hit], false),
         // Flooded to us (unknown unicast, a promiscuous port): the master's business, not ours,
         // whether the flow is remembered here or not.
+        // ICMP errors about VIP flows (path MTU discovery): to the flow's backend.
+        fwd(
+            "icmp_frag_needed_for_a_vip_flow_goes_to_its_backend",
+            icmp_error(Packet::tcp(sa(VIP, 80), sa(CLIENT, 41234), TCP_ACK)),
+            w.expected_mac((CLIENT, 41234), (VIP, 80), 6),
+        ),
+        fwd(
+            "icmp_frag_needed_for_a_remembered_flow_goes_to_its_backend",
+            icmp_error(Packet::tcp(web, FLOW_ON_DRAINED, TCP_ACK)),
+            MAC_B2,
+        ),
+        same(
+            "icmp_error_about_a_non_vip_packet_passes",
+            icmp_error(Packet::icmp_echo(VIP, CLIENT)),
+            Reason::PassIpProto,
+        ),
+        same(
+            "icmp_error_quoting_too_little_is_malformed",
+            Packet::raw(ROUTER, VIP, 1)
+                .payload(&{
+                    let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+                    m.extend_from_slice(
+                        &Packet::tcp(web, FLOW_ON_DRAINED, TCP_ACK).ip_bytes()[..22],
+                    );
+                    m
+                })
+                .frame(),
+            Reason::DropMalformedL4,
+        ),
         same(
             "established_flow_addressed_to_another_host_passes",
             Packet::tcp(FLOW_ON_DRAINED, web, TCP_ACK)

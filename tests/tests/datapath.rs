@@ -28,6 +28,20 @@ const FLOW_ENTRIES: u32 = 4096;
 fn frame_flow(frame: &[u8]) -> Option<FlowKey> {
     let ihl = (frame.get(14)? & 0x0f) as usize * 4;
     let l4 = 14 + ihl;
+    if *frame.get(23)? == 1 && *frame.get(l4)? == 3 {
+        // An ICMP error: the flow of the packet it quotes, seen from the client (the quoted
+        // packet went from the VIP to the client).
+        let q = l4 + 8;
+        let q_l4 = q + (frame.get(q)? & 0x0f) as usize * 4;
+        return Some(FlowKey {
+            src: frame.get(q + 16..q + 20)?.try_into().ok()?,
+            dst: frame.get(q + 12..q + 16)?.try_into().ok()?,
+            sport: frame.get(q_l4 + 2..q_l4 + 4)?.try_into().ok()?,
+            dport: frame.get(q_l4..q_l4 + 2)?.try_into().ok()?,
+            proto: *frame.get(q + 9)?,
+            _pad: [0; 3],
+        });
+    }
     Some(FlowKey {
         src: frame.get(26..30)?.try_into().ok()?,
         dst: frame.get(30..34)?.try_into().ok()?,
