@@ -78,11 +78,8 @@ pub struct Peer {
 pub enum Event {
     Startup,
     Shutdown,
-    Advert {
-        src: Ipv4Addr,
-        priority: u8,
-        interval_cs: u16,
-    },
+    /// An accepted advertisement, from the master (or would-be master) it describes.
+    Advert(Peer),
     MasterDownTimer,
     AdverTimer,
     /// Tracking changed the effective priority; 0 means the node cannot forward.
@@ -316,19 +313,8 @@ impl Machine {
                 };
                 self.become_master(now, reason, &mut fx);
             }
-            (
-                State::Backup,
-                Event::Advert {
-                    src,
-                    priority,
-                    interval_cs,
-                },
-            ) => {
-                let peer = Peer {
-                    address: src,
-                    priority,
-                    interval_cs,
-                };
+            (State::Backup, Event::Advert(peer)) => {
+                let (src, priority, interval_cs) = (peer.address, peer.priority, peer.interval_cs);
                 if priority == 0 {
                     // Only our master's resignation matters: a priority 0 from another node is
                     // a master that just stepped down for a better one (its goodbye), or a stale
@@ -369,19 +355,8 @@ impl Machine {
                 });
                 self.adver_timer = Some(now + self.advert_interval());
             }
-            (
-                State::Master,
-                Event::Advert {
-                    src,
-                    priority,
-                    interval_cs,
-                },
-            ) => {
-                let peer = Peer {
-                    address: src,
-                    priority,
-                    interval_cs,
-                };
+            (State::Master, Event::Advert(peer)) => {
+                let (src, priority, interval_cs) = (peer.address, peer.priority, peer.interval_cs);
                 if priority == 0 {
                     // Only a master resigns: if we had been master for a while, there were two.
                     self.split_brain(now, peer, &mut fx);
@@ -446,19 +421,8 @@ impl Machine {
                     self.become_backup(now, "can forward again".into(), &mut fx);
                 }
             }
-            (
-                State::Fault,
-                Event::Advert {
-                    src,
-                    priority,
-                    interval_cs,
-                },
-            ) => {
-                self.master = (priority > 0).then_some(Peer {
-                    address: src,
-                    priority,
-                    interval_cs,
-                });
+            (State::Fault, Event::Advert(peer)) => {
+                self.master = (peer.priority > 0).then_some(peer);
             }
             (State::Fault, Event::Handover) => self.held = true,
             (State::Fault, Event::Resume) => self.held = false,
@@ -491,11 +455,11 @@ mod tests {
     }
 
     fn advert(src: Ipv4Addr, priority: u8) -> Event {
-        Event::Advert {
-            src,
+        Event::Advert(Peer {
+            address: src,
             priority,
             interval_cs: 100,
-        }
+        })
     }
 
     fn transitioned(fx: &[Effect]) -> Option<State> {
@@ -580,11 +544,11 @@ mod tests {
         m.step(ms(0), Event::Startup);
         m.step(
             ms(0),
-            Event::Advert {
-                src: HIGHER_IP,
+            Event::Advert(Peer {
+                address: HIGHER_IP,
                 priority: 150,
                 interval_cs: 10,
-            },
+            }),
         );
         assert_eq!(m.master_interval_cs(), 10);
         assert_eq!(m.deadline(), Some((ms(300 + 60), Event::MasterDownTimer)));

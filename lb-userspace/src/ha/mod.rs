@@ -645,11 +645,11 @@ impl Runner {
             }
         }
         debug!(src = %r.src, priority = r.advert.priority, interval_cs = r.advert.interval_cs, "VRRP advert");
-        self.step(Event::Advert {
-            src: r.src,
+        self.step(Event::Advert(fsm::Peer {
+            address: r.src,
             priority: r.advert.priority,
             interval_cs: r.advert.interval_cs,
-        })
+        }))
         .await;
     }
 
