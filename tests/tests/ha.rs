@@ -118,6 +118,38 @@ fn cli_json(agent: &HaAgent, args: &[&str], ok: bool) -> Result<serde_json::Valu
     serde_json::from_str(&stdout).with_context(|| format!("xdplb {args:?} printed {stdout}"))
 }
 
+fn lb2_holds_the_vip(topo: &HaTopology) -> Result<()> {
+    ensure!(
+        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
+        "lb2 does not hold the VIP"
+    );
+    Ok(())
+}
+
+/// A crash of lb1 (SIGKILL, and its link goes down too: no goodbye advert) under a loop of new
+/// client connections that runs `warmup` before and `settle` after lb2 becomes master; `before`
+/// runs just before the kill, `at_master` as soon as lb2 is master. Returns every connection
+/// attempt and how long lb2 took.
+fn crash_lb1_under_probe(
+    topo: &HaTopology,
+    a: HaAgent,
+    b: &HaAgent,
+    warmup: Duration,
+    settle: Duration,
+    before: impl FnOnce() -> Result<()>,
+    at_master: impl FnOnce() -> Result<()>,
+) -> Result<(Vec<(Instant, bool)>, Duration)> {
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(warmup);
+    before()?;
+    a.kill9()?;
+    topo.set_link(0, false)?;
+    let took = wait_state(b, "master", Duration::from_secs(2))?;
+    at_master()?;
+    std::thread::sleep(settle);
+    Ok((probe.finish(), took))
+}
+
 #[test]
 fn master_crash_backup_takes_over_within_bound() -> Result<()> {
     if !require_privileges("master_crash_backup_takes_over_within_bound") {
@@ -126,18 +158,15 @@ fn master_crash_backup_takes_over_within_bound() -> Result<()> {
     let topo = HaTopology::new(3)?;
     let _servers = topo.identity_servers(PORT)?;
     let (a, b) = pair(&topo, "", "")?;
-    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
-    std::thread::sleep(Duration::from_millis(1000));
-    // A crash: no goodbye advert, and the node's link goes too.
-    a.kill9()?;
-    topo.set_link(0, false)?;
-    let took = wait_state(&b, "master", Duration::from_secs(5))?;
-    ensure!(
-        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
-        "lb2 does not hold the VIP"
-    );
-    std::thread::sleep(Duration::from_millis(1500));
-    let log = probe.finish();
+    let (log, took) = crash_lb1_under_probe(
+        &topo,
+        a,
+        &b,
+        Duration::from_millis(1000),
+        Duration::from_millis(1500),
+        || Ok(()),
+        || lb2_holds_the_vip(&topo),
+    )?;
     let (worst, failed) = outage(&log);
     let bound = outage_bound(100);
     eprintln!(
@@ -553,18 +582,22 @@ fn virtual_mac_moves_with_mastership() -> Result<()> {
         "{:?}",
         a.ha()?.virtual_mac
     );
-    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
-    std::thread::sleep(Duration::from_millis(500));
-    ensure!(
-        topo.client_arp().as_deref() == Some(vmac),
-        "client resolves the VIP to {:?}",
-        topo.client_arp()
-    );
-    a.kill9()?;
-    topo.set_link(0, false)?;
-    wait_state(&b, "master", Duration::from_secs(2))?;
-    std::thread::sleep(Duration::from_millis(1000));
-    let log = probe.finish();
+    let (log, _) = crash_lb1_under_probe(
+        &topo,
+        a,
+        &b,
+        Duration::from_millis(500),
+        Duration::from_millis(1000),
+        || {
+            ensure!(
+                topo.client_arp().as_deref() == Some(vmac),
+                "client resolves the VIP to {:?}",
+                topo.client_arp()
+            );
+            Ok(())
+        },
+        || Ok(()),
+    )?;
     let (worst, failed) = outage(&log);
     // The client's ARP entry never changes: the switch learns the MAC's new port from lb2's
     // gratuitous ARP.
@@ -609,19 +642,17 @@ fn unicast_peers_elect_compare_tables_and_fail_over() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
-    std::thread::sleep(Duration::from_millis(500));
-    a.kill9()?;
-    topo.set_link(0, false)?;
-    wait_state(&b, "master", Duration::from_secs(2))?;
-    std::thread::sleep(Duration::from_millis(1000));
-    let log = probe.finish();
+    let (log, _) = crash_lb1_under_probe(
+        &topo,
+        a,
+        &b,
+        Duration::from_millis(500),
+        Duration::from_millis(1000),
+        || Ok(()),
+        || lb2_holds_the_vip(&topo),
+    )?;
     let (worst, failed) = outage(&log);
     ensure!(worst < outage_bound(100), "outage {worst:?}");
-    ensure!(
-        topo.wait_holds(1, Duration::from_secs(1)).is_some(),
-        "lb2 does not hold the VIP"
-    );
     eprintln!(
         "unicast failover: outage {worst:?}, {failed} failed of {}",
         log.len()
