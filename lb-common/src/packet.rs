@@ -279,8 +279,7 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
             FlowStat::Expired
         } else {
             if let Some(backend) = tables.backend(id)
-                && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
-                && backend.vip == vip_key_word(&key)
+                && honours(backend, &key)
             {
                 if !for_us(frame, backend, tables) {
                     return Verdict::of(Reason::PassOtherHost);
@@ -319,26 +318,10 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         new_flow,
     };
 
-    if vip.ring_size == 0 {
-        return v;
-    }
-    let slot = flow_slot_v4(src, dst, sport, dport, proto, vip.ring_size);
-    let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
-        v.reason = Reason::DropInternal;
+    let Some(backend) = table_pick(tables, &vip, &flow, &mut v) else {
         return v;
     };
-    if backend_id == 0 {
-        return v;
-    }
-    v.backend_id = backend_id;
-    let Some(backend) = tables.backend(backend_id) else {
-        v.reason = Reason::DropInternal;
-        return v;
-    };
-    if backend.flags & BACKEND_F_READY == 0 {
-        v.reason = Reason::DropBackendInvalid;
-        return v;
-    }
+    let backend_id = v.backend_id;
     if !for_us(frame, backend, tables) {
         return Verdict::of(Reason::PassOtherHost);
     }
@@ -437,8 +420,7 @@ fn icmp_error<F: Frame, T: Tables>(
         // SAFETY: a valid map value for the rest of the packet (see Tables::flow).
         let id = unsafe { (*entry).backend_id };
         if let Some(backend) = tables.backend(id)
-            && backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
-            && backend.vip == vip_key_word(&key)
+            && honours(backend, &key)
         {
             if !for_us(frame, backend, tables) {
                 return Verdict::of(Reason::PassOtherHost);
@@ -465,30 +447,61 @@ fn icmp_error<F: Frame, T: Tables>(
         dport: vport,
         new_flow: false,
     };
-    if vip.ring_size == 0 {
-        return v;
-    }
-    let slot = flow_slot_v4(client, dst, cport, vport, q_proto, vip.ring_size);
-    let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
-        v.reason = Reason::DropInternal;
+    let Some(backend) = table_pick(tables, &vip, &flow, &mut v) else {
         return v;
     };
-    if backend_id == 0 {
-        return v;
-    }
-    v.backend_id = backend_id;
-    let Some(backend) = tables.backend(backend_id) else {
-        v.reason = Reason::DropInternal;
-        return v;
-    };
-    if backend.flags & BACKEND_F_READY == 0 {
-        v.reason = Reason::DropBackendInvalid;
-        return v;
-    }
     if !for_us(frame, backend, tables) {
         return Verdict::of(Reason::PassOtherHost);
     }
     forward(frame, backend, v)
+}
+
+/// Whether a connection-table entry's backend may keep its flow: ready, not marked down, and
+/// still a backend of the flow's VIP (see [`crate::flows`]).
+#[inline(always)]
+fn honours(backend: &BackendInfo, key: &VipKey) -> bool {
+    backend.flags & (BACKEND_F_READY | BACKEND_F_DOWN) == BACKEND_F_READY
+        && backend.vip == vip_key_word(key)
+}
+
+/// The backend `vip`'s table picks for `flow`. Without one, `v` (a `DropNoBackend` verdict for
+/// the VIP) says why: an empty table or slot, or a slot naming a backend that cannot be used,
+/// whose id it then carries.
+#[inline(always)]
+fn table_pick<'t, T: Tables>(
+    tables: &'t T,
+    vip: &VipInfo,
+    flow: &FlowKey,
+    v: &mut Verdict,
+) -> Option<&'t BackendInfo> {
+    if vip.ring_size == 0 {
+        return None;
+    }
+    let slot = flow_slot_v4(
+        flow.src,
+        flow.dst,
+        flow.sport,
+        flow.dport,
+        flow.proto,
+        vip.ring_size,
+    );
+    let Some(backend_id) = tables.ring(vip.ring_base.wrapping_add(slot)) else {
+        v.reason = Reason::DropInternal;
+        return None;
+    };
+    if backend_id == 0 {
+        return None;
+    }
+    v.backend_id = backend_id;
+    let Some(backend) = tables.backend(backend_id) else {
+        v.reason = Reason::DropInternal;
+        return None;
+    };
+    if backend.flags & BACKEND_F_READY == 0 {
+        v.reason = Reason::DropBackendInvalid;
+        return None;
+    }
+    Some(backend)
 }
 
 /// Whether the frame is addressed to this host: to the interface's MAC (every backend entry
