@@ -58,6 +58,22 @@ pub const FLOW_RATE: &str = "FLOW_RATE";
 /// `PerCpuArray<u64>`: indexed by [`crate::flows::FlowStat`].
 pub const FLOW_STATS: &str = "FLOW_STATS";
 
+/// `HashMap<Vip6Key, VipInfo>`: the IPv6 virtual services. A BPF hash map rather than
+/// [`VIP_TABLE`]'s open addressing (whose slots compare one 64-bit key word, too small for an
+/// IPv6 key): IPv6 VIPs are few, and an update replaces the whole value at once (the kernel
+/// swaps in a new element under RCU), so the data path sees a table's base and size from one
+/// version, as with [`VipSlot::table`]. Ring regions, `vip_index` and backend ids are shared
+/// with the IPv4 services.
+pub const VIP6: &str = "VIP6";
+/// `HashMap<VipAddr6Key, u32>`: every IPv6 address that has at least one VIP (value: number of
+/// VIPs on it), the IPv6 twin of [`VIP_ADDRS`] (fragments carry no ports). IPv6 addresses share
+/// [`VIP_FILTER`] through [`vip_filter_fold6`].
+pub const VIP_ADDRS6: &str = "VIP_ADDRS6";
+/// `LruHashMap<Flow6Key, FlowEntry>` (created `BPF_F_NO_COMMON_LRU`): the connection table of
+/// IPv6 flows, with [`FLOWS`]' semantics. A table of its own so an IPv4 entry stays 16 + 16
+/// bytes. Sized by the agent at load time.
+pub const FLOWS6: &str = "FLOWS6";
+
 /// Name of the load-balancing XDP program in the object.
 pub const PROG_XDPLB: &str = "xdplb";
 /// Name of a program that passes everything (used on veth peers so `XDP_TX` works, see tests).
@@ -167,6 +183,19 @@ pub fn vip_filter_test(filter: &VipFilter, addr: [u8; 4]) -> bool {
 pub fn vip_filter_set(filter: &mut VipFilter, addr: [u8; 4]) {
     let bit = vip_filter_bit(addr);
     filter[(bit >> 6) as usize] |= 1 << (bit & 63);
+}
+
+/// An IPv6 address folded to the 4 bytes [`vip_filter_bit`] takes: the xor of its four 32-bit
+/// words, so every bit of the address can move the filter bit.
+#[inline(always)]
+pub fn vip_filter_fold6(addr: &[u8; 16]) -> [u8; 4] {
+    let mut out = [0u8; 4];
+    let mut i = 0;
+    while i < 16 {
+        out[i % 4] ^= addr[i];
+        i += 1;
+    }
+    out
 }
 
 /// Key of a VIP. Zero-initialise in the kernel, padding included, or lookups miss. Never all
@@ -293,6 +322,60 @@ where
     None
 }
 
+/// Key of [`VIP6`]. Zero-initialise in the kernel, padding included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip6Key {
+    /// IPv6 address, network byte order.
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port: [u8; 2],
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Vip6Key>() == 20);
+
+/// Tag in the top byte of [`vip6_key_word`]. An IPv4 key word's top byte is its `_pad`, always
+/// 0, so the words of an IPv4 and an IPv6 VIP never compare equal.
+pub const VIP6_WORD_TAG: u64 = 0x06 << 56;
+
+/// An IPv6 VIP's identity as one 64-bit word, for [`BackendInfo::vip`]: a 56-bit hash of the key
+/// (MurmurHash3's 64-bit finalizer over its folded words) tagged with [`VIP6_WORD_TAG`]. Two
+/// IPv6 VIPs share a word with probability 2^-56 per pair; the word only guards against a
+/// connection-table entry outliving its backend id's reuse by another VIP, which the agent
+/// already avoids by not reusing ids at once.
+#[inline(always)]
+pub fn vip6_key_word(key: &Vip6Key) -> u64 {
+    let a = &key.addr;
+    let hi = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+    let lo = u64::from_le_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+    let rest = u64::from_le_bytes([key.port[0], key.port[1], key.proto, 0, 0, 0, 0, 0]);
+    let mut x = hi ^ mix64(lo ^ mix64(rest));
+    x = mix64(x);
+    (x & !(0xff << 56)) | VIP6_WORD_TAG
+}
+
+/// MurmurHash3's 64-bit finalizer.
+#[inline(always)]
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+/// Key of [`VIP_ADDRS6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipAddr6Key {
+    /// IPv6 address, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<VipAddr6Key>() == 16);
+
 /// Key of [`VIP_ADDRS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -321,10 +404,11 @@ pub struct BackendInfo {
     pub src_mac: [u8; 6],
     pub _pad: [u8; 2],
     /// IPv4 address, network byte order (for diagnostics; the data path does not route by it).
+    /// All zero for an IPv6 backend.
     pub addr: [u8; 4],
     /// The VIP this backend id belongs to (ids are per (VIP, backend) pair).
     pub vip_index: u32,
-    /// That VIP's key as [`vip_key_word`]. A connection-table hit is checked against it instead
+    /// That VIP's key as [`vip_key_word`] (IPv4) or [`vip6_key_word`] (IPv6). A connection-table hit is checked against it instead
     /// of looking the VIP up: a flow is only sent to a backend of the service it was addressed
     /// to, whatever ids were reused since.
     pub vip: u64,
@@ -357,7 +441,26 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
-/// Value of [`FLOWS`]. Written by the data path only.
+/// Key of [`FLOWS6`]: an IPv6 flow's 5-tuple as it is in the packet. Zero-initialise, padding
+/// included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow6Key {
+    /// Client address, network byte order.
+    pub src: [u8; 16],
+    /// VIP address, network byte order.
+    pub dst: [u8; 16],
+    /// Client port, network byte order.
+    pub sport: [u8; 2],
+    /// VIP port, network byte order.
+    pub dport: [u8; 2],
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<Flow6Key>() == 40);
+
+/// Value of [`FLOWS`] and [`FLOWS6`]. Written by the data path only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -457,6 +560,47 @@ mod tests {
         assert!(!vip_filter_test(&f, [10, 0, 0, 2]));
         assert!(!vip_filter_test(&f, [10, 0, 0, 99]));
     }
+
+    #[test]
+    fn ipv6_key_words_never_meet_ipv4_ones_and_move_with_every_field() {
+        let k = Vip6Key {
+            addr: [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64],
+            port: 80u16.to_be_bytes(),
+            proto: 6,
+            _pad: 0,
+        };
+        let w = vip6_key_word(&k);
+        assert_eq!(w >> 56, 0x06);
+        let v4 = VipKey {
+            addr: [255; 4],
+            port: [255; 2],
+            proto: 255,
+            _pad: 0,
+        };
+        assert_eq!(
+            vip_key_word(&v4) >> 56,
+            0,
+            "IPv4 words have a zero top byte"
+        );
+        let mut others = [k; 4];
+        others[0].addr[15] = 0x65;
+        others[1].addr[0] = 0x21;
+        others[2].port = 443u16.to_be_bytes();
+        others[3].proto = 17;
+        for o in others {
+            assert_ne!(vip6_key_word(&o), w, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_fold_uses_every_word() {
+        let base = [0u8; 16];
+        for i in 0..16 {
+            let mut a = base;
+            a[i] = 1;
+            assert_ne!(vip_filter_fold6(&a), vip_filter_fold6(&base), "byte {i}");
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -475,4 +619,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FlowRate {}
+    unsafe impl aya::Pod for super::Vip6Key {}
+    unsafe impl aya::Pod for super::VipAddr6Key {}
+    unsafe impl aya::Pod for super::Flow6Key {}
 }
