@@ -23,10 +23,10 @@ use lb_common::{
     flows::{self, FlowStat},
     maps::{
         BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, BackendInfo, Counter,
-        FLOWS_PLACEHOLDER, FlowEntry, FlowKey, FlowRate, MAX_BACKENDS, MAX_VIPS,
+        FLOWS_PLACEHOLDER, Flow6Key, FlowEntry, FlowKey, FlowRate, MAX_BACKENDS, MAX_VIPS,
         RING_CHUNK_ENTRIES, RING_CHUNK_SHIFT, RING_PLACEHOLDER, RingChunk, Settings,
-        VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot, vip_filter_test,
-        vip_table_find,
+        VIP_TABLE_SLOTS, Vip6Key, VipAddr6Key, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot,
+        vip_filter_test, vip_table_find,
     },
     packet::{self, Frame, Tables, Verdict},
 };
@@ -55,6 +55,14 @@ static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason
 static LOG_RATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(FLOWS_PLACEHOLDER, BPF_F_NO_COMMON_LRU);
+#[map]
+static VIP6: HashMap<Vip6Key, VipInfo> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+#[map]
+static VIP_ADDRS6: HashMap<VipAddr6Key, u32> =
+    HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+#[map]
+static FLOWS6: LruHashMap<Flow6Key, FlowEntry> =
     LruHashMap::with_max_entries(FLOWS_PLACEHOLDER, BPF_F_NO_COMMON_LRU);
 #[map]
 static FLOW_RATE: PerCpuArray<FlowRate> = PerCpuArray::with_max_entries(1, 0);
