@@ -19,7 +19,7 @@
 //! and port as a reply.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -73,10 +73,11 @@ impl Probe {
 /// Where a check goes and what it is for (an exec check gets these in its environment).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub backend: Ipv4Addr,
+    /// IPv4 or IPv6 (of the VIP's family).
+    pub backend: IpAddr,
     /// The port to check (may differ from the service port).
     pub port: u16,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub vip_port: u16,
     pub vip_name: String,
     /// "tcp" | "udp".
@@ -135,9 +136,10 @@ pub async fn run(probe: &Probe, target: &Target, timeout: Duration) -> Outcome {
             expect_status,
             expect_body,
         } => {
+            // `[2001:db8::11]:80` for IPv6, as RFC 9110 writes an IP literal with a port.
             let host = host
                 .clone()
-                .unwrap_or_else(|| format!("{}:{}", target.backend, target.port));
+                .unwrap_or_else(|| target_addr(target).to_string());
             let check = HttpCheck {
                 path,
                 host: &host,
@@ -155,7 +157,7 @@ pub async fn run(probe: &Probe, target: &Target, timeout: Duration) -> Outcome {
 const MAX_DETAIL_CHARS: usize = 119;
 
 fn target_addr(target: &Target) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(target.backend, target.port))
+    SocketAddr::new(target.backend, target.port)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,7 +538,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 async fn udp(payload: &[u8], target: &Target, timeout: Duration, start: Instant) -> Outcome {
     let exchange = async {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let any = match target.backend {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let socket = UdpSocket::bind((any, 0))
             .await
             .map_err(|e| format!("cannot open socket: {}", io_text(&e)))?;
         // Connected, so the kernel reports ICMP port unreachable as ECONNREFUSED and drops
@@ -814,9 +820,9 @@ mod tests {
 
     fn target(port: u16) -> Target {
         Target {
-            backend: Ipv4Addr::LOCALHOST,
+            backend: Ipv4Addr::LOCALHOST.into(),
             port,
-            vip: Ipv4Addr::new(10, 0, 0, 1),
+            vip: Ipv4Addr::new(10, 0, 0, 1).into(),
             vip_port: 80,
             vip_name: "web".to_owned(),
             protocol: "tcp",
