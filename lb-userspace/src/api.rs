@@ -1313,6 +1313,15 @@ mod tests {
             ("10.0.0.100:80".parse().unwrap(), Protocol::Udp)
         );
         assert_eq!(parse_service("10.0.0.100:80").unwrap().1, Protocol::Tcp);
+        assert_eq!(
+            parse_service("[2001:db8::1]:53/udp").unwrap(),
+            ("[2001:db8::1]:53".parse().unwrap(), Protocol::Udp)
+        );
+        assert!(
+            parse_service("2001:db8::1:80/tcp")
+                .unwrap_err()
+                .contains("[ADDRESS]:PORT for IPv6")
+        );
         assert!(
             parse_service("10.0.0.100:80/sctp")
                 .unwrap_err()

@@ -1204,6 +1204,72 @@ mod tests {
         assert_eq!(outcome.detail, "reply of 4 bytes");
     }
 
+    /// An IPv6 backend is checked over IPv6 (the loopback stands in for it): TCP, HTTP with
+    /// `Host: [ADDR]:PORT`, UDP, and an exec check that gets the address.
+    #[tokio::test]
+    async fn ipv6_backends_are_checked_over_ipv6() {
+        let backend: IpAddr = Ipv6Addr::LOCALHOST.into();
+        let t = |port| Target {
+            backend,
+            vip: "2001:db8::100".parse().unwrap(),
+            ..target(port)
+        };
+        let listener = TcpListener::bind("[::1]:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            // The TCP check's connection, then the HTTP check's, which is answered with the
+            // Host header it sent.
+            drop(listener.accept().await.unwrap());
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 1024];
+            let n = stream.read(&mut request).await.unwrap();
+            let host = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .find(|l| l.starts_with("Host: "))
+                .unwrap_or_default()
+                .to_string();
+            let body = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+                host.len()
+            );
+            stream.write_all(body.as_bytes()).await.unwrap();
+        });
+        let tcp = run(&Probe::Tcp, &t(port), T).await;
+        assert!(tcp.ok, "{tcp:?}");
+        let http = run(
+            &http_probe(Some(&format!("Host: [::1]:{port}"))),
+            &t(port),
+            T,
+        )
+        .await;
+        assert!(http.ok, "{http:?}");
+
+        let server = UdpSocket::bind("[::1]:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+            server.send_to(&buf[..n], peer).await.unwrap();
+        });
+        let udp = run(
+            &Probe::Udp {
+                payload: b"ping".to_vec(),
+            },
+            &t(port),
+            T,
+        )
+        .await;
+        assert!(udp.ok, "{udp:?}");
+
+        let exec = exec_probe(&[
+            "sh",
+            "-c",
+            "test \"$XDPLB_BACKEND $XDPLB_VIP\" = \"::1 2001:db8::100\"",
+        ]);
+        let outcome = run(&exec, &t(port), T).await;
+        assert!(outcome.ok, "{outcome:?}");
+    }
+
     #[tokio::test]
     async fn udp_closed_port_is_unreachable() {
         let port = {

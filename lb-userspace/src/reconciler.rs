@@ -2928,6 +2928,206 @@ backup = true
         }
     }
 
+    /// TOML's service, plus the same service over IPv6.
+    fn dual_stack() -> String {
+        let web6 = TOML
+            .split_once("[[vip]]")
+            .unwrap()
+            .1
+            .replace("name = \"web\"", "name = \"web6\"");
+        format!("{TOML}\n[[vip]]{}", Fam::V6.toml(&web6))
+    }
+
+    #[tokio::test]
+    async fn ipv6_services_go_to_the_ipv6_tables_and_share_ids_and_ring() {
+        let mut r = running(&dual_stack()).await;
+        let (v4, v6) = (&r.vips[0], &r.vips[1]);
+        assert!(matches!(v4.key, ServiceKey::V4(_)));
+        let ServiceKey::V6(k6) = v6.key else {
+            panic!("{:?}", v6.key)
+        };
+        assert_eq!(
+            k6.addr,
+            Fam::V6
+                .addr(100)
+                .to_string()
+                .parse::<Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_ne!(v4.index, v6.index, "one index space");
+        assert!(v6.base >= v4.base + 2 * M, "one ring, separate regions");
+        assert_eq!(
+            r.dp.vip_addrs,
+            BTreeMap::from([(addr(100), 1), (Fam::V6.addr(100), 1)])
+        );
+        // The same table over the same weights, whatever the family: Maglev sorts by address
+        // and the ids line up.
+        assert_eq!(
+            in_table(&r, "web6"),
+            BTreeSet::from([Fam::V6.addr(11), Fam::V6.addr(12)])
+        );
+        for b in &r.vips[1].backends {
+            let e = r.dp.backends[&b.id];
+            assert_eq!(
+                e.addr, [0; 4],
+                "an IPv6 backend's entry has no IPv4 address"
+            );
+            assert_eq!(e.vip, lb_common::maps::vip6_key_word(&k6));
+            assert_eq!(e.vip_index, r.vips[1].index);
+        }
+        let s = r.status().unwrap();
+        assert_eq!(s.vips[1].address, "2001:db8::100");
+        assert_eq!(s.vips[1].socket(), "[2001:db8::100]:80");
+        assert_eq!(s.vips[1].backends[0].address, "2001:db8::11");
+
+        // Named as services are written, and removed from the IPv6 tables.
+        r.set_drain("[2001:db8::100]:80/tcp", Fam::V6.addr(11), true)
+            .await
+            .unwrap();
+        assert_eq!(in_table(&r, "web6"), BTreeSet::from([Fam::V6.addr(12)]));
+        r.remove_vip("web6").await.unwrap();
+        assert!(!r.dp.vips.contains_key(&ServiceKey::V6(k6)));
+        assert_eq!(r.dp.vip_addrs[&Fam::V6.addr(100)], 0);
+        assert_eq!(r.vip_addresses(), BTreeSet::from([addr(100)]));
+    }
+
+    #[tokio::test]
+    async fn a_backend_of_the_other_family_is_refused_naming_both() {
+        let mut r = running(&dual_stack()).await;
+        let e = r.add_backend("web6", addr(14), 1, false).await.unwrap_err();
+        let ReconcileError::Invalid(m) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            m.contains("backend 10.0.0.14 is IPv4 but vip `web6` (2001:db8::100) is IPv6"),
+            "{m}"
+        );
+        assert!(matches!(
+            r.add_backend("web", Fam::V6.addr(14), 1, false).await,
+            Err(ReconcileError::Invalid(_))
+        ));
+        r.add_backend("web6", Fam::V6.addr(14), 1, false)
+            .await
+            .unwrap();
+        assert!(in_table(&r, "web6").contains(&Fam::V6.addr(14)));
+    }
+
+    #[tokio::test]
+    async fn which_backend_hashes_ipv6_flows_with_the_data_paths_hash() {
+        let r = running(&dual_stack()).await;
+        let vip: SocketAddr = "[2001:db8::100]:80".parse().unwrap();
+        let src: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
+        let w = r.which_backend(vip, Protocol::Tcp, src).unwrap();
+        assert_eq!(
+            w.hash,
+            lb_common::hash::flow_hash_v6(
+                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                40000u16.to_be_bytes(),
+                80u16.to_be_bytes(),
+                6
+            )
+        );
+        let slot = w.slot.unwrap();
+        assert_eq!(Some(vip_table(&r, "web6")[slot as usize]), w.backend_id);
+        assert_eq!(w.service, "[2001:db8::100]:80/tcp");
+        assert_eq!(w.source, "[2001:db8::1]:40000");
+        let v4src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        assert!(matches!(
+            r.which_backend(vip, Protocol::Tcp, v4src),
+            Err(ReconcileError::Invalid(m)) if m.contains("different families")
+        ));
+    }
+
+    #[tokio::test]
+    async fn flows_lists_both_tables_and_a_vips_own_family_only() {
+        let mut r = running(&dual_stack()).await;
+        let id4 = r.vips[0].backends[0].id;
+        let id6 = r.vips[1].backends[1].id;
+        let now = monotonic_ns();
+        let entry = |backend_id| FlowEntry {
+            backend_id,
+            _pad: 0,
+            atime: now,
+        };
+        r.dp.flows = vec![(
+            FlowKey {
+                src: [192, 0, 2, 1],
+                dst: [10, 0, 0, 100],
+                sport: 40000u16.to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            entry(id4),
+        )];
+        let mut dst = [0u8; 16];
+        dst[..4].copy_from_slice(&[0x20, 1, 0xd, 0xb8]);
+        dst[15] = 0;
+        dst[14] = 1; // 2001:db8::100
+        r.dp.flows6 = vec![(
+            Flow6Key {
+                src: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                dst,
+                sport: 40001u16.to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            entry(id6),
+        )];
+        let all = r.flows(None, 10).unwrap();
+        let rows: Vec<String> = all
+            .flows
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {} {:?} {:?} {}",
+                    f.client, f.service, f.vip, f.backend, f.state
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                r#"192.0.2.1:40000 10.0.0.100:80/tcp Some("web") Some("10.0.0.11") stays"#,
+                r#"[fd00::1]:40001 [2001:db8::100]:80/tcp Some("web6") Some("2001:db8::12") stays"#,
+            ]
+        );
+        let only6 = r.flows(Some("web6"), 10).unwrap();
+        assert_eq!(only6.flows.len(), 1);
+        assert_eq!(
+            only6.scanned, 1,
+            "the IPv4 table is not read for an IPv6 VIP"
+        );
+        assert_eq!(r.flows(Some("[2001:db8::100]:80/tcp"), 10).unwrap(), only6);
+        assert_eq!(
+            r.flows(None, 1).unwrap().flows.len(),
+            1,
+            "the limit spans both"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_table_digest_of_ipv4_services_is_unchanged_and_ipv6_ones_count() {
+        let r4 = running(TOML).await;
+        // Pinned: the digest of an IPv4-only config is what agents before IPv6 computed, so a
+        // node upgraded first still agrees with its peer.
+        assert_eq!(
+            r4.table_digest(),
+            0x4a3e_e11e_a9d6_2e0c,
+            "{:#x}",
+            r4.table_digest()
+        );
+        let dual = running(&dual_stack()).await;
+        assert_ne!(dual.table_digest(), r4.table_digest());
+        assert_eq!(
+            dual.table_digest(),
+            running(&dual_stack()).await.table_digest()
+        );
+    }
+
     #[tokio::test]
     async fn a_reload_applies_flow_settings_live_but_refuses_a_new_table_size() {
         let mut r = running(TOML).await;
