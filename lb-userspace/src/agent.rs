@@ -17,7 +17,7 @@
 use std::{
     collections::BTreeSet,
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     pin::Pin,
     time::{Duration, Instant},
@@ -127,14 +127,14 @@ impl Stop {
 
 /// The MAC watcher task and its channels; [`MacWatcher::stop`] ends it.
 struct MacWatcher {
-    addrs: watch::Sender<BTreeSet<Ipv4Addr>>,
+    addrs: watch::Sender<BTreeSet<IpAddr>>,
     tables: mpsc::Receiver<MacTable>,
     cleanup: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl MacWatcher {
-    fn start(nl: Netlink, ifindex: u32, addrs: BTreeSet<Ipv4Addr>) -> MacWatcher {
+    fn start(nl: Netlink, ifindex: u32, addrs: BTreeSet<IpAddr>) -> MacWatcher {
         let (addrs_tx, addrs_rx) = watch::channel(addrs);
         let (tables_tx, tables) = mpsc::channel(4);
         let (cleanup, cleanup_rx) = watch::channel(true);
@@ -713,7 +713,7 @@ fn program_name(id: u32) -> Option<String> {
 
 /// dsr-l2 only works for backends on the interface's L2 segment; say so early for the others.
 async fn check_backends_on_link(nl: &Netlink, config: &Config, ifindex: u32) {
-    let addrs: BTreeSet<Ipv4Addr> = config
+    let addrs: BTreeSet<IpAddr> = config
         .vips
         .iter()
         .flat_map(|v| v.backends.iter().map(|b| b.address))

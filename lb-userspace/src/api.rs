@@ -52,7 +52,7 @@
 
 use std::{
     fmt, io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -118,9 +118,9 @@ impl Failure {
 pub enum Request {
     Status(oneshot::Sender<Result<Status, Failure>>),
     WhichBackend {
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         proto: Protocol,
-        src: SocketAddrV4,
+        src: SocketAddr,
         reply: oneshot::Sender<Result<WhichBackend, Failure>>,
     },
     SetLogLevel {
@@ -135,26 +135,26 @@ pub enum Request {
     },
     Drain {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         drain: bool,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     SetWeight {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     AddBackend {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         backup: bool,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     RemoveBackend {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     AddVip {
@@ -604,12 +604,15 @@ async fn which_backend(
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("vip: {e}")),
     };
-    let src: SocketAddrV4 = match q.src.parse() {
+    let src: SocketAddr = match q.src.parse() {
         Ok(s) => s,
         Err(_) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("src: `{}` is not ADDRESS:PORT (IPv4)", q.src),
+                format!(
+                    "src: `{}` is not ADDRESS:PORT, like 10.0.0.1:40000 or [2001:db8::1]:40000",
+                    q.src
+                ),
             );
         }
     };
@@ -749,7 +752,7 @@ fn need<'a>(v: &'a Option<String>, key: &str) -> OpResult<&'a str> {
     v.as_deref().ok_or_else(|| format!("missing `{key}`"))
 }
 
-fn backend_of(b: &OpBody) -> OpResult<(String, Ipv4Addr)> {
+fn backend_of(b: &OpBody) -> OpResult<(String, IpAddr)> {
     let vip = need(&b.vip, "vip")?.to_string();
     let text = need(&b.backend, "backend")?;
     let addr = crate::config::backend_address(text).map_err(|e| format!("backend: {e}"))?;
@@ -903,8 +906,9 @@ async fn ha(State(tx): State<mpsc::Sender<Request>>, op: HaOp) -> Response {
     }
 }
 
-/// Parses `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp`. The protocol defaults to tcp.
-pub fn parse_service(s: &str) -> Result<(SocketAddrV4, Protocol), String> {
+/// Parses `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp` or `[2001:db8::1]:80/tcp`. The protocol
+/// defaults to tcp.
+pub fn parse_service(s: &str) -> Result<(SocketAddr, Protocol), String> {
     let (addr, proto) = match s.rsplit_once('/') {
         Some((a, p)) => (a, p),
         None => (s, "tcp"),
@@ -914,9 +918,12 @@ pub fn parse_service(s: &str) -> Result<(SocketAddrV4, Protocol), String> {
         "udp" => Protocol::Udp,
         other => return Err(format!("protocol `{other}` is not tcp or udp")),
     };
-    let addr: SocketAddrV4 = addr
-        .parse()
-        .map_err(|_| format!("`{addr}` is not ADDRESS:PORT (IPv4), e.g. 10.0.0.100:80/tcp"))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        format!(
+            "`{addr}` is not ADDRESS:PORT, e.g. 10.0.0.100:80/tcp, or [ADDRESS]:PORT for IPv6, \
+             e.g. [2001:db8::1]:80/tcp"
+        )
+    })?;
     Ok((addr, proto))
 }
 
@@ -1157,7 +1164,7 @@ impl Client {
         Ok(m.message)
     }
 
-    fn backend_body(vip: &str, backend: Ipv4Addr) -> OpBody {
+    fn backend_body(vip: &str, backend: IpAddr) -> OpBody {
         OpBody {
             vip: Some(vip.to_string()),
             backend: Some(backend.to_string()),
@@ -1169,7 +1176,7 @@ impl Client {
     pub async fn drain(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         drain: bool,
     ) -> Result<String, ClientError> {
         let path = if drain {
@@ -1183,7 +1190,7 @@ impl Client {
     pub async fn set_weight(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
     ) -> Result<String, ClientError> {
         let body = OpBody {
@@ -1196,7 +1203,7 @@ impl Client {
     pub async fn add_backend(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         backup: bool,
     ) -> Result<String, ClientError> {
@@ -1208,11 +1215,7 @@ impl Client {
         self.op("/v1/backend/add", body).await
     }
 
-    pub async fn remove_backend(
-        &self,
-        vip: &str,
-        backend: Ipv4Addr,
-    ) -> Result<String, ClientError> {
+    pub async fn remove_backend(&self, vip: &str, backend: IpAddr) -> Result<String, ClientError> {
         self.op("/v1/backend/remove", Self::backend_body(vip, backend))
             .await
     }
@@ -1310,6 +1313,15 @@ mod tests {
             ("10.0.0.100:80".parse().unwrap(), Protocol::Udp)
         );
         assert_eq!(parse_service("10.0.0.100:80").unwrap().1, Protocol::Tcp);
+        assert_eq!(
+            parse_service("[2001:db8::1]:53/udp").unwrap(),
+            ("[2001:db8::1]:53".parse().unwrap(), Protocol::Udp)
+        );
+        assert!(
+            parse_service("2001:db8::1:80/tcp")
+                .unwrap_err()
+                .contains("[ADDRESS]:PORT for IPv6")
+        );
         assert!(
             parse_service("10.0.0.100:80/sctp")
                 .unwrap_err()
@@ -1432,7 +1444,7 @@ mod tests {
         };
         let (stop, server) = start(bind_all(&api).await.unwrap());
         let client = Client::new(&sock);
-        let b: Ipv4Addr = "10.0.0.12".parse().unwrap();
+        let b: IpAddr = "10.0.0.12".parse().unwrap();
         assert_eq!(
             client.drain("web", b, true).await.unwrap(),
             "drained in web"
@@ -1508,6 +1520,7 @@ mod tests {
         }
         Ok(FlowsReport {
             capacity: 1024,
+            capacity_v6: 1024,
             scanned: limit,
             scan_capped: false,
             flows: vec![crate::status::FlowStatus {

@@ -21,7 +21,7 @@ pub mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{self, Read as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -44,6 +44,28 @@ use proto::Discard;
 
 /// Prefix length the VIPs are held with: a host route each, never a subnet.
 const VIP_PREFIX: u8 = 32;
+/// Prefix length of an IPv6 VIP address on the interface.
+const VIP6_PREFIX: u8 = 128;
+
+/// The prefix length a VIP address is added with: its own host route, of its family.
+fn vip_prefix(vip: IpAddr) -> u8 {
+    match vip {
+        IpAddr::V4(_) => VIP_PREFIX,
+        IpAddr::V6(_) => VIP6_PREFIX,
+    }
+}
+
+/// The IPv4 VIP addresses: the ones VRRP adverts list and gratuitous ARP announces. IPv6 VIPs
+/// are taken and released with them (added without duplicate address detection), but not
+/// announced yet.
+fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> BTreeSet<Ipv4Addr> {
+    vips.into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
 /// Network control (CS6), as keepalived and routers mark VRRP.
 const TOS_NETWORK_CONTROL: u32 = 0xc0;
 /// At most one warning per this long for each kind of discarded advert (a flood of forged
@@ -161,10 +183,10 @@ pub struct HaStatus {
     pub tracking: Vec<TrackStatus>,
     pub counters: HaCounters,
     pub peer_tables: Option<PeerTables>,
-    /// Addresses this node holds now.
-    pub vips: Vec<Ipv4Addr>,
+    /// Addresses this node holds now (IPv4 and IPv6).
+    pub vips: Vec<IpAddr>,
     /// Addresses it holds when master.
-    pub vip_addresses: Vec<Ipv4Addr>,
+    pub vip_addresses: Vec<IpAddr>,
     pub virtual_mac: Option<String>,
 }
 
@@ -179,7 +201,7 @@ pub struct Ha {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<HaStatus>,
     inputs: watch::Sender<Inputs>,
-    vips: watch::Sender<BTreeSet<Ipv4Addr>>,
+    vips: watch::Sender<BTreeSet<IpAddr>>,
     digest: watch::Sender<Option<u64>>,
     task: JoinHandle<()>,
 }
@@ -201,7 +223,7 @@ impl Ha {
     pub async fn start(
         cfg: config::Ha,
         nl: Netlink,
-        vips: BTreeSet<Ipv4Addr>,
+        vips: BTreeSet<IpAddr>,
         inputs: Inputs,
     ) -> Result<Ha, HaError> {
         let iface = nl.interface(&cfg.interface).await?;
@@ -216,13 +238,12 @@ impl Ha {
                 }
                 s
             }
-            None => {
-                nl.primary_ipv4(iface.index, &vips)
-                    .await?
-                    .ok_or_else(|| HaError::NoSource {
-                        interface: cfg.interface.clone(),
-                    })?
-            }
+            None => nl
+                .primary_ipv4(iface.index, &ipv4_only(&vips))
+                .await?
+                .ok_or_else(|| HaError::NoSource {
+                    interface: cfg.interface.clone(),
+                })?,
         };
         let (sock, send_sock) = open_sockets(&cfg, iface.index, source)?;
         let sync = if cfg.sync_port != 0 {
@@ -329,7 +350,7 @@ impl Ha {
         });
     }
 
-    pub fn set_vips(&self, vips: BTreeSet<Ipv4Addr>) {
+    pub fn set_vips(&self, vips: BTreeSet<IpAddr>) {
         self.vips.send_if_modified(|cur| {
             let changed = *cur != vips;
             *cur = vips;
@@ -469,14 +490,14 @@ struct Runner {
     garp_task: Option<JoinHandle<()>>,
     epoch: Instant,
     /// Addresses we put on the interface.
-    held_addrs: BTreeSet<Ipv4Addr>,
-    vips: BTreeSet<Ipv4Addr>,
+    held_addrs: BTreeSet<IpAddr>,
+    vips: BTreeSet<IpAddr>,
     counters: HaCounters,
     last_transition: Option<Transition>,
     link: watch::Receiver<LinkState>,
     link_task: JoinHandle<()>,
     inputs: watch::Receiver<Inputs>,
-    vips_rx: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    vips_rx: watch::Receiver<BTreeSet<IpAddr>>,
     digest: watch::Receiver<Option<u64>>,
     commands: mpsc::Receiver<Command>,
     pending_handover: Option<(Instant, oneshot::Sender<Result<String, String>>)>,
@@ -633,14 +654,15 @@ impl Runner {
             self.counters.priority_zero_received += 1;
         }
         let theirs: BTreeSet<Ipv4Addr> = r.advert.addresses.iter().copied().collect();
-        if theirs != self.vips {
+        let ours = ipv4_only(&self.vips);
+        if theirs != ours {
             self.counters.address_mismatch += 1;
             if self.counters.address_mismatch == 1 {
                 warn!(
                     peer = %r.src,
                     "VRRP advert from {} for vrid {} lists addresses {:?}, this node has {:?}; \
                      accepted (RFC 5798 7.1), but the two configs differ",
-                    r.src, self.cfg.vrid, theirs, self.vips
+                    r.src, self.cfg.vrid, theirs, ours
                 );
             }
         }
@@ -780,7 +802,8 @@ impl Runner {
             vrid: self.cfg.vrid,
             priority,
             interval_cs: self.cfg.advert_interval_cs(),
-            addresses: self.vips.iter().copied().collect(),
+            // IPv4 only: a VRRPv3 advert over IPv4 lists IPv4 addresses (RFC 5798 5.2.9).
+            addresses: ipv4_only(&self.vips).into_iter().collect(),
         };
         let dsts: Vec<Ipv4Addr> = if self.cfg.multicast() {
             vec![proto::GROUP]
@@ -807,8 +830,12 @@ impl Runner {
         }
     }
 
-    async fn add_vip(&mut self, vip: Ipv4Addr) {
-        match self.nl.add_address(self.vip_ifindex, vip, VIP_PREFIX).await {
+    async fn add_vip(&mut self, vip: IpAddr) {
+        match self
+            .nl
+            .add_address(self.vip_ifindex, vip, vip_prefix(vip))
+            .await
+        {
             Ok(()) => {
                 self.held_addrs.insert(vip);
             }
@@ -820,7 +847,7 @@ impl Runner {
         for vip in self.vips.clone() {
             self.add_vip(vip).await;
         }
-        self.announce(self.vips.iter().copied().collect());
+        self.announce(ipv4_only(&self.vips).into_iter().collect());
     }
 
     /// Gratuitous ARP for `addrs`: a burst now and, if configured, another later, so a switch
@@ -872,7 +899,11 @@ impl Runner {
         }
         // Also addresses a killed agent left behind: a backup must not answer ARP for them.
         for vip in self.vips.clone().into_iter().chain(self.held_addrs.clone()) {
-            match self.nl.del_address(self.vip_ifindex, vip, VIP_PREFIX).await {
+            match self
+                .nl
+                .del_address(self.vip_ifindex, vip, vip_prefix(vip))
+                .await
+            {
                 Ok(()) => {
                     self.held_addrs.remove(&vip);
                 }
@@ -887,14 +918,14 @@ impl Runner {
         if self.machine.state() != State::Master {
             return;
         }
-        let added: Vec<Ipv4Addr> = new.difference(&old).copied().collect();
+        let added: Vec<IpAddr> = new.difference(&old).copied().collect();
         for vip in &added {
             self.add_vip(*vip).await;
         }
         for vip in old.difference(&new) {
             match self
                 .nl
-                .del_address(self.vip_ifindex, *vip, VIP_PREFIX)
+                .del_address(self.vip_ifindex, *vip, vip_prefix(*vip))
                 .await
             {
                 Ok(()) => {
@@ -905,7 +936,7 @@ impl Runner {
         }
         if !added.is_empty() {
             info!(?added, "new VIP addresses taken and announced");
-            self.announce(added);
+            self.announce(ipv4_only(&added).into_iter().collect());
         }
         // Backups learn the new address list now rather than at the next advert.
         self.send_advert(self.machine.effective_priority());
