@@ -8,8 +8,9 @@
 //! digest of its tables, and reads [`HaStatus`] back.
 //!
 //! Both nodes run the same data path with the same tables at all times; only the VIP addresses
-//! move. A master answers ARP for them (the kernel does, because they are on its interface) and
-//! announces them with gratuitous ARP on taking over, so clients send to its MAC. Flows that
+//! move. A master answers ARP and neighbour solicitations for them (the kernel does, because
+//! they are on its interface) and announces them with gratuitous ARP (IPv4) or unsolicited
+//! neighbour advertisements (IPv6) on taking over, so clients send to its MAC. Flows that
 //! arrive at the new master without a connection-table entry are mapped by the Maglev table,
 //! which is the same on both nodes (the digest exchange checks that), so they keep their backend.
 
@@ -55,9 +56,10 @@ fn vip_prefix(vip: IpAddr) -> u8 {
     }
 }
 
-/// The IPv4 VIP addresses: the ones VRRP adverts list and gratuitous ARP announces. IPv6 VIPs
-/// are taken and released with them (added without duplicate address detection), but not
-/// announced yet.
+/// The IPv4 VIP addresses: the ones VRRP adverts list (a VRRPv3 advert for IPv4 carries IPv4
+/// addresses only). IPv6 VIPs go with them as keepalived's `virtual_ipaddress_excluded` do:
+/// taken and released together (added without duplicate address detection, which would hold
+/// them unusable for a second) and announced with unsolicited neighbour advertisements.
 fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> BTreeSet<Ipv4Addr> {
     vips.into_iter()
         .filter_map(|a| match a {
@@ -847,12 +849,13 @@ impl Runner {
         for vip in self.vips.clone() {
             self.add_vip(vip).await;
         }
-        self.announce(ipv4_only(&self.vips).into_iter().collect());
+        self.announce(self.vips.iter().copied().collect());
     }
 
-    /// Gratuitous ARP for `addrs`: a burst now and, if configured, another later, so a switch
-    /// or client that missed the first (or cached an older answer) learns the new owner.
-    fn announce(&mut self, addrs: Vec<Ipv4Addr>) {
+    /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6) for `addrs`: a burst
+    /// now and, if configured, another later, so a switch or client that missed the first (or
+    /// cached an older answer) learns the new owner.
+    fn announce(&mut self, addrs: Vec<IpAddr>) {
         if addrs.is_empty() {
             return;
         }
@@ -869,15 +872,15 @@ impl Runner {
                 async move {
                     for i in 0..count {
                         for a in &addrs {
-                            if let Err(e) = garp.send(*a) {
-                                warn!("gratuitous ARP for {a} failed: {e}");
+                            if let Err(e) = garp.announce(*a) {
+                                warn!("announcing {a} failed: {e}");
                             }
                         }
                         if i + 1 < count && !gap.is_zero() {
                             tokio::time::sleep(gap).await;
                         }
                     }
-                    debug!(round, count, "gratuitous ARPs sent");
+                    debug!(round, count, "gratuitous ARPs / neighbour advertisements sent");
                 }
             };
             burst("takeover").await;
@@ -936,7 +939,7 @@ impl Runner {
         }
         if !added.is_empty() {
             info!(?added, "new VIP addresses taken and announced");
-            self.announce(ipv4_only(&added).into_iter().collect());
+            self.announce(added);
         }
         // Backups learn the new address list now rather than at the next advert.
         self.send_advert(self.machine.effective_priority());
