@@ -72,12 +72,13 @@ enum Command {
         /// Seconds to wait for backend MAC addresses before attaching.
         #[arg(long, default_value_t = 3.0)]
         mac_wait: f64,
-        /// Take the place of the agent running on the API socket (an upgrade): validate the
-        /// config, load and verify the program and fill its maps while that agent keeps
-        /// serving, then ask it (over the Unix socket) to stop with its data path attached,
-        /// wait for it to exit and swap the new program into the pinned link atomically. The
-        /// connection table is kept; an HA master stays master. Any failure before the switch
-        /// leaves the running agent untouched. Without a running agent, a normal start.
+        /// Take the place of the agent serving on the config's [api] socket (an upgrade):
+        /// validate the config, load and verify the program and fill its maps while that agent
+        /// keeps serving, then ask it (over the Unix socket) to stop with its data path
+        /// attached, wait for it to exit and swap the new program into the pinned link
+        /// atomically. The connection table is kept; an HA master stays master. Any failure
+        /// before the switch leaves the running agent untouched. Without a running agent, a
+        /// normal start.
         #[arg(long)]
         replace: bool,
     },
