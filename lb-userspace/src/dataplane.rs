@@ -1319,6 +1319,22 @@ pub fn pin_dir(interface: &str) -> PathBuf {
     }
 }
 
+/// The ids of the link pinned for `interface` ([`pin_dir`]) and of the program it runs now:
+/// `(link id, program id)`.
+pub fn pinned_link_ids(interface: &str) -> io::Result<(u32, u32)> {
+    let path = pin_dir(interface).join("link");
+    let link = FdLink::from(PinnedLink::from_pin(&path).map_err(io::Error::other)?);
+    let info = link.info().map_err(io::Error::other)?;
+    Ok((info.id(), info.program_id()))
+}
+
+/// The id of the IPv4 connection table pinned for `interface`, if one is.
+pub fn pinned_flows_id(interface: &str) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(pin_dir(interface).join("flows"))
+        .ok()
+        .map(|i| i.id())
+}
+
 /// `BPF_OBJ_GET`: opens a pinned BPF object.
 fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;

@@ -72,6 +72,15 @@ enum Command {
         /// Seconds to wait for backend MAC addresses before attaching.
         #[arg(long, default_value_t = 3.0)]
         mac_wait: f64,
+        /// Take the place of the agent serving on the config's [api] socket (an upgrade):
+        /// validate the config, load and verify the program and fill its maps while that agent
+        /// keeps serving, then ask it (over the Unix socket) to stop with its data path
+        /// attached, wait for it to exit and swap the new program into the pinned link
+        /// atomically. The connection table is kept; an HA master stays master. Any failure
+        /// before the switch leaves the running agent untouched. Without a running agent, a
+        /// normal start.
+        #[arg(long)]
+        replace: bool,
     },
     /// Validate a config file without touching the system.
     CheckConfig {
@@ -323,6 +332,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_forwarding,
             log_level,
             mac_wait,
+            replace,
         } => {
             logging::init(log_level);
             let loaded = load_config(config)?;
@@ -340,6 +350,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 mac_wait: Duration::try_from_secs_f64(mac_wait)
                     .context("--mac-wait must be a non-negative number of seconds")?,
                 config_path: Some(config.clone()),
+                replace,
             };
             runtime()?.block_on(agent::run(
                 loaded.config,

@@ -659,3 +659,73 @@ fn unicast_peers_elect_compare_tables_and_fail_over() -> Result<()> {
     );
     Ok(())
 }
+
+/// `xdplb run --replace` on the master: the old agent leaves without resigning and keeps the
+/// VIP on the interface, the new one starts as master and advertises at once, so the backup
+/// never takes over and the client sees no outage.
+#[test]
+fn replacing_the_master_causes_no_failover() -> Result<()> {
+    if !require_privileges("replacing_the_master_causes_no_failover") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = topo.identity_servers(PORT)?;
+    let (mut a, b) = pair(&topo, "", "")?;
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cfg = topo.config(0, &services(3), &ha_keys(200, ""));
+    let new = topo.start_agent(0, &cfg, &["--replace"])?;
+    ensure!(
+        new.wait_log("replaced agent pid", Duration::from_secs(30)),
+        "{}",
+        new.log_text()
+    );
+    let st = a
+        .agent
+        .guard
+        .wait_timeout(Duration::from_secs(10))?
+        .context("the replaced agent is still running")?;
+    ensure!(st.success(), "the replaced agent exited with {st}");
+    ensure!(
+        a.log_text().contains("VRRP stopped without resigning"),
+        "{}",
+        a.log_text()
+    );
+    wait_state(&new, "master", Duration::from_secs(1))?;
+    ensure!(
+        new.wait_log(
+            "took over mastership from the agent this one replaced",
+            Duration::from_secs(1)
+        ),
+        "{}",
+        new.log_text()
+    );
+    // Well past the backup's master-down interval: it never took over.
+    std::thread::sleep(master_down(100) * 3);
+    let backup = b.ha()?;
+    ensure!(
+        backup.state == "backup" && backup.counters.became_master == 0,
+        "lb2 took over: {backup:?}"
+    );
+    ensure!(
+        backup.counters.priority_zero_received == 0,
+        "the replaced master resigned: {backup:?}"
+    );
+    ensure!(
+        topo.vip_holder() == vec![0],
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    let log = probe.finish();
+    let (gap, failed) = outage(&log);
+    eprintln!(
+        "{} connections through the master's replacement, {failed} failed, longest gap {gap:?}",
+        log.len()
+    );
+    ensure!(failed == 0, "{failed} connections failed");
+    ensure!(gap < master_down(100), "outage {gap:?}");
+    ensure!(new.stop().success());
+    drop(b);
+    Ok(())
+}

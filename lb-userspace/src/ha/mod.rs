@@ -196,6 +196,8 @@ enum Command {
     Handover(oneshot::Sender<Result<String, String>>),
     Resume(oneshot::Sender<Result<String, String>>),
     Stop(oneshot::Sender<()>),
+    /// Stop without resigning, for a replacing agent; answered with the state it stopped in.
+    Detach(oneshot::Sender<State>),
 }
 
 /// The agent's side of the runner.
@@ -227,6 +229,19 @@ impl Ha {
         nl: Netlink,
         vips: BTreeSet<IpAddr>,
         inputs: Inputs,
+    ) -> Result<Ha, HaError> {
+        Self::start_as(cfg, nl, vips, inputs, false).await
+    }
+
+    /// [`start`](Self::start); with `as_master`, for an agent that replaces a master which
+    /// stopped without resigning ([`Ha::detach`]), it starts as master and advertises at once
+    /// (unless tracking says it cannot forward), so the backups see no gap.
+    pub async fn start_as(
+        cfg: config::Ha,
+        nl: Netlink,
+        vips: BTreeSet<IpAddr>,
+        inputs: Inputs,
+        as_master: bool,
     ) -> Result<Ha, HaError> {
         let iface = nl.interface(&cfg.interface).await?;
         let source = match cfg.source {
@@ -326,6 +341,7 @@ impl Ha {
             discard_warned: BTreeMap::new(),
             peer_tables: None,
             status_tx: None,
+            start_as_master: as_master,
         };
         let (status_tx, status) = watch::channel(runner.snapshot());
         runner.status_tx = Some(status_tx);
@@ -396,6 +412,24 @@ impl Ha {
             commands.send(cmd).await.map_err(|_| stopped())?;
             rx.await.map_err(|_| stopped())?
         }
+    }
+
+    /// Stops without resigning, for an agent that replaces this one at once: no priority-0
+    /// advert, the VIP addresses (and the virtual-MAC interface) stay. Returns the state it
+    /// stopped in (`None` if the runner did not answer). Until the next agent advertises, a
+    /// backup sees only silence: it takes over after its master-down interval.
+    pub async fn detach(self) -> Option<State> {
+        let (tx, rx) = oneshot::channel();
+        let state = if self.commands.send(Command::Detach(tx)).await.is_ok() {
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        self.task.abort();
+        state
     }
 
     /// Resigns (priority 0 if master), removes the VIPs and stops.
@@ -506,6 +540,8 @@ struct Runner {
     discard_warned: BTreeMap<Discard, Instant>,
     peer_tables: Option<sync::PeerState>,
     status_tx: Option<watch::Sender<HaStatus>>,
+    /// Start as master ([`Ha::start_as`]).
+    start_as_master: bool,
 }
 
 impl Runner {
@@ -558,7 +594,12 @@ impl Runner {
             mode = if self.cfg.multicast() { "multicast 224.0.0.18" } else { "unicast" },
             "VRRP started"
         );
-        self.step(Event::Startup).await;
+        self.step(if self.start_as_master {
+            Event::StartupAsMaster
+        } else {
+            Event::Startup
+        })
+        .await;
         self.publish();
         let mut sync_tick = tokio::time::interval(sync::INTERVAL);
         sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -576,6 +617,11 @@ impl Runner {
                     Some(Command::Stop(reply)) => {
                         self.shutdown().await;
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Detach(reply)) => {
+                        let state = self.detach();
+                        let _ = reply.send(state);
                         return;
                     }
                     Some(Command::Handover(reply)) => self.handover(reply).await,
@@ -1007,6 +1053,27 @@ impl Runner {
         self.link_task.abort();
         self.publish();
         info!(vrid = self.cfg.vrid, "VRRP stopped");
+    }
+
+    /// Stops without the shutdown step: see [`Ha::detach`].
+    fn detach(&mut self) -> State {
+        let state = self.machine.state();
+        if let Some(t) = self.garp_task.take() {
+            t.abort();
+        }
+        self.link_task.abort();
+        self.publish();
+        info!(
+            vrid = self.cfg.vrid,
+            state = %state,
+            "VRRP stopped without resigning, for the agent replacing this one{}",
+            if state == State::Master {
+                ": the VIP addresses stay on the interface"
+            } else {
+                ""
+            }
+        );
+        state
     }
 
     fn sync_tick(&mut self) {
