@@ -926,7 +926,10 @@ impl Runner {
                             tokio::time::sleep(gap).await;
                         }
                     }
-                    debug!(round, count, "gratuitous ARPs / neighbour advertisements sent");
+                    debug!(
+                        round,
+                        count, "gratuitous ARPs / neighbour advertisements sent"
+                    );
                 }
             };
             burst("takeover").await;
