@@ -33,7 +33,7 @@ use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::{
     AddressFamily,
-    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo},
     link::{
         InfoData, InfoKind, InfoMacVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp,
         MacVlanMode, XdpAttached,
@@ -371,6 +371,15 @@ impl Netlink {
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            // Deprecated from the start (preferred lifetime 0, valid forever): still ours for
+            // receiving and answering neighbour solicitations, but never picked as the source of
+            // this host's own connections. Preferred, a /128 VIP wins source selection (RFC 6724
+            // rule 8, longest match) for every on-link backend, and the health checks then come
+            // from the VIP, which each backend holds on lo and answers to itself.
+            let mut lifetimes = CacheInfo::default();
+            lifetimes.ifa_preferred = 0;
+            lifetimes.ifa_valid = u32::MAX;
+            msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
         }
         let result = req.execute().await;
         match result {

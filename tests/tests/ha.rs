@@ -733,13 +733,17 @@ fn replacing_the_master_causes_no_failover() -> Result<()> {
 /// An IPv6 VIP moves with mastership: added to the new master's interface usable at once (no
 /// duplicate address detection), removed from the old one, and announced with an unsolicited
 /// neighbour advertisement, so a client that had resolved it to the old master sends to the new
-/// one at once rather than when its neighbour entry ages out (tens of seconds).
+/// one at once rather than when its neighbour entry ages out (tens of seconds). The master's
+/// own health checks of the IPv6 backend keep passing while it holds the VIP: held as a
+/// preferred address, the /128 would become their source and the backend (which holds the VIP
+/// too) would answer them to itself.
 #[test]
 fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
     if !require_privileges("ipv6_vip_moves_with_mastership_and_is_announced") {
         return Ok(());
     }
     const VIP6: &str = "2001:db8::100";
+    const CHECK_PORT: u16 = 8080;
     let topo = HaTopology::new(1)?;
     let hosts = [
         (&topo.client, "2001:db8::1"),
@@ -766,9 +770,29 @@ fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
     topo.backends[0]
         .ns
         .ip(&["-6", "addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+    // The health-check port: the kernel completes handshakes into the backlog unaccepted.
+    let _check = topo.backends[0].ns.run_in(|| {
+        std::net::TcpListener::bind(("::", CHECK_PORT)).context("health-check listener")
+    })?;
+    // The IPv6 backend as `agent`'s status shows it: its state and its health checks.
+    let backend6 = |agent: &HaAgent| -> Result<(String, u64)> {
+        let out = agent.cli(&["status", "--json"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        let b = v["vips"]
+            .as_array()
+            .and_then(|vips| vips.iter().find(|x| x["name"] == "web6"))
+            .and_then(|x| x["backends"].get(0))
+            .with_context(|| format!("no web6 backend in {v}"))?;
+        Ok((
+            b["state"].as_str().unwrap_or_default().to_owned(),
+            b["health"]["failures"].as_u64().unwrap_or_default(),
+        ))
+    };
     let services = format!(
         "{}[[vip]]\nname = \"web6\"\naddress = \"{VIP6}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
-         [vip.health]\nkind = \"none\"\n[[vip.backend]]\naddress = \"2001:db8::11\"\n",
+         [vip.health]\nkind = \"tcp\"\nport = {CHECK_PORT}\ninterval = \"100ms\"\n\
+         timeout = \"80ms\"\nrise = 1\nfall = 2\n[[vip.backend]]\naddress = \"2001:db8::11\"\n",
         services(1)
     );
     let a = topo.start_agent(0, &topo.config(0, &services, &ha_keys(200, "")), &[])?;
@@ -794,6 +818,14 @@ fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
         h.vips.iter().any(|v| v.to_string() == VIP6),
         "status: {:?}",
         h.vips
+    );
+    // A dozen check intervals with the VIP held: no check failed.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (state, failures) = backend6(&a)?;
+    ensure!(
+        state == "up" && failures == 0,
+        "the master's checks of its IPv6 backend: {state}, {failures} failures; log:\n{}",
+        a.log_text()
     );
 
     // The client resolves the VIP to lb1 (its kernel answers the solicitation and the ping).
@@ -840,6 +872,13 @@ fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
     let line = held(1)?.context("lb2 (master) does not hold the IPv6 VIP")?;
     ensure!(!line.contains("tentative"), "added with DAD: {line}");
     ensure!(held(0)?.is_none(), "lb1 kept the IPv6 VIP after stopping");
+    std::thread::sleep(Duration::from_millis(1200));
+    let (state, failures) = backend6(&b)?;
+    ensure!(
+        state == "up" && failures == 0,
+        "the new master's checks of its IPv6 backend: {state}, {failures} failures; log:\n{}",
+        b.log_text()
+    );
     topo.client
         .ns
         .exec("ping", &["-6", "-c", "1", "-W", "2", VIP6])
