@@ -229,22 +229,24 @@ pub async fn run(
     let ring_entries = config.ring_entries_needed().max(MIN_RING_ENTRIES);
     // The connection table lives in a pin next to the link's, so that a restarted agent (after
     // a crash, or `--keep-forwarding`) keeps established flows on their backends.
-    let flows_pin = pins.join("flows");
     let (mut dp, adopted) = Dataplane::load_adopting(
         LoadOptions {
             ring_entries,
             flow_entries: config.flows.entries,
+            flow6_entries: config.flows.entries_v6,
         },
-        &flows_pin,
+        &pins,
     )?;
     info!(
         program_id = ?dp.program_id(),
         ring_entries = dp.ring_capacity(),
         "XDP program loaded and verified"
     );
-    if adopted {
+    if adopted.flows || adopted.flows6 {
         info!(
-            path = %flows_pin.display(),
+            path = %pins.display(),
+            ipv4 = adopted.flows,
+            ipv6 = adopted.flows6,
             "adopted the connection table a previous agent left: established flows keep their \
              backends"
         );

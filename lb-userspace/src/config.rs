@@ -85,6 +85,9 @@ pub struct Flows {
     /// Entries, all CPUs together (each CPU's LRU list holds `entries / CPUs`). Fixed when the
     /// agent starts.
     pub entries: u32,
+    /// Entries of the IPv6 connection table, a table of its own (an IPv6 key is 40 bytes, an
+    /// IPv4 one 16). Fixed when the agent starts.
+    pub entries_v6: u32,
     /// A UDP flow idle this long is decided again by its VIP's table (and counted as new).
     /// Zero: UDP entries never expire (only the LRU evicts them).
     #[serde(rename = "udp_idle_timeout_ms", serialize_with = "health::millis")]
@@ -100,7 +103,11 @@ pub struct Flows {
 
 /// Default [`Flows::entries`]: about 100 MiB of kernel memory (see the README).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
-/// Smallest and largest [`Flows::entries`].
+/// Default [`Flows::entries_v6`]: about 32 MiB of kernel memory (see the README). Smaller than
+/// the IPv4 default: most edges still carry more IPv4 flows, and an unused table costs its
+/// memory all the same (LRU tables are preallocated).
+pub const DEFAULT_FLOW_ENTRIES_V6: u32 = 1 << 18;
+/// Smallest and largest [`Flows::entries`] and [`Flows::entries_v6`].
 pub const MIN_FLOW_ENTRIES: u32 = 1024;
 pub const MAX_FLOW_ENTRIES: u32 = 1 << 27;
 /// Default [`Flows::udp_idle_timeout`].
@@ -116,6 +123,7 @@ impl Default for Flows {
     fn default() -> Self {
         Flows {
             entries: DEFAULT_FLOW_ENTRIES,
+            entries_v6: DEFAULT_FLOW_ENTRIES_V6,
             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             insert_rate_limit: DEFAULT_INSERT_RATE_LIMIT,
             remove_grace: DEFAULT_REMOVE_GRACE,
@@ -469,6 +477,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawFlows {
     entries: Option<Spanned<i64>>,
+    entries_v6: Option<Spanned<i64>>,
     udp_idle_timeout: Option<Spanned<String>>,
     insert_rate_limit: Option<Spanned<i64>>,
     remove_grace: Option<Spanned<String>>,
@@ -628,6 +637,7 @@ fn expected_value(key: &str, element: bool) -> Option<&'static str> {
         ("api", _) => "an `[api]` section",
         ("flows", _) => "a `[flows]` section",
         ("entries", _) => "a whole number without quotes, like 1048576",
+        ("entries_v6", _) => "a whole number without quotes, like 262144",
         ("insert_rate_limit", _) => "a whole number without quotes, like 100000 (0: no bound)",
         ("udp_idle_timeout" | "remove_grace", _) => "a duration in quotes, like \"30s\" or \"2m\"",
         ("vip", false) => "`[[vip]]` sections (double brackets: there can be several)",
@@ -833,6 +843,10 @@ impl Checker<'_> {
             Some(v) => self.value(v, "flows.entries", |n| flow_entries(*n)),
             None => Some(d.entries),
         };
+        let entries_v6 = match raw.entries_v6 {
+            Some(v) => self.value(v, "flows.entries_v6", |n| flow_entries(*n)),
+            None => Some(d.entries_v6),
+        };
         let udp_idle_timeout = match raw.udp_idle_timeout {
             Some(v) => self.value(v, "flows.udp_idle_timeout", |s| flow_duration(s)),
             None => Some(d.udp_idle_timeout),
@@ -854,6 +868,7 @@ impl Checker<'_> {
         };
         Some(Flows {
             entries: entries?,
+            entries_v6: entries_v6?,
             udp_idle_timeout: udp_idle_timeout?,
             insert_rate_limit: insert_rate_limit?,
             remove_grace: remove_grace?,
@@ -2500,7 +2515,7 @@ address = "10.0.0.21"
         assert_eq!(c.flows, Flows::default());
         assert_eq!(c.flows.entries, 1 << 20);
         let text = format!(
-            "{DATAPLANE}[flows]\nentries = 4096\nudp_idle_timeout = \"0s\"\n\
+            "{DATAPLANE}[flows]\nentries = 4096\nentries_v6 = 2048\nudp_idle_timeout = \"0s\"\n\
              insert_rate_limit = 0\nremove_grace = \"2m\"\n"
         );
         let c = parse(&text, Path::new("t.toml")).unwrap().config;
@@ -2508,6 +2523,7 @@ address = "10.0.0.21"
             c.flows,
             Flows {
                 entries: 4096,
+                entries_v6: 2048,
                 udp_idle_timeout: std::time::Duration::ZERO,
                 insert_rate_limit: 0,
                 remove_grace: std::time::Duration::from_secs(120),
@@ -2522,6 +2538,11 @@ address = "10.0.0.21"
             &flows("entries = 10"),
             "flows.entries",
             &["entries 10 is out of range", "1024", "134217728"],
+        );
+        assert_one(
+            &flows("entries_v6 = 1000"),
+            "flows.entries_v6",
+            &["entries 1000 is out of range", "1024"],
         );
         assert_one(
             &flows("insert_rate_limit = -1"),

@@ -35,9 +35,10 @@ use lb_common::{
     Reason,
     flows::FlowStat,
     maps::{
-        self, BackendInfo, Counter, FlowEntry, FlowKey, RING_CHUNK_ENTRIES, RingChunk, Settings,
-        VIP_TABLE_PROBES, VIP_TABLE_SLOTS, VipAddrKey, VipFilter, VipInfo, VipKey, VipSlot,
-        vip_filter_set, vip_home, vip_key_word, vip_table_ctl, vip_table_find, vip_table_word,
+        self, BackendInfo, Counter, Flow6Key, FlowEntry, FlowKey, RING_CHUNK_ENTRIES, RingChunk,
+        Settings, VIP_TABLE_PROBES, VIP_TABLE_SLOTS, Vip6Key, VipAddr6Key, VipAddrKey, VipFilter,
+        VipInfo, VipKey, VipSlot, vip_filter_fold6, vip_filter_set, vip_home, vip_key_word,
+        vip_table_ctl, vip_table_find, vip_table_word,
     },
 };
 use thiserror::Error;
@@ -145,6 +146,8 @@ pub struct LoadOptions {
     pub ring_entries: u32,
     /// Entries of the connection table (all CPUs together; each CPU's LRU list holds its share).
     pub flow_entries: u32,
+    /// Entries of the IPv6 connection table, likewise.
+    pub flow6_entries: u32,
 }
 
 /// How the program is attached.
@@ -477,6 +480,10 @@ pub struct Dataplane {
     vip_filter: Array<MapData, VipFilter>,
     /// The addresses in `vip_addrs`, to rebuild the filter when one goes.
     vip_addr_set: std::collections::BTreeSet<[u8; 4]>,
+    vip6: HashMap<MapData, Vip6Key, VipInfo>,
+    vip_addrs6: HashMap<MapData, VipAddr6Key, u32>,
+    /// The addresses in `vip_addrs6`; they share the filter (folded).
+    vip_addr6_set: std::collections::BTreeSet<[u8; 16]>,
     ring: Ring,
     backends: Array<MapData, BackendInfo>,
     settings: Array<MapData, Settings>,
@@ -484,8 +491,10 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counter>,
     reason_stats: PerCpuArray<MapData, Counter>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flows6: HashMap<MapData, Flow6Key, FlowEntry>,
     flow_stats: PerCpuArray<MapData, u64>,
     flow_entries: u32,
+    flow6_entries: u32,
     link: Option<(String, XdpLinkId)>,
     /// The link, pinned under [`pin_dir`] from the moment it is attached, so that it survives
     /// the agent: a crashed agent's data path keeps forwarding (with its last tables) instead
@@ -501,36 +510,54 @@ impl Dataplane {
         Self::load_with(opts, None)
     }
 
-    /// [`load`](Self::load), with the connection table pinned at `flows_pin`: a table pinned
-    /// there by an earlier agent (one that crashed, or left with `--keep-forwarding`) is adopted
-    /// if its layout is exactly this agent's, so established flows keep their backends across
-    /// the restart; otherwise a new one is created and pinned there. Returns whether it adopted.
+    /// [`load`](Self::load), with the connection tables pinned in `dir` (as `flows` and
+    /// `flows6`): a table pinned there by an earlier agent (one that crashed, or left with
+    /// `--keep-forwarding`) is adopted if its layout is exactly this agent's, so established
+    /// flows keep their backends across the restart; otherwise a new one is created and pinned
+    /// there. Both are checked before either is used. Returns the tables it adopted.
     pub fn load_adopting(
         opts: LoadOptions,
-        flows_pin: &Path,
-    ) -> Result<(Dataplane, bool), DataplaneError> {
-        let adopted = flows_pin.exists();
-        if adopted {
-            check_flows_layout(flows_pin, opts.flow_entries)?;
-        } else if let Some(dir) = flows_pin.parent() {
-            ensure_bpffs()?;
-            fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
-                path: dir.to_path_buf(),
-                source: e.into(),
-            })?;
+        dir: &Path,
+    ) -> Result<(Dataplane, Adopted), DataplaneError> {
+        let pins = FlowPins::in_dir(dir);
+        let adopted = Adopted {
+            flows: pins.flows.exists(),
+            flows6: pins.flows6.exists(),
+        };
+        if adopted.flows {
+            check_flows_layout(
+                &pins.flows,
+                core::mem::size_of::<FlowKey>(),
+                opts.flow_entries,
+            )?;
         }
-        Ok((Self::load_with(opts, Some(flows_pin))?, adopted))
+        if adopted.flows6 {
+            check_flows_layout(
+                &pins.flows6,
+                core::mem::size_of::<Flow6Key>(),
+                opts.flow6_entries,
+            )?;
+        }
+        ensure_bpffs()?;
+        fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok((Self::load_with(opts, Some(&pins))?, adopted))
     }
 
-    fn load_with(opts: LoadOptions, flows_pin: Option<&Path>) -> Result<Dataplane, DataplaneError> {
+    fn load_with(opts: LoadOptions, pins: Option<&FlowPins>) -> Result<Dataplane, DataplaneError> {
         raise_memlock_limit();
         let chunks = opts.ring_entries.div_ceil(RING_CHUNK_ENTRIES).max(1);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::RING, chunks)
-            .map_max_entries(maps::FLOWS, opts.flow_entries);
-        if let Some(path) = flows_pin {
-            loader.map_pin_path(maps::FLOWS, path);
+            .map_max_entries(maps::FLOWS, opts.flow_entries)
+            .map_max_entries(maps::FLOWS6, opts.flow6_entries);
+        if let Some(pins) = pins {
+            loader
+                .map_pin_path(maps::FLOWS, &pins.flows)
+                .map_pin_path(maps::FLOWS6, &pins.flows6);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [maps::PROG_XDPLB, maps::PROG_PASS] {
@@ -571,13 +598,22 @@ impl Dataplane {
         let reason_stats = PerCpuArray::try_from(take(maps::REASON_STATS)?)
             .map_err(map_err(maps::REASON_STATS))?;
         let flows = HashMap::try_from(take(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
+        let flows6 = HashMap::try_from(take(maps::FLOWS6)?).map_err(map_err(maps::FLOWS6))?;
+        let vip6 = HashMap::try_from(take(maps::VIP6)?).map_err(map_err(maps::VIP6))?;
+        let vip_addrs6 =
+            HashMap::try_from(take(maps::VIP_ADDRS6)?).map_err(map_err(maps::VIP_ADDRS6))?;
         let flow_stats =
             PerCpuArray::try_from(take(maps::FLOW_STATS)?).map_err(map_err(maps::FLOW_STATS))?;
         let ring = Ring::new(ring_map, chunks)?;
         Ok(Dataplane {
             flows,
+            flows6,
             flow_stats,
             flow_entries: opts.flow_entries,
+            flow6_entries: opts.flow6_entries,
+            vip6,
+            vip_addrs6,
+            vip_addr6_set: Default::default(),
             ebpf,
             vips,
             vip_addrs,
@@ -839,13 +875,7 @@ impl Dataplane {
             self.vip_addr_set.insert(key.addr)
         };
         if changed {
-            let mut filter: VipFilter = [0; (maps::VIP_FILTER_BITS / 64) as usize];
-            for a in &self.vip_addr_set {
-                vip_filter_set(&mut filter, *a);
-            }
-            self.vip_filter
-                .set(0, filter, 0)
-                .map_err(map_err(maps::VIP_FILTER))?;
+            self.write_filter()?;
         }
         if count == 0 {
             match self.vip_addrs.remove(key) {
@@ -857,6 +887,61 @@ impl Dataplane {
                 .insert(key, count, 0)
                 .map_err(map_err(maps::VIP_ADDRS))
         }
+    }
+
+    /// [`set_vip_addr`](Self::set_vip_addr) for an IPv6 address. IPv6 addresses share the
+    /// filter, folded by [`vip_filter_fold6`].
+    pub fn set_vip_addr6(&mut self, key: &VipAddr6Key, count: u32) -> Result<(), DataplaneError> {
+        let changed = if count == 0 {
+            self.vip_addr6_set.remove(&key.addr)
+        } else {
+            self.vip_addr6_set.insert(key.addr)
+        };
+        if changed {
+            self.write_filter()?;
+        }
+        if count == 0 {
+            match self.vip_addrs6.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(maps::VIP_ADDRS6)(e)),
+            }
+        } else {
+            self.vip_addrs6
+                .insert(key, count, 0)
+                .map_err(map_err(maps::VIP_ADDRS6))
+        }
+    }
+
+    /// Writes the VIP address filter whole from both address sets.
+    fn write_filter(&mut self) -> Result<(), DataplaneError> {
+        let mut filter: VipFilter = [0; (maps::VIP_FILTER_BITS / 64) as usize];
+        for a in &self.vip_addr_set {
+            vip_filter_set(&mut filter, *a);
+        }
+        for a in &self.vip_addr6_set {
+            vip_filter_set(&mut filter, vip_filter_fold6(a));
+        }
+        self.vip_filter
+            .set(0, filter, 0)
+            .map_err(map_err(maps::VIP_FILTER))
+    }
+
+    /// Publishes or changes an IPv6 VIP: one map update, which the kernel applies as a whole
+    /// (a reader sees the old value or the new one).
+    pub fn set_vip6(&mut self, key: &Vip6Key, info: &VipInfo) -> Result<(), DataplaneError> {
+        self.vip6.insert(key, info, 0).map_err(map_err(maps::VIP6))
+    }
+
+    pub fn remove_vip6(&mut self, key: &Vip6Key) -> Result<(), DataplaneError> {
+        match self.vip6.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::VIP6)(e)),
+        }
+    }
+
+    /// An IPv6 VIP as the data path sees it.
+    pub fn vip6(&self, key: &Vip6Key) -> Option<VipInfo> {
+        self.vip6.get(key, 0).ok()
     }
 
     /// Number of ring entries available.
@@ -928,6 +1013,11 @@ impl Dataplane {
         self.flow_entries
     }
 
+    /// Capacity of the IPv6 connection table.
+    pub fn flow6_capacity(&self) -> u32 {
+        self.flow6_entries
+    }
+
     /// Up to `limit` entries of the connection table that `keep` accepts, reading at most
     /// `max_read` entries, and how many entries were read. The kernel's iteration order is its
     /// hash order: the first entries are a fair sample. Entries evicted while reading are
@@ -936,25 +1026,19 @@ impl Dataplane {
         &self,
         limit: usize,
         max_read: usize,
-        mut keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+        keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
-        let mut out = Vec::new();
-        let mut read = 0;
-        for kv in self.flows.iter().take(max_read) {
-            let (k, v) = match kv {
-                Ok(kv) => kv,
-                Err(MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(maps::FLOWS)(e)),
-            };
-            read += 1;
-            if keep(&k, &v) {
-                out.push((k, v));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok((out, read))
+        sample(&self.flows, maps::FLOWS, limit, max_read, keep)
+    }
+
+    /// [`flows`](Self::flows) of the IPv6 connection table.
+    pub fn flows6(
+        &self,
+        limit: usize,
+        max_read: usize,
+        keep: impl FnMut(&Flow6Key, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(Flow6Key, FlowEntry)>, usize), DataplaneError> {
+        sample(&self.flows6, maps::FLOWS6, limit, max_read, keep)
     }
 
     /// Writes a connection-table entry (tests: a flow as an earlier packet would have left it).
@@ -964,16 +1048,21 @@ impl Dataplane {
             .map_err(map_err(maps::FLOWS))
     }
 
-    /// Empties the connection table (tests).
+    /// [`insert_flow`](Self::insert_flow) into the IPv6 table.
+    pub fn insert_flow6(
+        &mut self,
+        key: &Flow6Key,
+        entry: &FlowEntry,
+    ) -> Result<(), DataplaneError> {
+        self.flows6
+            .insert(key, entry, 0)
+            .map_err(map_err(maps::FLOWS6))
+    }
+
+    /// Empties both connection tables (tests).
     pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
-        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            match self.flows.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::FLOWS)(e)),
-            }
-        }
-        Ok(())
+        clear(&mut self.flows, maps::FLOWS)?;
+        clear(&mut self.flows6, maps::FLOWS6)
     }
 
     /// One connection-table entry.
@@ -981,10 +1070,55 @@ impl Dataplane {
         self.flows.get(key, 0).ok()
     }
 
+    /// One IPv6 connection-table entry.
+    pub fn flow6(&self, key: &Flow6Key) -> Option<FlowEntry> {
+        self.flows6.get(key, 0).ok()
+    }
+
     /// Kernel id of the load-balancing program.
     pub fn program_id(&self) -> Option<u32> {
         self.program().info().ok().map(|i| i.id())
     }
+}
+
+fn sample<K: aya::Pod>(
+    map: &HashMap<MapData, K, FlowEntry>,
+    name: &'static str,
+    limit: usize,
+    max_read: usize,
+    mut keep: impl FnMut(&K, &FlowEntry) -> bool,
+) -> Result<(Vec<(K, FlowEntry)>, usize), DataplaneError> {
+    let mut out = Vec::new();
+    let mut read = 0;
+    for kv in map.iter().take(max_read) {
+        let (k, v) = match kv {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        read += 1;
+        if keep(&k, &v) {
+            out.push((k, v));
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok((out, read))
+}
+
+fn clear<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, FlowEntry>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        match map.remove(&k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(())
 }
 
 fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter, MapError> {
@@ -1035,7 +1169,7 @@ impl Drop for Dataplane {
 
 /// Refuses a pinned connection table whose layout differs from this build's (key and value
 /// sizes, type, flags) or from the configured size: aya would adopt any map at that path.
-fn check_flows_layout(path: &Path, entries: u32) -> Result<(), DataplaneError> {
+fn check_flows_layout(path: &Path, key_size: usize, entries: u32) -> Result<(), DataplaneError> {
     let info = aya::maps::MapInfo::from_pin(path).map_err(|e| DataplaneError::Pin {
         path: path.to_path_buf(),
         source: e.into(),
@@ -1055,7 +1189,7 @@ fn check_flows_layout(path: &Path, entries: u32) -> Result<(), DataplaneError> {
     );
     let wanted = describe(
         format!("{:?}", aya::maps::MapType::LruHash),
-        core::mem::size_of::<FlowKey>() as u32,
+        key_size as u32,
         core::mem::size_of::<FlowEntry>() as u32,
         entries,
         maps::BPF_F_NO_COMMON_LRU,
@@ -1068,6 +1202,28 @@ fn check_flows_layout(path: &Path, entries: u32) -> Result<(), DataplaneError> {
         });
     }
     Ok(())
+}
+
+/// Which of the connection tables [`Dataplane::load_adopting`] found pinned and adopted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub flows: bool,
+    pub flows6: bool,
+}
+
+/// The pins of the two connection tables in a pin directory.
+struct FlowPins {
+    flows: PathBuf,
+    flows6: PathBuf,
+}
+
+impl FlowPins {
+    fn in_dir(dir: &Path) -> FlowPins {
+        FlowPins {
+            flows: dir.join("flows"),
+            flows6: dir.join("flows6"),
+        }
+    }
 }
 
 /// Where the data path of `interface` is pinned: `/sys/fs/bpf/xdplb/<interface>` in the host's

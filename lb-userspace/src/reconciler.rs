@@ -1420,6 +1420,12 @@ impl<M: Maps> Reconciler<M> {
                 self.config.flows.entries, new.flows.entries
             ));
         }
+        if new.flows.entries_v6 != self.config.flows.entries_v6 {
+            restart.push(format!(
+                "flows.entries_v6 {} -> {} (the connection table is sized when the agent starts)",
+                self.config.flows.entries_v6, new.flows.entries_v6
+            ));
+        }
         if !restart.is_empty() {
             return Err(ReconcileError::NeedsRestart(restart.join(", ")));
         }

@@ -199,6 +199,7 @@ fn load_world(world: &World) -> Dataplane {
     let mut dp = Dataplane::load(LoadOptions {
         ring_entries: world.ring.len() as u32,
         flow_entries: FLOW_ENTRIES,
+        flow6_entries: FLOW_ENTRIES,
     })
     .expect("load and verify the XDP program");
     dp.set_settings(&world.settings).unwrap();

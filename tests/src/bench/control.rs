@@ -655,6 +655,7 @@ async fn measure_changes(
     let dp = Dataplane::load(LoadOptions {
         ring_entries,
         flow_entries: s.config.flows.entries,
+        flow6_entries: s.config.flows.entries_v6,
     })
     .context("loading the data path (root, BPF)")?;
     let mut rec = Reconciler::new(

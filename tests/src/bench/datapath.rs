@@ -252,6 +252,7 @@ impl Bed {
         let dp = Dataplane::load(LoadOptions {
             ring_entries: cfg.ring_entries_needed(),
             flow_entries: cfg.flows.entries,
+            flow6_entries: cfg.flows.entries_v6,
         })
         .context("load the XDP object")?;
         let mut reconciler = Reconciler::new(dp, &cfg, "bench0", 1, LB_MAC, LogLevel::Info)?;
