@@ -262,25 +262,14 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return v;
     }
 
-    // Only the ports are needed, but a header shorter than the protocol's minimum is malformed.
+    // TCP and UDP both start with source port, destination port; the TCP flags follow. The
+    // frame bounds first, then the packet's: checked after the length arithmetic, the frame
+    // checks are implied by it, the compiler drops them, and the verifier needs to see them.
     let l4 = ETH_HDR_LEN + ip_hdr_len;
-    let l4_min = if proto == TCP {
-        TcpHdr::LEN
-    } else {
-        UdpHdr::LEN
-    };
-    if ip_hdr_len + l4_min > tot_len {
-        return Verdict::of(Reason::DropMalformedL4);
-    }
-    // TCP and UDP both start with source port, destination port. The length checks above
-    // already guarantee these bytes are in the frame; the verifier needs to see the check.
     let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
         return Verdict::of(Reason::DropMalformedL4);
     };
-    // SAFETY: in bounds; alignment 1.
-    let [sport, dport] = unsafe { *ports };
     let syn = if proto == TCP {
-        // Within the TCP header, which the length checks above put inside the frame.
         let Some(flags) = frame.ptr_at::<u8>(l4 + TCP_FLAGS_OFFSET) else {
             return Verdict::of(Reason::DropMalformedL4);
         };
@@ -289,6 +278,17 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
     } else {
         false
     };
+    // Only the ports are needed, but a header shorter than the protocol's minimum is malformed.
+    let l4_min = if proto == TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if ip_hdr_len + l4_min > tot_len {
+        return Verdict::of(Reason::DropMalformedL4);
+    }
+    // SAFETY: in bounds; alignment 1.
+    let [sport, dport] = unsafe { *ports };
     let flow = FlowKey {
         src,
         dst,
@@ -348,8 +348,7 @@ fn process_v6<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return Verdict::of(Reason::PassIpProto);
     }
 
-    // The frame bounds first, then the packet's: checked after the length arithmetic, the
-    // compiler would drop the frame checks as implied, and the verifier needs to see them.
+    // The frame bounds first, then the packet's (see process).
     let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
         return Verdict::of(Reason::DropMalformedL4);
     };
@@ -529,11 +528,13 @@ fn icmp6_error<F: Frame, T: Tables>(
     end: usize,
     dst: &[u8; 16],
 ) -> Verdict {
-    let Some(icmp_type) = frame.ptr_at::<u8>(l4) else {
+    // Type and code, though only the type is used: the bounds check of a single byte at a
+    // variable offset compiles to `start + l4 >= end`, from which the verifier learns no range.
+    let Some(icmp_type) = frame.ptr_at::<[u8; 2]>(l4) else {
         return Verdict::of(Reason::PassIpProto);
     };
-    // SAFETY: in bounds.
-    let icmp_type = unsafe { *icmp_type };
+    // SAFETY: in bounds; alignment 1.
+    let icmp_type = unsafe { (*icmp_type)[0] };
     if icmp_type != ICMPV6_DEST_UNREACH && icmp_type != ICMPV6_PACKET_TOO_BIG {
         return Verdict::of(Reason::PassIpProto);
     }
