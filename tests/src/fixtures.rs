@@ -1176,15 +1176,15 @@ fn ipv6_fixtures(w: &World) -> Vec<Fixture> {
         same(
             "ipv6_extension_header_truncated_by_the_frame",
             {
-                // The destination options claim 16 bytes; the frame (and the payload length)
-                // end after 8 of them.
-                let f = syn.clone().ext(dest.clone()).payload_len(8).frame();
-                f[..14 + 40 + 8].to_vec()
+                // The frame (and the payload length) end 2 bytes into the destination options.
+                let f = syn.clone().ext(dest.clone()).payload_len(2).frame();
+                f[..14 + 40 + 2].to_vec()
             },
             Reason::DropMalformedIp,
         ),
         same(
             "ipv6_extension_header_truncated_by_payload_length",
+            // The destination options claim 16 bytes, the payload length leaves 12.
             syn.clone().ext(dest.clone()).payload_len(12).frame(),
             Reason::DropMalformedIp,
         ),
