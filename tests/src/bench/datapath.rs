@@ -202,7 +202,7 @@ enum Filled {
     /// The agent's reconciler, from a config.
     Reconciler(Box<Reconciler<Dataplane>>),
     /// The bench itself (IPv6 services).
-    Bench(Dataplane),
+    Bench(Box<Dataplane>),
 }
 
 /// The made-up MAC of a backend: distinct per address, locally administered.
@@ -385,7 +385,7 @@ impl Bed {
         )?;
         load_bench_programs(&mut dp)?;
         Ok(Bed {
-            filled: Filled::Bench(dp),
+            filled: Filled::Bench(Box::new(dp)),
             vip_addrs: Vec::new(),
         })
     }
