@@ -575,3 +575,49 @@ fn kernel_insert_rate_bound() {
     let vip = dp.vip_counter(0).unwrap();
     assert_eq!((vip.packets, vip.flows), (10, 10), "all forwarded, all new");
 }
+
+/// Collects the data path's diagnostics.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+/// A drop is logged with the address it was sent to: an IPv4 one from the verdict, an IPv6 one
+/// read back from the frame (which a drop leaves unchanged).
+#[test]
+fn kernel_logs_drops_with_their_destination() {
+    if !require_privileges("kernel_logs_drops_with_their_destination") {
+        return;
+    }
+    let mut world = World::standard();
+    world.settings.log_level = 3; // info: fragments, and no-backend warnings
+    let mut dp = load_world(&world);
+    let lines = std::sync::Arc::default();
+    let mut logger = dp
+        .take_logger(Capture(std::sync::Arc::clone(&lines)))
+        .expect("the program logs through aya-log");
+    // Two reasons: each is logged at most once a second per CPU.
+    for name in ["ipv6_first_fragment_to_vip", "vip_with_empty_table"] {
+        let f = fixtures::all()
+            .into_iter()
+            .find(|f| f.name == name)
+            .unwrap();
+        let (action, _) = run_one(&dp, &f);
+        assert_eq!(action, Action::Drop as u32, "{name}");
+    }
+    logger.flush();
+    assert_eq!(
+        *lines.lock().unwrap(),
+        [
+            "fragment to vip address fd00::100 dropped (fragments cannot be steered)",
+            "vip 10.0.0.101:80 (index 2) has no backend: dropping its packets",
+        ]
+    );
+}
