@@ -2,10 +2,9 @@
 //!
 //! Method:
 //! - The maps are filled by the agent's own reconciler from a config (made-up backend MACs), in
-//!   two configurations: one VIP address (TCP :80 and UDP :53) with 3 backends, and 100 VIPs with
-//!   100 backends each, all at M = 65537. A third, the single-VIP configuration over IPv6, is
-//!   written by the bench through the same `Dataplane` API (the agent's config has no IPv6
-//!   services yet), with Maglev tables from the agent's builder.
+//!   three configurations: one VIP address (TCP :80 and UDP :53) with 3 backends, and 100 VIPs
+//!   with 100 backends each, all at M = 65537; and the first over IPv6 (new, established and
+//!   UDP flows only: the other paths are the IPv4 ones').
 //! - Each measurement is one test run with `repeat = iterations` of `xdp_bench_restore` (see
 //!   `lb-ebpf/src/bench.rs`), which puts the original frame back and tail-calls the program under
 //!   test, so every iteration sees the original frame. The kernel reports the mean ns per
@@ -23,7 +22,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    fmt::Display,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -34,18 +34,15 @@ use aya::{
 };
 use lb_common::{
     Reason,
-    hash::flow_slot_v6,
     maps::{
-        self, BACKEND_F_READY, BENCH_FRAME_MAX, BackendInfo, BenchFrame, PROG_BENCH_RESTORE,
-        PROG_FLOOR_SWAP, PROG_FLOOR_TX, Vip6Key, VipAddr6Key, VipInfo, vip_filter_bit,
-        vip6_key_word,
+        self, BENCH_FRAME_MAX, BenchFrame, PROG_BENCH_RESTORE, PROG_FLOOR_SWAP, PROG_FLOOR_TX,
+        vip_filter_bit,
     },
 };
 use lb_userspace::{
     config::{self, Protocol},
     dataplane::{Dataplane, LoadOptions},
     logging::LogLevel,
-    maglev::{self, MaglevBackend},
     net::MacTable,
     reconciler::Reconciler,
 };
@@ -192,66 +189,27 @@ struct Case {
 
 /// A loaded object with its maps filled, ready for test runs.
 struct Bed {
-    filled: Filled,
-    /// The IPv4 addresses that have VIPs (what the VIP address filter holds).
+    reconciler: Reconciler<Dataplane>,
+    /// The addresses that have VIPs (what the VIP address filter holds).
     vip_addrs: Vec<Ipv4Addr>,
 }
 
-/// Who filled a bed's maps, and so holds its data path.
-enum Filled {
-    /// The agent's reconciler, from a config.
-    Reconciler(Box<Reconciler<Dataplane>>),
-    /// The bench itself (IPv6 services).
-    Bench(Box<Dataplane>),
-}
-
 /// The made-up MAC of a backend: distinct per address, locally administered.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
+fn backend_mac(addr: IpAddr) -> [u8; 6] {
+    let o = match addr {
+        IpAddr::V4(a) => a.to_bits(),
+        IpAddr::V6(a) => a.to_bits() as u32,
+    }
+    .to_be_bytes();
     [0x02, 0xbe, o[0], o[1], o[2], o[3]]
-}
-
-/// [`backend_mac`] of an IPv6 backend (distinct per last 32 bits).
-fn backend_mac6(addr: Ipv6Addr) -> [u8; 6] {
-    let o = addr.octets();
-    [0x02, 0xb6, o[12], o[13], o[14], o[15]]
-}
-
-/// The IPv6 VIP address of [`CONFIG_ONE_V6`].
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x100);
-
-fn vip6_key(proto: Protocol) -> Vip6Key {
-    let port: u16 = match proto {
-        Protocol::Tcp => 80,
-        Protocol::Udp => 53,
-    };
-    Vip6Key {
-        addr: VIP6.octets(),
-        port: port.to_be_bytes(),
-        proto: proto.number(),
-        _pad: 0,
-    }
-}
-
-/// Loads the restore wrapper and the floors (the agent never loads them).
-fn load_bench_programs(dp: &mut Dataplane) -> Result<()> {
-    let obj = dp.object_mut();
-    for name in [PROG_BENCH_RESTORE, PROG_FLOOR_TX, PROG_FLOOR_SWAP] {
-        let prog: &mut Xdp = obj
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("load {name}"))?;
-    }
-    Ok(())
 }
 
 fn service_toml(
     name: &str,
-    addr: Ipv4Addr,
+    addr: impl Display,
     port: u16,
     proto: &str,
-    backends: &[Ipv4Addr],
+    backends: &[impl Display],
 ) -> String {
     let mut s = format!(
         "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{proto}\"\n\
@@ -271,6 +229,21 @@ pub fn config_one() -> String {
         "[dataplane]\ninterface = \"bench0\"\n\n{}\n{}",
         service_toml("web", vip, 80, "tcp", &backends),
         service_toml("dns", vip, 53, "udp", &backends)
+    )
+}
+
+/// The IPv6 VIP address of [`config_one_v6`].
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x100);
+
+/// [`config_one`] over IPv6: [`VIP6`], TCP :80 and UDP :53, 3 backends.
+pub fn config_one_v6() -> String {
+    let backends: Vec<Ipv6Addr> = (0x11..=0x13)
+        .map(|i| Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, i))
+        .collect();
+    format!(
+        "[dataplane]\ninterface = \"bench0\"\n\n{}\n{}",
+        service_toml("web6", VIP6, 80, "tcp", &backends),
+        service_toml("dns6", VIP6, 53, "udp", &backends)
     )
 }
 
@@ -312,149 +285,56 @@ impl Bed {
             .map(|b| (b.address, Some(backend_mac(b.address))))
             .collect();
         rt.block_on(reconciler.apply_macs(macs))?;
-        load_bench_programs(reconciler.dataplane_mut())?;
-        Ok(Bed {
-            filled: Filled::Reconciler(Box::new(reconciler)),
-            vip_addrs: cfg.vips.iter().map(|v| v.address).collect(),
-        })
-    }
-
-    /// The single-VIP configuration over IPv6: [`VIP6`] TCP :80 and UDP :53, 3 backends each,
-    /// M = 65537, with `like`'s settings and connection-table sizes.
-    fn ipv6(like: &Bed) -> Result<Bed> {
-        const M: u32 = 65537;
-        let settings = like.dp().settings()?;
-        let mut dp = Dataplane::load(LoadOptions {
-            ring_entries: 2 * M,
-            flow_entries: like.dp().flow_capacity(),
-            flow6_entries: like.dp().flow6_capacity(),
-        })
-        .context("load the XDP object")?;
-        dp.set_settings(&settings)?;
-        let backends: Vec<Ipv6Addr> = (0x11..=0x13)
-            .map(|i| Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, i))
-            .collect();
-        let table = maglev::build_table(
-            &backends
-                .iter()
-                .map(|&a| MaglevBackend {
-                    address: a.into(),
-                    weight: 1,
-                })
-                .collect::<Vec<_>>(),
-            M,
-        )?;
-        for (vip_index, proto) in [(0u32, Protocol::Tcp), (1, Protocol::Udp)] {
-            let key = vip6_key(proto);
-            // Ids per (VIP, backend) pair, as the agent numbers them: 1.. for the first VIP.
-            let first_id = 1 + vip_index * backends.len() as u32;
-            for (i, &b) in backends.iter().enumerate() {
-                dp.set_backend(
-                    first_id + i as u32,
-                    &BackendInfo {
-                        mac: backend_mac6(b),
-                        flags: BACKEND_F_READY,
-                        src_mac: settings.iface_mac,
-                        _pad: [0; 2],
-                        addr: [0; 4],
-                        vip_index,
-                        vip: vip6_key_word(&key),
-                    },
-                )?;
-            }
-            let ring: Vec<u32> = table
-                .iter()
-                .map(|&i| if i == maglev::EMPTY { 0 } else { first_id + i })
-                .collect();
-            dp.write_ring(vip_index * M, &ring)?;
-            dp.set_vip6(
-                &key,
-                &VipInfo {
-                    vip_index,
-                    ring_base: vip_index * M,
-                    ring_size: M,
-                    flags: 0,
-                },
-            )?;
+        let obj = reconciler.dataplane_mut().object_mut();
+        for name in [PROG_BENCH_RESTORE, PROG_FLOOR_TX, PROG_FLOOR_SWAP] {
+            let prog: &mut Xdp = obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("load {name}"))?;
         }
-        dp.set_vip_addr6(
-            &VipAddr6Key {
-                addr: VIP6.octets(),
-            },
-            2,
-        )?;
-        load_bench_programs(&mut dp)?;
         Ok(Bed {
-            filled: Filled::Bench(Box::new(dp)),
-            vip_addrs: Vec::new(),
+            reconciler,
+            // The bench's frames are IPv4, and so are its services.
+            vip_addrs: cfg
+                .vips
+                .iter()
+                .filter_map(|v| match v.address {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
         })
     }
 
     fn dp(&self) -> &Dataplane {
-        match &self.filled {
-            Filled::Reconciler(r) => r.dataplane(),
-            Filled::Bench(dp) => dp,
-        }
-    }
-
-    fn dp_mut(&mut self) -> &mut Dataplane {
-        match &mut self.filled {
-            Filled::Reconciler(r) => r.dataplane_mut(),
-            Filled::Bench(dp) => dp,
-        }
-    }
-
-    /// What the kernel's tables say about an IPv6 flow to [`VIP6`].
-    fn expect_forward6(&self, proto: Protocol, src: SocketAddrV6) -> Result<Expect> {
-        let key = vip6_key(proto);
-        let info = self.dp().vip6(&key).context("IPv6 VIP entry missing")?;
-        let slot = flow_slot_v6(
-            &src.ip().octets(),
-            &key.addr,
-            src.port().to_be_bytes(),
-            key.port,
-            key.proto,
-            info.ring_size,
-        );
-        let backend_id = self
-            .dp()
-            .ring_entry(info.ring_base + slot)
-            .filter(|&id| id != 0)
-            .context("the bench VIP has no backend")?;
-        let backend = self
-            .dp()
-            .backend(backend_id)
-            .context("backend entry missing")?;
-        Ok(Expect::Forward {
-            vip_index: info.vip_index,
-            backend_id,
-            mac: backend.mac,
-        })
+        self.reconciler.dataplane()
     }
 
     /// What the kernel's tables say about a flow to `vip`.
-    fn expect_forward(
-        &self,
-        vip: SocketAddrV4,
-        proto: Protocol,
-        src: SocketAddrV4,
-    ) -> Result<Expect> {
-        let Filled::Reconciler(reconciler) = &self.filled else {
-            anyhow::bail!("no reconciler for an IPv4 VIP");
-        };
-        let which = reconciler.which_backend(vip, proto, src)?;
+    fn expect_forward(&self, vip: SocketAddr, proto: Protocol, src: SocketAddr) -> Result<Expect> {
+        let which = self.reconciler.which_backend(vip, proto, src)?;
         let backend_id = which.backend_id.context("the bench VIP has no backend")?;
         let info = self
             .dp()
             .backend(backend_id)
             .context("backend entry missing")?;
-        let key = lb_common::maps::VipKey {
-            addr: vip.ip().octets(),
-            port: vip.port().to_be_bytes(),
-            proto: proto.number(),
-            _pad: 0,
+        let (port, proto) = (vip.port().to_be_bytes(), proto.number());
+        let info = match vip.ip() {
+            IpAddr::V4(a) => self.dp().vip(&lb_common::maps::VipKey {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => self.dp().vip6(&lb_common::maps::Vip6Key {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
         };
-        let vip_index = self.dp().vip(&key).context("VIP entry missing")?.vip_index;
+        let vip_index = info.context("VIP entry missing")?.vip_index;
         Ok(Expect::Forward {
             vip_index,
             backend_id,
@@ -465,7 +345,7 @@ impl Bed {
     /// Points the restore wrapper at `program` and gives it `frame` to restore.
     fn arm(&mut self, program: &str, frame: &[u8]) -> Result<()> {
         ensure!(frame.len() <= BENCH_FRAME_MAX, "bench frame too long");
-        let obj = self.dp_mut().object_mut();
+        let obj = self.reconciler.dataplane_mut().object_mut();
         let fd = {
             let prog: &Xdp = obj
                 .program(program)
@@ -500,7 +380,7 @@ impl Bed {
 
     /// One test run of `repeat` iterations: ns per iteration, action, output frame.
     fn run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, u32, Vec<u8>)> {
-        let obj = self.dp_mut().object_mut();
+        let obj = self.reconciler.dataplane_mut().object_mut();
         let wrapper: &Xdp = obj
             .program(PROG_BENCH_RESTORE)
             .context("restore program")?
@@ -654,12 +534,10 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let one = Bed::new(&rt, &config_one()).context(CONFIG_ONE)?;
-    let one6 = Bed::ipv6(&one).context(CONFIG_ONE_V6)?;
     let mut beds = [
-        one,
+        Bed::new(&rt, &config_one()).context(CONFIG_ONE)?,
         Bed::new(&rt, &config_hundred()).context(CONFIG_HUNDRED)?,
-        one6,
+        Bed::new(&rt, &config_one_v6()).context(CONFIG_ONE_V6)?,
     ];
 
     let mut cases = Vec::new();
@@ -699,14 +577,14 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
         for (path, frame) in frames(tcp_vip, udp_vip) {
             let expect = match path {
                 PATH_NEW | PATH_ESTABLISHED => beds[bed].expect_forward(
-                    SocketAddrV4::new(tcp_vip, 80),
+                    SocketAddrV4::new(tcp_vip, 80).into(),
                     Protocol::Tcp,
-                    client,
+                    client.into(),
                 )?,
                 PATH_UDP => beds[bed].expect_forward(
-                    SocketAddrV4::new(udp_vip, 53),
+                    SocketAddrV4::new(udp_vip, 53).into(),
                     Protocol::Udp,
-                    client,
+                    client.into(),
                 )?,
                 PATH_NOT_VIP => {
                     // The same counter moves when the filter lets the frame through and the VIP
@@ -737,26 +615,29 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
         }
     }
 
-    // IPv6: new, established and UDP flows to the single VIP (the other paths are the IPv4
-    // ones'). The same client port, payloads and MACs as the IPv4 frames.
+    // IPv6: the frames of the IPv4 cases (client port, flags, payload, MACs) over IPv6.
     let client6 = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1), 40000, 0, 0);
-    let macs = |p: Packet6| p.macs(LB_MAC, CLIENT_MAC).frame();
     let web6 = SocketAddrV6::new(VIP6, 80, 0, 0);
-    for (path, proto, frame) in [
+    let dns6 = SocketAddrV6::new(VIP6, 53, 0, 0);
+    let macs = |p: Packet6| p.macs(LB_MAC, CLIENT_MAC).frame();
+    for (path, frame, vip, proto) in [
         (
             PATH_NEW,
-            Protocol::Tcp,
             macs(Packet6::tcp(client6, web6, TCP_SYN)),
+            web6,
+            Protocol::Tcp,
         ),
         (
             PATH_ESTABLISHED,
-            Protocol::Tcp,
             macs(Packet6::tcp(client6, web6, TCP_ACK)),
+            web6,
+            Protocol::Tcp,
         ),
         (
             PATH_UDP,
+            macs(Packet6::udp(client6, dns6).payload(&[0; 18])),
+            dns6,
             Protocol::Udp,
-            macs(Packet6::udp(client6, SocketAddrV6::new(VIP6, 53, 0, 0)).payload(&[0; 18])),
         ),
     ] {
         cases.push(Case {
@@ -765,7 +646,7 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
             path,
             program: maps::PROG_XDPLB,
             frame,
-            expect: beds[2].expect_forward6(proto, client6)?,
+            expect: beds[2].expect_forward(vip.into(), proto, client6.into())?,
             samples: Vec::new(),
             floor_samples: Vec::new(),
         });
@@ -846,9 +727,12 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
                         .collect(),
                 ),
                 ns: Stats::of(c.samples),
+                // The issue's targets are for IPv4.
                 target_ns: TARGETS
                     .iter()
-                    .find(|(p, _)| *p == c.path && c.config != CONFIG_FLOOR)
+                    .find(|(p, _)| {
+                        *p == c.path && (c.config == CONFIG_ONE || c.config == CONFIG_HUNDRED)
+                    })
                     .map(|(_, t)| *t),
             })
             .collect(),
