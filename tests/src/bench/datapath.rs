@@ -320,7 +320,7 @@ impl Bed {
             .backend(backend_id)
             .context("backend entry missing")?;
         let (port, proto) = (vip.port().to_be_bytes(), proto.number());
-        let info = match vip.ip() {
+        let entry = match vip.ip() {
             IpAddr::V4(a) => self.dp().vip(&lb_common::maps::VipKey {
                 addr: a.octets(),
                 port,
@@ -334,7 +334,7 @@ impl Bed {
                 _pad: 0,
             }),
         };
-        let vip_index = info.context("VIP entry missing")?.vip_index;
+        let vip_index = entry.context("VIP entry missing")?.vip_index;
         Ok(Expect::Forward {
             vip_index,
             backend_id,
