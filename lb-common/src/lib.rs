@@ -7,6 +7,9 @@
 //! traits so that the same code runs in the kernel and in host unit tests.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod flows;
 pub mod hash;
 pub mod maps;

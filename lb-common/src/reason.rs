@@ -24,25 +24,33 @@ pub enum Reason {
     Forwarded = 0,
     /// Not IP at all (ARP, LLDP, ...): the kernel's business.
     PassNotIp = 1,
-    /// IPv6: not load balanced yet, passed to the kernel untouched.
+    /// IPv6 the data path does not steer, left to the kernel's stack: a routing header with
+    /// segments left (the VIP is not the packet's final destination), or more extension headers
+    /// than the data path skips (`lb_common::packet::IPV6_MAX_EXT_HDRS`). (The name is older
+    /// than IPv6 load balancing: before it, every IPv6 frame was counted here.)
     PassIpv6 = 2,
     /// 802.1Q / 802.1ad tagged frame: passed to the kernel untouched.
     PassVlan = 3,
-    /// IPv4 but neither TCP nor UDP (ICMP, GRE, ...): passed to the kernel.
+    /// Neither TCP nor UDP (ICMP and ICMPv6 other than errors about VIP flows, neighbour
+    /// discovery, GRE, AH, ESP, ...), or a fragment of such a packet: passed to the kernel.
     PassIpProto = 4,
-    /// TCP or UDP not addressed to a configured VIP:port, or a fragment not addressed to a VIP
-    /// address: passed to the kernel.
+    /// IPv4 or IPv6 to an address that has no VIP, TCP or UDP not addressed to a configured
+    /// VIP:port, or a fragment not addressed to a VIP address: passed to the kernel.
     PassNotVip = 5,
     /// Frame shorter than an Ethernet header.
     DropMalformedEth = 6,
     /// IPv4 header truncated, version not 4, IHL < 5, or total length inconsistent with the
-    /// header length or the frame.
+    /// header length or the frame. IPv6 header truncated, version not 6, payload length past
+    /// the frame, or an extension header past the frame or the payload length. Only for VIP
+    /// addresses: to other addresses such frames are `PassNotVip`.
     DropMalformedIp = 7,
-    /// TCP or UDP header truncated (by the frame or by the IP total length).
+    /// TCP or UDP header truncated (by the frame or by the IP total or payload length), or an
+    /// ICMP/ICMPv6 error to a VIP address too short to quote the ports of a flow.
     DropMalformedL4 = 8,
-    /// A TCP or UDP fragment (first or not) addressed to a VIP address. Non-first fragments carry
-    /// no ports, so they cannot be steered to the backend of their flow; all fragments to a VIP
-    /// address are dropped so a datagram is never half-delivered.
+    /// A TCP or UDP fragment (first or not; IPv4, or IPv6 with a fragment header) addressed to
+    /// a VIP address. Non-first fragments carry no ports, so they cannot be steered to the
+    /// backend of their flow; all fragments to a VIP address are dropped so a datagram is never
+    /// half-delivered.
     DropFragment = 9,
     /// The VIP matched but its table is empty (no usable backend).
     DropNoBackend = 10,

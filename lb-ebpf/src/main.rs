@@ -6,7 +6,7 @@
 #![no_std]
 #![no_main]
 
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 mod bench;
 
@@ -125,8 +125,20 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn vip6(&self, key: &Vip6Key) -> Option<VipInfo> {
+        // SAFETY: a map value; the agent replaces it whole (see lb_common::maps::VIP6), so the
+        // copy is of one version.
+        unsafe { VIP6.get(key).copied() }
+    }
+
+    #[inline(always)]
     fn is_vip_addr(&self, key: &VipAddrKey) -> bool {
         VIP_ADDRS.get_ptr(key).is_some()
+    }
+
+    #[inline(always)]
+    fn is_vip_addr6(&self, key: &VipAddr6Key) -> bool {
+        VIP_ADDRS6.get_ptr(key).is_some()
     }
 
     #[inline(always)]
@@ -153,6 +165,16 @@ impl Tables for Maps {
     #[inline(always)]
     fn insert_flow(&self, key: &FlowKey, entry: &FlowEntry) -> bool {
         FLOWS.insert(key, entry, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn flow6(&self, key: &Flow6Key) -> Option<*mut FlowEntry> {
+        FLOWS6.get_ptr_mut(key)
+    }
+
+    #[inline(always)]
+    fn insert_flow6(&self, key: &Flow6Key, entry: &FlowEntry) -> bool {
+        FLOWS6.insert(key, entry, 0).is_ok()
     }
 
     #[inline(always)]
@@ -249,7 +271,8 @@ fn log_level(reason: Reason) -> u32 {
 
 /// Logs a dropped packet, rate-limited per CPU and reason. The verdict comes packed into three
 /// scalars (BPF functions take at most five arguments): reason | dport << 32 (host order),
-/// vip_index | backend_id << 32, and the destination address (host order).
+/// vip_index | backend_id << 32, and the IPv4 destination address (host order). An IPv6
+/// destination is read back from the frame, which a drop leaves unchanged.
 #[inline(never)]
 fn diagnose(ctx: &XdpContext, reason_port: u64, ids: u64, dst: u32) {
     let reason = reason_port as u32;
@@ -269,7 +292,10 @@ fn diagnose(ctx: &XdpContext, reason_port: u64, ids: u64, dst: u32) {
         }
         *last = now;
     }
-    let dst = Ipv4Addr::from(dst);
+    let dst = match ipv6_dst(ctx) {
+        Some(a) => IpAddr::V6(Ipv6Addr::from(a)),
+        None => IpAddr::V4(Ipv4Addr::from(dst)),
+    };
     let dport = (reason_port >> 32) as u16;
     match reason {
         Reason::DropNoBackend => warn!(
@@ -293,12 +319,28 @@ fn diagnose(ctx: &XdpContext, reason_port: u64, ids: u64, dst: u32) {
         ),
         Reason::DropFragment => info!(
             ctx,
-            "IPv4 fragment to vip address {:i} dropped (fragments cannot be steered)", dst
+            "fragment to vip address {:i} dropped (fragments cannot be steered)", dst
         ),
         Reason::DropMalformedEth => debug!(ctx, "runt frame dropped"),
-        Reason::DropMalformedIp => debug!(ctx, "malformed IPv4 header dropped"),
+        Reason::DropMalformedIp => debug!(ctx, "malformed IP header dropped"),
         Reason::DropMalformedL4 => debug!(ctx, "truncated TCP/UDP header dropped"),
         _ => {}
+    }
+}
+
+/// The destination of an IPv6 frame; `None` for any other.
+#[inline(always)]
+fn ipv6_dst(ctx: &XdpContext) -> Option<[u8; 16]> {
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    // SAFETY: ptr_at checked the bounds; byte arrays have alignment 1.
+    unsafe {
+        if *frame.ptr_at::<[u8; 2]>(12)? != [0x86, 0xdd] {
+            return None;
+        }
+        Some(*frame.ptr_at::<[u8; 16]>(packet::IPV6_DST_OFFSET)?)
     }
 }
 

@@ -4,15 +4,17 @@
 //!   filled through the agent's own `Dataplane` API, checking the XDP action, the output frame
 //!   (hex diff on mismatch) and that exactly the expected counters moved.
 //!
-//! Every fixture starts from the world's connection table (the kernel's is emptied and refilled
-//! before each), and both runs check the connection-table events it caused, whether it counted
-//! as a new flow, and what the table remembers afterwards.
+//! Every fixture starts from the world's connection tables, IPv4 and IPv6 (the kernel's are
+//! emptied and refilled before each), and both runs check the connection-table events it caused,
+//! whether it counted as a new flow, and what the table remembers afterwards.
+
+use std::net::{IpAddr, SocketAddr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
     Action, Reason,
     flows::FlowStat,
-    maps::{FlowEntry, FlowKey},
+    maps::{Flow6Key, FlowEntry, FlowKey, VipInfo},
     packet::{SliceFrame, process},
 };
 use lb_tests::{
@@ -24,8 +26,67 @@ use lb_userspace::dataplane::{Dataplane, LoadOptions, monotonic_ns};
 /// Connection-table size of the test loads.
 const FLOW_ENTRIES: u32 = 4096;
 
-/// The 5-tuple of an IPv4 TCP/UDP frame, as the data path keys it.
-fn frame_flow(frame: &[u8]) -> Option<FlowKey> {
+/// A flow of either family, as the data path keys it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    V4(FlowKey),
+    V6(Flow6Key),
+}
+
+impl Flow {
+    fn proto(&self) -> u8 {
+        match self {
+            Flow::V4(k) => k.proto,
+            Flow::V6(k) => k.proto,
+        }
+    }
+
+    /// The service the flow is addressed to.
+    fn vip(&self, world: &World) -> Option<VipInfo> {
+        let (addr, port) = match self {
+            Flow::V4(k) => (IpAddr::from(k.dst), k.dport),
+            Flow::V6(k) => (IpAddr::from(k.dst), k.dport),
+        };
+        world.vip_info(
+            SocketAddr::new(addr, u16::from_be_bytes(port)),
+            self.proto(),
+        )
+    }
+
+    /// The backend id the world's connection table holds for the flow.
+    fn world_entry(&self, world: &World) -> Option<u32> {
+        match self {
+            Flow::V4(key) => world.flows.iter().find(|(k, _, _)| k == key).map(|f| f.1),
+            Flow::V6(key) => world.flows6.iter().find(|(k, _, _)| k == key).map(|f| f.1),
+        }
+    }
+
+    fn host_entry(&self, tables: &HostTables) -> Option<FlowEntry> {
+        match self {
+            Flow::V4(k) => tables.flows.borrow().get(k).map(|e| **e),
+            Flow::V6(k) => tables.flows6.borrow().get(k).map(|e| **e),
+        }
+    }
+
+    fn kernel_entry(&self, dp: &Dataplane) -> Option<FlowEntry> {
+        match self {
+            Flow::V4(k) => dp.flow(k),
+            Flow::V6(k) => dp.flow6(k),
+        }
+    }
+}
+
+/// The flow of a frame as the data path keys it: the 5-tuple of a TCP/UDP frame, or, for an
+/// ICMP error, of the flow of the packet it quotes.
+fn frame_flow(frame: &[u8]) -> Option<Flow> {
+    match u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?) {
+        0x0800 => frame_flow4(frame).map(Flow::V4),
+        0x86dd => frame_flow6(frame).map(Flow::V6),
+        _ => None,
+    }
+}
+
+fn frame_flow4(frame: &[u8]) -> Option<FlowKey> {
     let ihl = (frame.get(14)? & 0x0f) as usize * 4;
     let l4 = 14 + ihl;
     if *frame.get(23)? == 1 && *frame.get(l4)? == 3 {
@@ -52,19 +113,51 @@ fn frame_flow(frame: &[u8]) -> Option<FlowKey> {
     })
 }
 
+fn frame_flow6(frame: &[u8]) -> Option<Flow6Key> {
+    // Past hop-by-hop, routing and destination options headers, as the data path skips them.
+    let mut next = *frame.get(20)?;
+    let mut l4 = 14 + 40;
+    while matches!(next, 0 | 43 | 60) {
+        next = *frame.get(l4)?;
+        l4 += (*frame.get(l4 + 1)? as usize + 1) * 8;
+    }
+    if next == 58 && matches!(*frame.get(l4)?, 1 | 2) {
+        // Destination unreachable, packet too big: the quoted packet's flow, from the client.
+        let q = l4 + 8;
+        return Some(Flow6Key {
+            src: frame.get(q + 24..q + 40)?.try_into().ok()?,
+            dst: frame.get(q + 8..q + 24)?.try_into().ok()?,
+            sport: frame.get(q + 42..q + 44)?.try_into().ok()?,
+            dport: frame.get(q + 40..q + 42)?.try_into().ok()?,
+            proto: *frame.get(q + 6)?,
+            _pad: [0; 3],
+        });
+    }
+    Some(Flow6Key {
+        src: frame.get(22..38)?.try_into().ok()?,
+        dst: frame.get(38..54)?.try_into().ok()?,
+        sport: frame.get(l4..l4 + 2)?.try_into().ok()?,
+        dport: frame.get(l4 + 2..l4 + 4)?.try_into().ok()?,
+        proto: next,
+        _pad: [0; 3],
+    })
+}
+
 /// What the connection table must hold for the fixture's flow afterwards, given the backend id
 /// the frame went to (`None` if not forwarded): the id when an entry was written, else the
 /// world's entry (or none).
 fn expected_entry(f: &Fixture, world: &World, sent_to: Option<u32>) -> Option<u32> {
-    let key = frame_flow(&f.input)?;
+    let flow = frame_flow(&f.input)?;
     if f.flow_events.contains(&FlowStat::Insert) {
         return sent_to;
     }
-    world
-        .flows
-        .iter()
-        .find(|(k, _, _)| *k == key)
-        .map(|&(_, id, _)| id)
+    flow.world_entry(world)
+}
+
+/// Whether the fixture's packet refreshes a UDP entry's idle clock: written now, or a hit.
+fn stamps_entry(f: &Fixture) -> bool {
+    f.flow_events.contains(&FlowStat::Insert)
+        || f.flow_events == [FlowStat::Hit] && frame_flow(&f.input).is_some_and(|k| k.proto() == 17)
 }
 
 /// The backend id a forwarded frame went to, from its output MAC and destination VIP.
@@ -72,12 +165,7 @@ fn sent_to(world: &World, f: &Fixture, out: &[u8]) -> Option<u32> {
     if f.reason != Reason::Forwarded {
         return None;
     }
-    let key = frame_flow(&f.input)?;
-    let vip_index = world
-        .vips
-        .iter()
-        .find(|(k, _)| k.addr == key.dst && k.port == key.dport && k.proto == key.proto)
-        .map(|(_, v)| v.vip_index)?;
+    let vip_index = frame_flow(&f.input)?.vip(world)?.vip_index;
     world
         .backends
         .iter()
@@ -130,7 +218,7 @@ fn host_decision() {
                 f.name, verdict.backend_id
             ));
         }
-        let entry = frame_flow(&f.input).and_then(|k| tables.flows.borrow().get(&k).map(|e| **e));
+        let entry = frame_flow(&f.input).and_then(|k| k.host_entry(&tables));
         let want = expected_entry(&f, &world, sent);
         if entry.map(|e| e.backend_id) != want {
             failures.push(format!(
@@ -138,9 +226,7 @@ fn host_decision() {
                 f.name
             ));
         }
-        if f.flow_events.contains(&FlowStat::Insert)
-            || f.flow_events == [FlowStat::Hit] && f.input[23] == 17
-        {
+        if stamps_entry(&f) {
             // Written or refreshed now: the idle clock restarts.
             if entry.map(|e| e.atime) != Some(tables.now) {
                 failures.push(format!("{}: entry {entry:?} not stamped with now", f.name));
@@ -182,16 +268,16 @@ fn fixture_table_covers_every_reason() {
 fn load_flows(dp: &mut Dataplane, world: &World) {
     dp.clear_flows().unwrap();
     let now = monotonic_ns();
+    let entry = |id, idle| FlowEntry {
+        backend_id: id,
+        _pad: 0,
+        atime: now - idle,
+    };
     for &(k, id, idle) in &world.flows {
-        dp.insert_flow(
-            &k,
-            &FlowEntry {
-                backend_id: id,
-                _pad: 0,
-                atime: now - idle,
-            },
-        )
-        .unwrap();
+        dp.insert_flow(&k, &entry(id, idle)).unwrap();
+    }
+    for &(k, id, idle) in &world.flows6 {
+        dp.insert_flow6(&k, &entry(id, idle)).unwrap();
     }
 }
 
@@ -213,6 +299,12 @@ fn load_world(world: &World) -> Dataplane {
     for (k, n) in &world.vip_addrs {
         dp.set_vip_addr(k, *n).unwrap();
     }
+    for (k, v) in &world.vips6 {
+        dp.set_vip6(k, v).unwrap();
+    }
+    for (k, n) in &world.vip_addrs6 {
+        dp.set_vip_addr6(k, *n).unwrap();
+    }
     load_flows(&mut dp, world);
     dp
 }
@@ -224,7 +316,7 @@ fn snapshot(dp: &Dataplane, world: &World) -> Vec<(String, u64, u64, u64)> {
     for (r, c) in Reason::ALL.iter().zip(dp.reason_counters().unwrap()) {
         out.push((format!("reason {}", r.name()), c.packets, c.bytes, c.flows));
     }
-    for v in world.vips.values() {
+    for v in world.vips.values().chain(world.vips6.values()) {
         let c = dp.vip_counter(v.vip_index).unwrap();
         out.push((format!("vip {}", v.vip_index), c.packets, c.bytes, c.flows));
     }
@@ -306,12 +398,9 @@ fn kernel_program() {
         let len = f.input.len();
         let sent = sent_to(&world, &f, &frame);
         let mut expected_moves: Vec<String> = if f.reason == Reason::Forwarded {
-            let key = frame_flow(&f.input).expect("forwarded frames are TCP/UDP");
-            let info = world
-                .vips
-                .iter()
-                .find(|(k, _)| k.addr == key.dst && k.port == key.dport && k.proto == key.proto)
-                .map(|(_, v)| *v)
+            let info = frame_flow(&f.input)
+                .expect("forwarded frames are TCP/UDP")
+                .vip(&world)
                 .expect("forwarded fixture targets a world VIP");
             let id = sent.expect("output MAC is a backend of the VIP");
             let new = u64::from(f.new_flow);
@@ -330,7 +419,7 @@ fn kernel_program() {
                 .iter()
                 .map(|(e, n)| format!("flow {} +{n}", e.name())),
         );
-        let entry = frame_flow(&f.input).and_then(|k| dp.flow(&k));
+        let entry = frame_flow(&f.input).and_then(|k| k.kernel_entry(&dp));
         let want = expected_entry(&f, &world, sent);
         if entry.map(|e| e.backend_id) != want {
             failures.push(format!(
@@ -338,10 +427,7 @@ fn kernel_program() {
                 f.name
             ));
         }
-        if (f.flow_events.contains(&FlowStat::Insert)
-            || f.flow_events == [FlowStat::Hit] && f.input[23] == 17)
-            && entry.is_some_and(|e| e.atime < started)
-        {
+        if stamps_entry(&f) && entry.is_some_and(|e| e.atime < started) {
             failures.push(format!(
                 "{}: entry {entry:?} not stamped with the run's time",
                 f.name
@@ -488,4 +574,50 @@ fn kernel_insert_rate_bound() {
     );
     let vip = dp.vip_counter(0).unwrap();
     assert_eq!((vip.packets, vip.flows), (10, 10), "all forwarded, all new");
+}
+
+/// Collects the data path's diagnostics.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+/// A drop is logged with the address it was sent to: an IPv4 one from the verdict, an IPv6 one
+/// read back from the frame (which a drop leaves unchanged).
+#[test]
+fn kernel_logs_drops_with_their_destination() {
+    if !require_privileges("kernel_logs_drops_with_their_destination") {
+        return;
+    }
+    let mut world = World::standard();
+    world.settings.log_level = 3; // info: fragments, and no-backend warnings
+    let mut dp = load_world(&world);
+    let lines = std::sync::Arc::default();
+    let mut logger = dp
+        .take_logger(Capture(std::sync::Arc::clone(&lines)))
+        .expect("the program logs through aya-log");
+    // Two reasons: each is logged at most once a second per CPU.
+    for name in ["ipv6_first_fragment_to_vip", "vip_with_empty_table"] {
+        let f = fixtures::all()
+            .into_iter()
+            .find(|f| f.name == name)
+            .unwrap();
+        let (action, _) = run_one(&dp, &f);
+        assert_eq!(action, Action::Drop as u32, "{name}");
+    }
+    logger.flush();
+    assert_eq!(
+        *lines.lock().unwrap(),
+        [
+            "fragment to vip address fd00::100 dropped (fragments cannot be steered)",
+            "vip 10.0.0.101:80 (index 2) has no backend: dropping its packets",
+        ]
+    );
 }

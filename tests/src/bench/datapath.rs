@@ -2,8 +2,9 @@
 //!
 //! Method:
 //! - The maps are filled by the agent's own reconciler from a config (made-up backend MACs), in
-//!   two configurations: one VIP address (TCP :80 and UDP :53) with 3 backends, and 100 VIPs with
-//!   100 backends each, all at M = 65537.
+//!   three configurations: one VIP address (TCP :80 and UDP :53) with 3 backends, and 100 VIPs
+//!   with 100 backends each, all at M = 65537; and the first over IPv6 (new, established and
+//!   UDP flows only: the other paths are the IPv4 ones').
 //! - Each measurement is one test run with `repeat = iterations` of `xdp_bench_restore` (see
 //!   `lb-ebpf/src/bench.rs`), which puts the original frame back and tail-calls the program under
 //!   test, so every iteration sees the original frame. The kernel reports the mean ns per
@@ -21,7 +22,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    fmt::Display,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -47,7 +49,7 @@ use lb_userspace::{
 use serde::Serialize;
 
 use super::{Check, Stats};
-use crate::packet::{CLIENT_MAC, LB_MAC, Packet, TCP_ACK, TCP_SYN};
+use crate::packet::{CLIENT_MAC, LB_MAC, Packet, Packet6, TCP_ACK, TCP_SYN};
 
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {
@@ -90,6 +92,7 @@ pub struct DatapathReport {
 pub const CONFIG_FLOOR: &str = "floor";
 pub const CONFIG_ONE: &str = "1 VIP x 3 backends";
 pub const CONFIG_HUNDRED: &str = "100 VIPs x 100 backends";
+pub const CONFIG_ONE_V6: &str = "IPv6, 1 VIP x 3 backends";
 pub const PATH_FLOOR_TX: &str = "return XDP_TX";
 pub const PATH_FLOOR_SWAP: &str = "parse + swap MACs + XDP_TX";
 pub const PATH_NEW: &str = "TCP SYN, new flow";
@@ -203,10 +206,10 @@ fn backend_mac(addr: IpAddr) -> [u8; 6] {
 
 fn service_toml(
     name: &str,
-    addr: Ipv4Addr,
+    addr: impl Display,
     port: u16,
     proto: &str,
-    backends: &[Ipv4Addr],
+    backends: &[impl Display],
 ) -> String {
     let mut s = format!(
         "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{proto}\"\n\
@@ -226,6 +229,21 @@ pub fn config_one() -> String {
         "[dataplane]\ninterface = \"bench0\"\n\n{}\n{}",
         service_toml("web", vip, 80, "tcp", &backends),
         service_toml("dns", vip, 53, "udp", &backends)
+    )
+}
+
+/// The IPv6 VIP address of [`config_one_v6`].
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x100);
+
+/// [`config_one`] over IPv6: [`VIP6`], TCP :80 and UDP :53, 3 backends.
+pub fn config_one_v6() -> String {
+    let backends: Vec<Ipv6Addr> = (0x11..=0x13)
+        .map(|i| Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, i))
+        .collect();
+    format!(
+        "[dataplane]\ninterface = \"bench0\"\n\n{}\n{}",
+        service_toml("web6", VIP6, 80, "tcp", &backends),
+        service_toml("dns6", VIP6, 53, "udp", &backends)
     )
 }
 
@@ -294,27 +312,29 @@ impl Bed {
     }
 
     /// What the kernel's tables say about a flow to `vip`.
-    fn expect_forward(
-        &self,
-        vip: SocketAddrV4,
-        proto: Protocol,
-        src: SocketAddrV4,
-    ) -> Result<Expect> {
-        let which = self
-            .reconciler
-            .which_backend(vip.into(), proto, src.into())?;
+    fn expect_forward(&self, vip: SocketAddr, proto: Protocol, src: SocketAddr) -> Result<Expect> {
+        let which = self.reconciler.which_backend(vip, proto, src)?;
         let backend_id = which.backend_id.context("the bench VIP has no backend")?;
         let info = self
             .dp()
             .backend(backend_id)
             .context("backend entry missing")?;
-        let key = lb_common::maps::VipKey {
-            addr: vip.ip().octets(),
-            port: vip.port().to_be_bytes(),
-            proto: proto.number(),
-            _pad: 0,
+        let (port, proto) = (vip.port().to_be_bytes(), proto.number());
+        let entry = match vip.ip() {
+            IpAddr::V4(a) => self.dp().vip(&lb_common::maps::VipKey {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => self.dp().vip6(&lb_common::maps::Vip6Key {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
         };
-        let vip_index = self.dp().vip(&key).context("VIP entry missing")?.vip_index;
+        let vip_index = entry.context("VIP entry missing")?.vip_index;
         Ok(Expect::Forward {
             vip_index,
             backend_id,
@@ -517,6 +537,7 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
     let mut beds = [
         Bed::new(&rt, &config_one()).context(CONFIG_ONE)?,
         Bed::new(&rt, &config_hundred()).context(CONFIG_HUNDRED)?,
+        Bed::new(&rt, &config_one_v6()).context(CONFIG_ONE_V6)?,
     ];
 
     let mut cases = Vec::new();
@@ -556,14 +577,14 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
         for (path, frame) in frames(tcp_vip, udp_vip) {
             let expect = match path {
                 PATH_NEW | PATH_ESTABLISHED => beds[bed].expect_forward(
-                    SocketAddrV4::new(tcp_vip, 80),
+                    SocketAddrV4::new(tcp_vip, 80).into(),
                     Protocol::Tcp,
-                    client,
+                    client.into(),
                 )?,
                 PATH_UDP => beds[bed].expect_forward(
-                    SocketAddrV4::new(udp_vip, 53),
+                    SocketAddrV4::new(udp_vip, 53).into(),
                     Protocol::Udp,
-                    client,
+                    client.into(),
                 )?,
                 PATH_NOT_VIP => {
                     // The same counter moves when the filter lets the frame through and the VIP
@@ -592,6 +613,43 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
                 floor_samples: Vec::new(),
             });
         }
+    }
+
+    // IPv6: the frames of the IPv4 cases (client port, flags, payload, MACs) over IPv6.
+    let client6 = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1), 40000, 0, 0);
+    let web6 = SocketAddrV6::new(VIP6, 80, 0, 0);
+    let dns6 = SocketAddrV6::new(VIP6, 53, 0, 0);
+    let macs = |p: Packet6| p.macs(LB_MAC, CLIENT_MAC).frame();
+    for (path, frame, vip, proto) in [
+        (
+            PATH_NEW,
+            macs(Packet6::tcp(client6, web6, TCP_SYN)),
+            web6,
+            Protocol::Tcp,
+        ),
+        (
+            PATH_ESTABLISHED,
+            macs(Packet6::tcp(client6, web6, TCP_ACK)),
+            web6,
+            Protocol::Tcp,
+        ),
+        (
+            PATH_UDP,
+            macs(Packet6::udp(client6, dns6).payload(&[0; 18])),
+            dns6,
+            Protocol::Udp,
+        ),
+    ] {
+        cases.push(Case {
+            bed: 2,
+            config: CONFIG_ONE_V6,
+            path,
+            program: maps::PROG_XDPLB,
+            frame,
+            expect: beds[2].expect_forward(vip.into(), proto, client6.into())?,
+            samples: Vec::new(),
+            floor_samples: Vec::new(),
+        });
     }
 
     // Each round measures every case in SPLITS runs of iterations / SPLITS, each right after a
@@ -669,9 +727,12 @@ fn measure(opts: &DatapathOptions) -> Result<DatapathReport> {
                         .collect(),
                 ),
                 ns: Stats::of(c.samples),
+                // The issue's targets are for IPv4.
                 target_ns: TARGETS
                     .iter()
-                    .find(|(p, _)| *p == c.path && c.config != CONFIG_FLOOR)
+                    .find(|(p, _)| {
+                        *p == c.path && (c.config == CONFIG_ONE || c.config == CONFIG_HUNDRED)
+                    })
                     .map(|(_, t)| *t),
             })
             .collect(),
@@ -682,6 +743,7 @@ fn short(c: &Case) -> String {
     let cfg = match c.config {
         CONFIG_ONE => "1x3",
         CONFIG_HUNDRED => "100x100",
+        CONFIG_ONE_V6 => "v6 1x3",
         _ => "floor",
     };
     format!(
