@@ -23,14 +23,17 @@
 //!   gone from `ip netns list` at drop; the interfaces in it disappear when the last reference does.
 //! - [`sweep_stale`] decides "dead" by the pid in the name; a dead test's pid reused by a live
 //!   process keeps its namespaces until that process exits.
-//! - Hosts on a [`Lan`] have IPv6 disabled (no router solicitations, MLD or DAD on the wire, so
-//!   packet counts are deterministic); a test that needs IPv6 re-enables it with [`Netns::sysctl`].
+//! - Hosts added with [`Lan::add_host`] have IPv6 disabled (no router solicitations, MLD or DAD
+//!   on the wire, so packet counts are deterministic). Hosts added with [`Lan::add_host_dual`] have
+//!   IPv6 on, with a static address, duplicate address detection off (`accept_dad=0`, addresses
+//!   added `nodad`, so they are usable at once) and no router advertisements or solicitations;
+//!   they still send neighbour discovery and MLD, as IPv6 needs.
 //! - Nothing here kills processes a test started without a [`ChildGuard`].
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -320,11 +323,28 @@ impl Lan {
     }
 
     /// Creates host namespace `role` with `eth0` (address `addr`, CIDR such as `10.0.0.11/24`)
-    /// cabled by a veth pair to port `p-<n>` of `br0`; both ends up.
+    /// cabled by a veth pair to port `p-<n>` of `br0`; both ends up. IPv6 is disabled in it.
     pub fn add_host(&mut self, role: &str, addr: &str) -> Result<Host> {
+        self.add(role, addr, None)
+    }
+
+    /// [`Lan::add_host`] with IPv6 on as well: `eth0` also gets `addr6` (CIDR such as
+    /// `2001:db8::11/64`), usable at once (no duplicate address detection, see the module docs).
+    pub fn add_host_dual(&mut self, role: &str, addr: &str, addr6: &str) -> Result<Host> {
+        self.add(role, addr, Some(addr6))
+    }
+
+    fn add(&mut self, role: &str, addr: &str, addr6: Option<&str>) -> Result<Host> {
         let (ip, prefix_len) = parse_cidr(addr)?;
+        let ip6 = addr6.map(parse_cidr6).transpose()?;
         let ns = Netns::new(role)?;
-        disable_ipv6(&ns)?;
+        if ip6.is_some() {
+            // Before eth0 arrives, so it starts with these (a device moved into a namespace
+            // takes that namespace's `default` settings).
+            quiet_ipv6(&ns)?;
+        } else {
+            disable_ipv6(&ns)?;
+        }
         let peer = format!("p-{}", self.next_port);
         self.next_port += 1;
         let ifname = "eth0".to_owned();
@@ -343,6 +363,10 @@ impl Lan {
         self.switch
             .ip(&["link", "set", &peer, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", addr, "dev", &ifname])?;
+        if let Some(addr6) = addr6 {
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")?;
+            ns.ip(&["-6", "addr", "add", addr6, "dev", &ifname, "nodad"])?;
+        }
         ns.ip(&["link", "set", &ifname, "up"])?;
         let (ifindex, mac) = link_info(&ns, &ifname)?;
         let (peer_ifindex, _) = link_info(&self.switch, &peer)?;
@@ -355,6 +379,7 @@ impl Lan {
             mac,
             addr: ip,
             prefix_len,
+            addr6: ip6.map(|(ip, _)| ip),
         })
     }
 
@@ -376,6 +401,8 @@ pub struct Host {
     pub mac: [u8; 6],
     pub addr: Ipv4Addr,
     pub prefix_len: u8,
+    /// The IPv6 address of `eth0`, for hosts made with [`Lan::add_host_dual`].
+    pub addr6: Option<Ipv6Addr>,
 }
 
 impl Host {
@@ -385,6 +412,64 @@ impl Host {
         full.extend_from_slice(args);
         self.ns.exec("ethtool", &full).map(drop)
     }
+}
+
+impl Netns {
+    /// Adds `addr` to `lo` as a host address (/32 or /128; IPv6 without duplicate address
+    /// detection), as a backend holds a VIP for direct server return. An IPv4 VIP also needs
+    /// `arp_ignore`/`arp_announce` (see `topology`); IPv6 never answers neighbour solicitations
+    /// on `eth0` for an address that is only on `lo`.
+    pub fn add_lo_addr(&self, addr: IpAddr) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => self.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]),
+            IpAddr::V6(a) => self.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ]),
+        }
+        .map(drop)
+    }
+
+    /// Adds `addr` (/32 or /128) to `dev` without making a route for a prefix, as the load
+    /// balancer holds a VIP on its interface so that it answers ARP or neighbour solicitations
+    /// for it.
+    pub fn add_host_addr(&self, addr: IpAddr, dev: &str) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => self.ip(&["addr", "add", &format!("{a}/32"), "dev", dev]),
+            IpAddr::V6(a) => self.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                dev,
+                "nodad",
+            ]),
+        }
+        .map(drop)
+    }
+}
+
+/// IPv6 on, with nothing automatic: no duplicate address detection, router advertisements,
+/// solicitations or temporary addresses, for `all` existing and `default` future interfaces.
+fn quiet_ipv6(ns: &Netns) -> Result<()> {
+    for scope in ["all", "default"] {
+        for (key, value) in [
+            ("disable_ipv6", "0"),
+            ("accept_dad", "0"),
+            ("accept_ra", "0"),
+            ("router_solicitations", "0"),
+            ("use_tempaddr", "0"),
+        ] {
+            ns.sysctl(&format!("net.ipv6.conf.{scope}.{key}"), value)?;
+        }
+    }
+    Ok(())
 }
 
 fn disable_ipv6(ns: &Netns) -> Result<()> {
@@ -402,6 +487,18 @@ fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
         .parse()
         .with_context(|| format!("prefix length in {cidr:?}"))?;
     ensure!(len <= 32, "prefix length in {cidr:?} exceeds 32");
+    Ok((ip, len))
+}
+
+fn parse_cidr6(cidr: &str) -> Result<(Ipv6Addr, u8)> {
+    let (ip, len) = cidr
+        .split_once('/')
+        .ok_or_else(|| anyhow!("{cidr:?} is not ADDR/LEN"))?;
+    let ip = ip.parse().with_context(|| format!("address in {cidr:?}"))?;
+    let len: u8 = len
+        .parse()
+        .with_context(|| format!("prefix length in {cidr:?}"))?;
+    ensure!(len <= 128, "prefix length in {cidr:?} exceeds 128");
     Ok((ip, len))
 }
 
