@@ -139,6 +139,23 @@ impl Netns {
             .with_context(|| format!("writing {path} in netns {}", self.name))
     }
 
+    /// Adds `addr` to `dev` as a host address (/32 or /128, IPv6 without duplicate address
+    /// detection). On `lo` it is how a backend holds a VIP for direct server return (an IPv4 VIP
+    /// also needs `arp_ignore`/`arp_announce`; IPv6 never answers neighbour solicitations on
+    /// `eth0` for an address that is only on `lo`); on `eth0` it is how the load balancer owns a
+    /// VIP on the wire (it answers ARP or neighbour solicitations for it).
+    pub fn add_host_addr(&self, addr: IpAddr, dev: &str) -> Result<()> {
+        let cidr = match addr {
+            IpAddr::V4(a) => format!("{a}/32"),
+            IpAddr::V6(a) => format!("{a}/128"),
+        };
+        let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev];
+        if addr.is_ipv6() {
+            args.push("nodad");
+        }
+        self.ip(&args).map(drop)
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace with setns(CLONE_NEWNET) and
     /// returns its result. Sockets created inside `f` stay in this namespace after it returns, so
     /// tests can create listeners/clients in any namespace from one process. A panic in `f` is
@@ -414,47 +431,6 @@ impl Host {
     }
 }
 
-impl Netns {
-    /// Adds `addr` to `lo` as a host address (/32 or /128; IPv6 without duplicate address
-    /// detection), as a backend holds a VIP for direct server return. An IPv4 VIP also needs
-    /// `arp_ignore`/`arp_announce` (see `topology`); IPv6 never answers neighbour solicitations
-    /// on `eth0` for an address that is only on `lo`.
-    pub fn add_lo_addr(&self, addr: IpAddr) -> Result<()> {
-        match addr {
-            IpAddr::V4(a) => self.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]),
-            IpAddr::V6(a) => self.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{a}/128"),
-                "dev",
-                "lo",
-                "nodad",
-            ]),
-        }
-        .map(drop)
-    }
-
-    /// Adds `addr` (/32 or /128) to `dev` without making a route for a prefix, as the load
-    /// balancer holds a VIP on its interface so that it answers ARP or neighbour solicitations
-    /// for it.
-    pub fn add_host_addr(&self, addr: IpAddr, dev: &str) -> Result<()> {
-        match addr {
-            IpAddr::V4(a) => self.ip(&["addr", "add", &format!("{a}/32"), "dev", dev]),
-            IpAddr::V6(a) => self.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{a}/128"),
-                "dev",
-                dev,
-                "nodad",
-            ]),
-        }
-        .map(drop)
-    }
-}
-
 /// IPv6 on, with nothing automatic: no duplicate address detection, router advertisements,
 /// solicitations or temporary addresses, for `all` existing and `default` future interfaces.
 fn quiet_ipv6(ns: &Netns) -> Result<()> {
@@ -479,18 +455,18 @@ fn disable_ipv6(ns: &Netns) -> Result<()> {
 }
 
 fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
-    let (ip, len) = cidr
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{cidr:?} is not ADDR/LEN"))?;
-    let ip = ip.parse().with_context(|| format!("address in {cidr:?}"))?;
-    let len: u8 = len
-        .parse()
-        .with_context(|| format!("prefix length in {cidr:?}"))?;
-    ensure!(len <= 32, "prefix length in {cidr:?} exceeds 32");
-    Ok((ip, len))
+    parse_cidr_of(cidr, 32)
 }
 
 fn parse_cidr6(cidr: &str) -> Result<(Ipv6Addr, u8)> {
+    parse_cidr_of(cidr, 128)
+}
+
+fn parse_cidr_of<A>(cidr: &str, max_len: u8) -> Result<(A, u8)>
+where
+    A: std::str::FromStr,
+    A::Err: std::error::Error + Send + Sync + 'static,
+{
     let (ip, len) = cidr
         .split_once('/')
         .ok_or_else(|| anyhow!("{cidr:?} is not ADDR/LEN"))?;
@@ -498,7 +474,10 @@ fn parse_cidr6(cidr: &str) -> Result<(Ipv6Addr, u8)> {
     let len: u8 = len
         .parse()
         .with_context(|| format!("prefix length in {cidr:?}"))?;
-    ensure!(len <= 128, "prefix length in {cidr:?} exceeds 128");
+    ensure!(
+        len <= max_len,
+        "prefix length in {cidr:?} exceeds {max_len}"
+    );
     Ok((ip, len))
 }
 

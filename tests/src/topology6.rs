@@ -93,8 +93,8 @@ impl LbTopology6 {
             lb.ns.add_host_addr(vip, "eth0")?;
         }
         for b in &backends {
-            b.ns.add_lo_addr(topology::VIP.into())?;
-            b.ns.add_lo_addr(VIP6.into())?;
+            b.ns.add_host_addr(topology::VIP.into(), "lo")?;
+            b.ns.add_host_addr(VIP6.into(), "lo")?;
             b.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
             b.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
         }
