@@ -9,6 +9,11 @@
 //! 5. learn the backends' MACs (waiting up to `mac_wait` so the first table is complete);
 //! 6. attach (or take over a data path a previous agent left running), then serve.
 //!
+//! With `replace` ([`RunOptions::replace`], `xdplb run --replace`) and an agent answering on the
+//! API socket, step 2 waits: steps 3 to 5 run while that agent keeps serving, then it is asked
+//! to stop with its data path attached and, once it has exited, this one binds the API and
+//! attaches, swapping its program into the pinned link (see [`crate::replace`]).
+//!
 //! It runs until `shutdown` resolves or SIGINT/SIGTERM arrives, then detaches the program, unless
 //! `keep_forwarding` is set, in which case the data path stays attached (pinned) and keeps
 //! forwarding with the last tables. However it ends, the API socket file goes, and the neighbour
@@ -17,7 +22,7 @@
 use std::{
     collections::BTreeSet,
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     pin::Pin,
     time::{Duration, Instant},
@@ -67,6 +72,9 @@ pub struct RunOptions {
     /// The file the config came from: `xdplb reload` and SIGHUP read it again. Without it
     /// (an agent run in-process with a config built in memory) reloading is refused.
     pub config_path: Option<PathBuf>,
+    /// Take the place of the agent answering on the API socket (`xdplb run --replace`), once
+    /// this one's data path is ready; without one, start normally.
+    pub replace: bool,
 }
 
 impl Default for RunOptions {
@@ -77,6 +85,7 @@ impl Default for RunOptions {
             log_level: LogLevel::Info,
             mac_wait: Duration::from_secs(3),
             config_path: None,
+            replace: false,
         }
     }
 }
@@ -104,6 +113,24 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Ha(#[from] ha::HaError),
+    #[error(transparent)]
+    Replace(#[from] crate::replace::ReplaceError),
+    #[error(
+        "{source}\nThe replaced agent (pid {pid}) has exited; the data path stays attached and \
+         forwarding with {which} program and tables (pinned under {pins}), but no agent manages \
+         it now{ha}. Fix the cause and start `xdplb run` again: it takes the data path over and \
+         adopts the connection table"
+    )]
+    AfterReplace {
+        pid: u32,
+        /// "its" (the swap had not happened) or "this agent's".
+        which: &'static str,
+        pins: PathBuf,
+        /// A word about the VIP addresses a replaced VRRP master left.
+        ha: &'static str,
+        #[source]
+        source: Box<AgentError>,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -127,14 +154,14 @@ impl Stop {
 
 /// The MAC watcher task and its channels; [`MacWatcher::stop`] ends it.
 struct MacWatcher {
-    addrs: watch::Sender<BTreeSet<Ipv4Addr>>,
+    addrs: watch::Sender<BTreeSet<IpAddr>>,
     tables: mpsc::Receiver<MacTable>,
     cleanup: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl MacWatcher {
-    fn start(nl: Netlink, ifindex: u32, addrs: BTreeSet<Ipv4Addr>) -> MacWatcher {
+    fn start(nl: Netlink, ifindex: u32, addrs: BTreeSet<IpAddr>) -> MacWatcher {
         let (addrs_tx, addrs_rx) = watch::channel(addrs);
         let (tables_tx, tables) = mpsc::channel(4);
         let (cleanup, cleanup_rx) = watch::channel(true);
@@ -188,9 +215,28 @@ pub async fn run(
         shutdown: Box::pin(shutdown.fuse()),
     };
 
-    // 2. API socket: a second agent must fail before touching the interface.
-    let listeners = api::bind_all(&config.api).await?;
-    let _socket_file = RemoveOnDrop(config.api.socket.clone());
+    // 2. API socket: a second agent must fail before touching the interface, unless it is to
+    // replace the running one, which keeps its socket until this one is ready.
+    let replacing = opts.replace && crate::replace::running(&config.api.socket).await;
+    if opts.replace && !replacing {
+        info!(
+            socket = %config.api.socket.display(),
+            "--replace: no agent answers on the API socket; starting normally"
+        );
+    }
+    let (api_start, _socket_file) = if replacing {
+        info!(
+            socket = %config.api.socket.display(),
+            "--replace: an agent is running; it keeps serving until this one's data path is ready"
+        );
+        (ApiStart::Replace, None)
+    } else {
+        let listeners = api::bind_all(&config.api).await?;
+        (
+            ApiStart::Bound(listeners),
+            Some(RemoveOnDrop(config.api.socket.clone())),
+        )
+    };
 
     // 3. The interface.
     let iface_name = config.dataplane.interface.clone();
@@ -270,21 +316,53 @@ pub async fn run(
     // 5 and 6. From here on neighbour entries may exist: whatever happens, the watcher is stopped
     // and cleans up, unless the data path stays.
     let mut watcher = MacWatcher::start(nl.clone(), iface.index, rec.wanted_addrs());
+    let mut keep_requested = opts.keep_forwarding;
+    let mut replaced = None;
     let outcome = serve(
         &mut rec,
         &mut watcher,
         &nl,
         iface.index,
-        listeners,
+        api_start,
         &config,
         &opts,
         &mut stop,
+        Served {
+            keep: &mut keep_requested,
+            replaced: &mut replaced,
+            adopted_flows: adopted.flows,
+        },
     )
     .await;
-    let keep = opts.keep_forwarding && matches!(outcome, Ok(true));
-    watcher.stop(!keep).await;
+    let keep = keep_requested && matches!(outcome, Ok(true));
+    // While replacing, the neighbour entries are also the running (or replaced) agent's: an
+    // agent that did not get to serve leaves them.
+    let leave_neighbours = keep || (replacing && !matches!(outcome, Ok(true)));
+    watcher.stop(!leave_neighbours).await;
     if let Some(t) = logger_task {
         t.abort();
+    }
+    if outcome.is_err()
+        && let Some(old) = &replaced
+    {
+        // The old agent is gone: whatever runs in the link must stay there.
+        let swapped = rec.attach_mode().is_some();
+        let dp = rec.into_dataplane();
+        if swapped && let Err(p) = dp.persist() {
+            error!("keeping the data path attached failed: {p}");
+        }
+        return Err(AgentError::AfterReplace {
+            pid: old.pid,
+            which: if swapped { "this agent's" } else { "its" },
+            pins: pins.clone(),
+            ha: if old.was_master() {
+                "; the VIP addresses it held as VRRP master stay on the interface, without \
+                 adverts, so the backup takes over after its master-down interval"
+            } else {
+                ""
+            },
+            source: Box::new(outcome.expect_err("matched above")),
+        });
     }
     let attached = outcome?;
     let dp = rec.into_dataplane();
@@ -302,7 +380,25 @@ pub async fn run(
     Ok(())
 }
 
-/// Waits for MACs, attaches, serves until told to stop. Returns whether the program got attached.
+/// How the API comes up: bound at start-up, or once the running agent has been replaced.
+enum ApiStart {
+    Bound(api::Listeners),
+    /// `--replace` while another agent serves on the socket.
+    Replace,
+}
+
+/// What [`serve`] tells [`run`] besides whether it attached.
+struct Served<'a> {
+    /// Leave the data path attached on exit: `--keep-forwarding`, or asked for over the API.
+    keep: &'a mut bool,
+    /// The agent this one replaced, as soon as it has exited.
+    replaced: &'a mut Option<crate::replace::Replaced>,
+    /// Whether the connection table was adopted from a pin (for the replacement's log line).
+    adopted_flows: bool,
+}
+
+/// Waits for MACs, (with `--replace`, replaces the running agent,) attaches, serves until told
+/// to stop. Returns whether the program got attached.
 #[expect(
     clippy::too_many_arguments,
     reason = "the pieces run() owns; one call site"
@@ -312,10 +408,11 @@ async fn serve(
     watcher: &mut MacWatcher,
     nl: &Netlink,
     ifindex: u32,
-    listeners: api::Listeners,
+    api_start: ApiStart,
     config: &Config,
     opts: &RunOptions,
     stop: &mut Stop,
+    out: Served<'_>,
 ) -> Result<bool, AgentError> {
     let iface_name = &config.dataplane.interface;
     let deadline = Instant::now() + opts.mac_wait;
@@ -351,6 +448,32 @@ async fn serve(
         }
     }
 
+    // Everything that can fail before the swap has been done: only now is a running agent
+    // asked to go, and its API socket (and TCP address) taken once it has exited.
+    let mut _socket_file = None;
+    let mut switch_start = None;
+    let listeners = match api_start {
+        ApiStart::Bound(listeners) => listeners,
+        ApiStart::Replace => {
+            let started = Instant::now();
+            let old =
+                crate::replace::stop_running(&config.api.socket, crate::replace::EXIT_TIMEOUT)
+                    .await?;
+            info!(
+                pid = old.pid,
+                program_id = ?old.reply.program_id,
+                ha_state = ?old.reply.ha_state,
+                took = ?old.stop_took,
+                "the running agent stopped, leaving its data path attached"
+            );
+            *out.replaced = Some(old);
+            switch_start = Some(started);
+            let listeners = api::bind_all(&config.api).await?;
+            _socket_file = Some(RemoveOnDrop(config.api.socket.clone()));
+            listeners
+        }
+    };
+
     let mode = opts.xdp_mode.unwrap_or(config.dataplane.xdp_mode);
     let attached = match rec.dataplane_mut().attach(iface_name, ifindex, mode)? {
         Attached::New(m) => m,
@@ -361,6 +484,9 @@ async fn serve(
         }
     };
     rec.set_attach_mode(attached);
+    if let (Some(old), Some(started)) = (out.replaced.as_ref(), switch_start) {
+        log_replaced(rec, iface_name, old, started, out.adopted_flows);
+    }
     info!(
         interface = %iface_name,
         mode = attached.as_str(),
@@ -372,13 +498,20 @@ async fn serve(
     // HA starts once the data path forwards: a node must never hold the VIPs before it can
     // serve them. It starts as backup and only becomes master after the master-down interval.
     let mut attached_now = true;
+    // A master replaced with `--replace` kept the VIPs and did not resign: this agent carries
+    // on as master at once, so the backups never see a gap longer than the switch.
+    let as_master = out
+        .replaced
+        .as_ref()
+        .is_some_and(crate::replace::Replaced::was_master);
     let mut ha = match &config.ha {
         Some(cfg) => Some(
-            Ha::start(
+            Ha::start_as(
                 cfg.clone(),
                 nl.clone(),
                 rec.vip_addresses(),
                 ha_inputs(rec, attached_now),
+                as_master,
             )
             .await?,
         ),
@@ -406,6 +539,8 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup())?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `POST /v1/shutdown`: answered once HA and the checks have stopped.
+    let mut shutdown_request = None;
     loop {
         // Far enough to never fire when no removed backend is in its grace.
         let grace_end = rec
@@ -468,6 +603,19 @@ async fn serve(
                 }
             }
             Some(req) = req_rx.recv() => {
+                if let Request::Shutdown { keep_forwarding, reply } = req {
+                    info!(
+                        keep_forwarding,
+                        "stop requested over the API{}",
+                        if keep_forwarding {
+                            ": the data path stays attached for the agent replacing this one"
+                        } else {
+                            ""
+                        }
+                    );
+                    shutdown_request = Some((keep_forwarding, reply));
+                    break;
+                }
                 // Only these change which backends exist (status polls must not re-derive the
                 // check list every time).
                 let backends_change = matches!(
@@ -486,19 +634,74 @@ async fn serve(
         }
         sync_ha(rec, ha.as_ref(), &mut ha_digest_rebuilds, attached_now);
     }
-    // Before the data path goes: the peer takes over at once on our priority-0 advert.
+    let handing_over = shutdown_request.as_ref().is_some_and(|(keep, _)| *keep);
+    let mut ha_state = ha.as_ref().map(|h| h.status().state);
     if let Some(ha) = ha.take() {
-        ha.stop().await;
+        if handing_over {
+            // The next agent carries on with the VIPs: no resignation, no failover.
+            ha_state = ha.detach().await.map(|s| s.to_string());
+        } else {
+            // Before the data path goes: the peer takes over at once on our priority-0 advert.
+            ha.stop().await;
+        }
     }
     checks.stop_all();
     // Requests still queued or arriving now are answered "shutting down" rather than left
     // waiting, which would keep the server's graceful shutdown from finishing.
     drop(req_rx);
+    if let Some((keep, reply)) = shutdown_request {
+        *out.keep |= keep;
+        let _ = reply.send(Ok(api::ShutdownReply {
+            pid: std::process::id(),
+            keep_forwarding: *out.keep,
+            program_id: rec.dataplane().program_id(),
+            ha_state,
+        }));
+    }
     let _ = api_stop_tx.send(());
     if tokio::time::timeout(SHUTDOWN_STEP, api_task).await.is_err() {
         warn!("the API did not stop in time");
     }
     Ok(true)
+}
+
+/// The info line of a replacement: who went, which program runs the link now, and what the
+/// connection table holds.
+fn log_replaced(
+    rec: &Reconciler,
+    iface_name: &str,
+    old: &crate::replace::Replaced,
+    started: Instant,
+    adopted_flows: bool,
+) {
+    let fmt = |id: Option<u32>| id.map_or_else(|| "?".to_string(), |i| i.to_string());
+    let link = crate::dataplane::pinned_link_ids(iface_name).ok();
+    let entries = rec
+        .dataplane()
+        .flows(1, usize::MAX, |_, _| false)
+        .map(|(_, read)| read.to_string())
+        .unwrap_or_else(|e| format!("? ({e})"));
+    let table = if adopted_flows {
+        format!("connection table adopted ({entries} entries)")
+    } else {
+        format!("a new connection table ({entries} entries)")
+    };
+    info!(
+        pid = old.pid,
+        old_program_id = ?old.reply.program_id,
+        program_id = ?rec.dataplane().program_id(),
+        link_id = ?link.map(|l| l.0),
+        flows_map_id = ?crate::dataplane::pinned_flows_id(iface_name),
+        switch_ms = started.elapsed().as_secs_f64() * 1e3,
+        "replaced agent pid {}; program id {} -> {}, link id {}, {table}; switched in {:.1} ms \
+         (the old agent took {:.1} ms to stop)",
+        old.pid,
+        fmt(old.reply.program_id),
+        fmt(rec.dataplane().program_id()),
+        fmt(link.map(|l| l.0)),
+        started.elapsed().as_secs_f64() * 1e3,
+        old.stop_took.as_secs_f64() * 1e3,
+    );
 }
 
 /// Keeps the MAC watcher and the health checks in step with the backends the reconciler has
@@ -700,6 +903,12 @@ async fn handle(rec: &mut Reconciler, req: Request, config_path: Option<&Path>, 
         Request::Reload { reply } => {
             let _ = reply.send(reload(rec, config_path).await);
         }
+        Request::Shutdown { reply, .. } => {
+            // serve() takes these before they get here.
+            let _ = reply.send(Err(Failure::internal(
+                "shutdown is handled by the agent loop",
+            )));
+        }
     }
 }
 
@@ -713,7 +922,7 @@ fn program_name(id: u32) -> Option<String> {
 
 /// dsr-l2 only works for backends on the interface's L2 segment; say so early for the others.
 async fn check_backends_on_link(nl: &Netlink, config: &Config, ifindex: u32) {
-    let addrs: BTreeSet<Ipv4Addr> = config
+    let addrs: BTreeSet<IpAddr> = config
         .vips
         .iter()
         .flat_map(|v| v.backends.iter().map(|b| b.address))

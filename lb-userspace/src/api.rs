@@ -25,6 +25,11 @@
 //!   - `POST /v1/ha/handover`: resign mastership; answered once another node is master (409 if
 //!     none takes over, and this node takes the VIPs back); the node then does not preempt
 //!   - `POST /v1/ha/resume`: end a handover: the node may preempt again
+//! - `POST /v1/shutdown` with `{"keep_forwarding": true}` -> [`ShutdownReply`], **on the Unix
+//!   socket only** (404 on TCP): the agent stops as on SIGTERM, answering first with what a
+//!   replacing agent needs (its pid, program id, HA state). With `keep_forwarding` its data path
+//!   stays attached and pinned, and a VRRP master keeps the VIPs and does not resign: this is how
+//!   `xdplb run --replace` takes over.
 //!
 //! Errors: 400 for a malformed request or an invalid config, 404 for an unknown VIP or backend,
 //! 409 for a change that clashes with the running state or its capacity (nothing is applied).
@@ -52,7 +57,7 @@
 
 use std::{
     fmt, io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -118,9 +123,9 @@ impl Failure {
 pub enum Request {
     Status(oneshot::Sender<Result<Status, Failure>>),
     WhichBackend {
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         proto: Protocol,
-        src: SocketAddrV4,
+        src: SocketAddr,
         reply: oneshot::Sender<Result<WhichBackend, Failure>>,
     },
     SetLogLevel {
@@ -135,26 +140,26 @@ pub enum Request {
     },
     Drain {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         drain: bool,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     SetWeight {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     AddBackend {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         backup: bool,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     RemoveBackend {
         vip: String,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         reply: oneshot::Sender<Result<String, Failure>>,
     },
     AddVip {
@@ -172,6 +177,35 @@ pub enum Request {
         op: HaOp,
         reply: oneshot::Sender<Result<HaReply, Failure>>,
     },
+    /// Stop the agent (`POST /v1/shutdown`, Unix socket only). The reply is sent once the agent
+    /// has stopped serving, just before its API closes.
+    Shutdown {
+        keep_forwarding: bool,
+        reply: oneshot::Sender<Result<ShutdownReply, Failure>>,
+    },
+}
+
+/// The body of `POST /v1/shutdown`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    /// Leave the data path attached and pinned (as `--keep-forwarding`), and with `[ha]` keep
+    /// the VIPs without resigning, for an agent that takes over at once.
+    #[serde(default)]
+    pub keep_forwarding: bool,
+}
+
+/// The answer to `POST /v1/shutdown`: who is stopping and what the next agent needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownReply {
+    /// The stopping agent's process id (as it sees itself).
+    pub pid: u32,
+    pub keep_forwarding: bool,
+    /// The program it leaves attached (with `keep_forwarding`).
+    pub program_id: Option<u32>,
+    /// The VRRP state it stopped in (`master`, `backup`, ...), when it runs `[ha]`. With
+    /// `keep_forwarding` a master keeps the VIP addresses and sent no priority-0 advert, so the
+    /// next agent should start as master at once.
+    pub ha_state: Option<String>,
 }
 
 /// How long the client waits for a handover: the longest master-down interval (4 x 40.95 s)
@@ -415,7 +449,7 @@ pub async fn serve(
     tx: mpsc::Sender<Request>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(tx))
+    axum::serve(listener, unix_only(router(tx.clone()), tx))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -434,9 +468,10 @@ pub async fn serve_all(
         unix_path,
         tcp,
     } = listeners;
-    let app = router(tx);
+    let app = router(tx.clone());
     info!(socket = %unix_path.display(), "API listening on the Unix socket (root only)");
-    let unix_server = axum::serve(unix, app.clone()).with_graceful_shutdown(shutdown.clone());
+    let unix_server =
+        axum::serve(unix, unix_only(app.clone(), tx)).with_graceful_shutdown(shutdown.clone());
     let Some(TcpPart {
         listener,
         addr,
@@ -487,6 +522,35 @@ fn router(tx: mpsc::Sender<Request>) -> Router {
         .route("/v1/ha/resume", post(|s| ha(s, HaOp::Resume)))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(tx)
+}
+
+/// `app` plus what only the Unix socket serves: `POST /v1/shutdown` (stopping the agent is for
+/// root on its host, never for a token holder on the network).
+fn unix_only(app: Router, tx: mpsc::Sender<Request>) -> Router {
+    app.merge(
+        Router::new()
+            .route("/v1/shutdown", post(shutdown))
+            .with_state(tx),
+    )
+}
+
+async fn shutdown(
+    State(tx): State<mpsc::Sender<Request>>,
+    body: Result<Json<ShutdownRequest>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match ask(&tx, |reply| Request::Shutdown {
+        keep_forwarding: body.keep_forwarding,
+        reply,
+    })
+    .await
+    {
+        Ok(r) => Json(r).into_response(),
+        Err(r) => r,
+    }
 }
 
 /// The `realm` TCP clients are challenged with on 401.
@@ -604,12 +668,15 @@ async fn which_backend(
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("vip: {e}")),
     };
-    let src: SocketAddrV4 = match q.src.parse() {
+    let src: SocketAddr = match q.src.parse() {
         Ok(s) => s,
         Err(_) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("src: `{}` is not ADDRESS:PORT (IPv4)", q.src),
+                format!(
+                    "src: `{}` is not ADDRESS:PORT, like 10.0.0.1:40000 or [2001:db8::1]:40000",
+                    q.src
+                ),
             );
         }
     };
@@ -749,7 +816,7 @@ fn need<'a>(v: &'a Option<String>, key: &str) -> OpResult<&'a str> {
     v.as_deref().ok_or_else(|| format!("missing `{key}`"))
 }
 
-fn backend_of(b: &OpBody) -> OpResult<(String, Ipv4Addr)> {
+fn backend_of(b: &OpBody) -> OpResult<(String, IpAddr)> {
     let vip = need(&b.vip, "vip")?.to_string();
     let text = need(&b.backend, "backend")?;
     let addr = crate::config::backend_address(text).map_err(|e| format!("backend: {e}"))?;
@@ -903,8 +970,9 @@ async fn ha(State(tx): State<mpsc::Sender<Request>>, op: HaOp) -> Response {
     }
 }
 
-/// Parses `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp`. The protocol defaults to tcp.
-pub fn parse_service(s: &str) -> Result<(SocketAddrV4, Protocol), String> {
+/// Parses `ADDR:PORT/PROTO`, e.g. `10.0.0.100:80/tcp` or `[2001:db8::1]:80/tcp`. The protocol
+/// defaults to tcp.
+pub fn parse_service(s: &str) -> Result<(SocketAddr, Protocol), String> {
     let (addr, proto) = match s.rsplit_once('/') {
         Some((a, p)) => (a, p),
         None => (s, "tcp"),
@@ -914,9 +982,12 @@ pub fn parse_service(s: &str) -> Result<(SocketAddrV4, Protocol), String> {
         "udp" => Protocol::Udp,
         other => return Err(format!("protocol `{other}` is not tcp or udp")),
     };
-    let addr: SocketAddrV4 = addr
-        .parse()
-        .map_err(|_| format!("`{addr}` is not ADDRESS:PORT (IPv4), e.g. 10.0.0.100:80/tcp"))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        format!(
+            "`{addr}` is not ADDRESS:PORT, e.g. 10.0.0.100:80/tcp, or [ADDRESS]:PORT for IPv6, \
+             e.g. [2001:db8::1]:80/tcp"
+        )
+    })?;
     Ok((addr, proto))
 }
 
@@ -1157,7 +1228,7 @@ impl Client {
         Ok(m.message)
     }
 
-    fn backend_body(vip: &str, backend: Ipv4Addr) -> OpBody {
+    fn backend_body(vip: &str, backend: IpAddr) -> OpBody {
         OpBody {
             vip: Some(vip.to_string()),
             backend: Some(backend.to_string()),
@@ -1169,7 +1240,7 @@ impl Client {
     pub async fn drain(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         drain: bool,
     ) -> Result<String, ClientError> {
         let path = if drain {
@@ -1183,7 +1254,7 @@ impl Client {
     pub async fn set_weight(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
     ) -> Result<String, ClientError> {
         let body = OpBody {
@@ -1196,7 +1267,7 @@ impl Client {
     pub async fn add_backend(
         &self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
         backup: bool,
     ) -> Result<String, ClientError> {
@@ -1208,11 +1279,7 @@ impl Client {
         self.op("/v1/backend/add", body).await
     }
 
-    pub async fn remove_backend(
-        &self,
-        vip: &str,
-        backend: Ipv4Addr,
-    ) -> Result<String, ClientError> {
+    pub async fn remove_backend(&self, vip: &str, backend: IpAddr) -> Result<String, ClientError> {
         self.op("/v1/backend/remove", Self::backend_body(vip, backend))
             .await
     }
@@ -1251,6 +1318,22 @@ impl Client {
     /// Ends a handover (`POST /v1/ha/resume`).
     pub async fn ha_resume(&self) -> Result<HaReply, ClientError> {
         self.call("POST", "/v1/ha/resume", None).await
+    }
+
+    /// Asks the agent to stop (`POST /v1/shutdown`; Unix socket only), leaving its data path
+    /// attached if `keep_forwarding`. Answered once it has stopped serving; it exits soon after.
+    pub async fn shutdown(&self, keep_forwarding: bool) -> Result<ShutdownReply, ClientError> {
+        let body = serde_json::to_value(ShutdownRequest { keep_forwarding }).map_err(|e| {
+            ClientError::Http {
+                target: self.target(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut c = self.clone();
+        // The agent answers after stopping its health checks and HA (bounded by its own
+        // shutdown steps, 5 s each).
+        c.timeout = c.timeout.max(Duration::from_secs(30));
+        c.call("POST", "/v1/shutdown", Some(body)).await
     }
 
     /// Asks the agent to re-read its config file; returns what changed.
@@ -1310,6 +1393,15 @@ mod tests {
             ("10.0.0.100:80".parse().unwrap(), Protocol::Udp)
         );
         assert_eq!(parse_service("10.0.0.100:80").unwrap().1, Protocol::Tcp);
+        assert_eq!(
+            parse_service("[2001:db8::1]:53/udp").unwrap(),
+            ("[2001:db8::1]:53".parse().unwrap(), Protocol::Udp)
+        );
+        assert!(
+            parse_service("2001:db8::1:80/tcp")
+                .unwrap_err()
+                .contains("[ADDRESS]:PORT for IPv6")
+        );
         assert!(
             parse_service("10.0.0.100:80/sctp")
                 .unwrap_err()
@@ -1432,7 +1524,7 @@ mod tests {
         };
         let (stop, server) = start(bind_all(&api).await.unwrap());
         let client = Client::new(&sock);
-        let b: Ipv4Addr = "10.0.0.12".parse().unwrap();
+        let b: IpAddr = "10.0.0.12".parse().unwrap();
         assert_eq!(
             client.drain("web", b, true).await.unwrap(),
             "drained in web"
@@ -1489,6 +1581,17 @@ mod tests {
                     Request::Drain { vip, reply, .. } => {
                         let _ = reply.send(Ok(format!("drained in {vip}")));
                     }
+                    Request::Shutdown {
+                        keep_forwarding,
+                        reply,
+                    } => {
+                        let _ = reply.send(Ok(ShutdownReply {
+                            pid: 7,
+                            keep_forwarding,
+                            program_id: Some(9),
+                            ha_state: Some("master".into()),
+                        }));
+                    }
                     _ => {}
                 }
             }
@@ -1508,6 +1611,7 @@ mod tests {
         }
         Ok(FlowsReport {
             capacity: 1024,
+            capacity_v6: 1024,
             scanned: limit,
             scan_capped: false,
             flows: vec![crate::status::FlowStatus {
@@ -1647,6 +1751,52 @@ mod tests {
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err());
         assert!(UnixStream::connect(&sock.0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_served_on_the_unix_socket_only() {
+        let sock = TempPath::new("shutdown.sock");
+        let token = TempPath::write("shutdown.token", TOKEN, 0o600);
+        let listeners = bind_all(&api(&sock, "127.0.0.1:0", Some(&token)))
+            .await
+            .unwrap();
+        let addr = listeners.tcp_addr().unwrap();
+        let (stop, server) = start(listeners);
+        // Even with the token, TCP does not know the endpoint.
+        let e = Client::tcp(addr, Some(TOKEN.into()))
+            .shutdown(true)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert_eq!(status_code(e), 404, "{text}");
+        let reply = Client::new(&sock.0).shutdown(true).await.unwrap();
+        assert_eq!(
+            reply,
+            ShutdownReply {
+                pid: 7,
+                keep_forwarding: true,
+                program_id: Some(9),
+                ha_state: Some("master".into()),
+            }
+        );
+        // The body's field is optional (false), and a malformed body is refused.
+        let raw = Client::new(&sock.0)
+            .call_raw("POST", "/v1/shutdown", Some(serde_json::json!({})))
+            .await
+            .unwrap();
+        let r: ShutdownReply = serde_json::from_slice(&raw).unwrap();
+        assert!(!r.keep_forwarding);
+        let e = Client::new(&sock.0)
+            .call_raw(
+                "POST",
+                "/v1/shutdown",
+                Some(serde_json::json!({"keep_forwarding": "yes"})),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status_code(e), 400);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]

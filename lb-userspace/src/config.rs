@@ -12,9 +12,10 @@
 //!   them. All other checks run to the end, so one pass reports every semantic problem.
 //! - A validated config guarantees: the interface name is a valid Linux interface name; the API
 //!   socket is an absolute path that fits a Unix socket address; VIP and backend addresses are
-//!   IPv4 unicast, not unspecified, broadcast, multicast or loopback; ports are 1 to 65535; no two
-//!   VIPs share address, port and protocol, or name; within a VIP, backend addresses are unique and
-//!   differ from the VIP address; weights are at most [`MAX_WEIGHT`]; every `table_size` is a
+//!   IPv4 or IPv6 unicast, not unspecified, broadcast, multicast, loopback or (IPv6) link-local
+//!   or IPv4-mapped; ports are 1 to 65535; no two VIPs share address, port and protocol, or name;
+//!   within a VIP, backend addresses are unique, of the VIP's family and differ from the VIP
+//!   address; weights are at most [`MAX_WEIGHT`]; every `table_size` is a
 //!   prime no larger than [`MAX_TABLE_SIZE`] and at least the number of backends with weight
 //!   above 0. With `[ha]`, the HA settings are within their ranges (see [`Ha`]), every tracked
 //!   VIP exists, and no VIP address is a node's own address (`source`, `peers`).
@@ -26,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -187,9 +188,10 @@ impl Default for Api {
 /// `[[vip]]`: one virtual service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Vip {
-    /// Unique; defaults to `address:port/protocol`.
+    /// Unique; defaults to `address:port/protocol` (`[address]:port/protocol` for IPv6).
     pub name: String,
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6; its backends are of the same family.
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     /// Maglev table size M, a prime.
@@ -228,18 +230,27 @@ impl AllDown {
 
 impl Vip {
     /// What identifies the service on the wire (and in the data path's VIP table).
-    pub fn key(&self) -> (Ipv4Addr, u16, Protocol) {
+    pub fn key(&self) -> (IpAddr, u16, Protocol) {
         (self.address, self.port, self.protocol)
     }
 
-    /// The service's key in the data path's VIP table.
-    pub fn map_key(&self) -> lb_common::maps::VipKey {
-        lb_common::maps::VipKey {
-            addr: self.address.octets(),
-            port: self.port.to_be_bytes(),
-            proto: self.protocol.number(),
-            _pad: 0,
+    /// The address's bytes, if it is IPv6 (tests).
+    #[cfg(test)]
+    fn address_octets_v6(&self) -> [u8; 16] {
+        match self.address {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => [0; 16],
         }
+    }
+
+    /// The service's address and port (`[2001:db8::1]:80` when printed).
+    pub fn socket(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+
+    /// The service's key in the data path's VIP tables.
+    pub fn map_key(&self) -> crate::dataplane::ServiceKey {
+        crate::dataplane::ServiceKey::new(self.address, self.port, self.protocol.number())
     }
 }
 
@@ -320,7 +331,8 @@ impl fmt::Display for XdpModeSetting {
 /// return the backend receives the packet unchanged, on the VIP's port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Backend {
-    pub address: Ipv4Addr,
+    /// Of the VIP's family (direct server return forwards the client's packet unchanged).
+    pub address: IpAddr,
     /// 0 takes no new connections; otherwise a share of the Maglev table proportional to it.
     pub weight: u32,
     /// Takes traffic only while no primary (non-backup) backend of its VIP can.
@@ -644,7 +656,7 @@ fn expected_value(key: &str, element: bool) -> Option<&'static str> {
         ("vip", true) => "a `[[vip]]` table",
         ("backend", false) => "`[[vip.backend]]` sections (double brackets: there can be several)",
         ("backend", true) => "a `[[vip.backend]]` table",
-        ("address", _) => "an IPv4 address in quotes, like \"10.0.0.1\"",
+        ("address", _) => "an IPv4 or IPv6 address in quotes, like \"10.0.0.1\" or \"2001:db8::1\"",
         ("port", _) => "a port number without quotes, like 80",
         ("weight", _) => "a whole number from 0 to 65535, without quotes",
         ("table_size", _) => "a prime number without quotes, like 65537",
@@ -737,7 +749,7 @@ impl fmt::Display for FirstSeen {
 
 #[derive(Default)]
 struct SeenVips {
-    keys: HashMap<(Ipv4Addr, u16, Protocol), FirstSeen>,
+    keys: HashMap<(IpAddr, u16, Protocol), FirstSeen>,
     /// Name, and whether it was written in the file (not defaulted).
     names: HashMap<String, (FirstSeen, bool)>,
 }
@@ -1026,7 +1038,7 @@ impl Checker<'_> {
         let mut missing = Vec::new();
         let address_span = raw.address.as_ref().map(Spanned::span);
         let address = match raw.address {
-            Some(v) => self.value(v, &format!("{path}.address"), |s| ipv4(s, Role::Vip)),
+            Some(v) => self.value(v, &format!("{path}.address"), |s| ip(s, Role::Vip)),
             None => {
                 missing.push("`address`");
                 None
@@ -1072,8 +1084,8 @@ impl Checker<'_> {
                 Some(first) => {
                     let (a, p, q) = key;
                     let message = format!(
-                        "duplicate VIP {a}:{p}/{q}: {first} has the same address, port and \
-                         protocol"
+                        "duplicate VIP {}/{q}: {first} has the same address, port and protocol",
+                        SocketAddr::new(a, p)
                     );
                     self.error(path, Some(span.clone()), message);
                 }
@@ -1085,7 +1097,9 @@ impl Checker<'_> {
         }
         let name = match (explicit_name, key) {
             (Some(Some(name)), _) => Some((name, true)),
-            (Some(None), Some((a, p, q))) => Some((format!("{a}:{p}/{q}"), false)),
+            (Some(None), Some((a, p, q))) => {
+                Some((format!("{}/{q}", SocketAddr::new(a, p)), false))
+            }
             _ => None,
         };
         if let Some((name, explicit)) = &name {
@@ -1133,7 +1147,11 @@ impl Checker<'_> {
         let backends = self.backends(
             path,
             raw.backend,
-            address.zip(address_span),
+            address.zip(address_span).map(|(address, span)| VipPlace {
+                address,
+                span,
+                name: name.as_ref().map(|(n, _)| n.clone()),
+            }),
             protocol.map(|p| (p, vip_health.as_ref())),
         );
 
@@ -1175,16 +1193,16 @@ impl Checker<'_> {
         })
     }
 
-    /// Checks the backends of the VIP at `vip_path`; `vip_address` is the VIP's address (when
-    /// valid) and its place.
+    /// Checks the backends of the VIP at `vip_path`; `vip` is the VIP's address (when valid),
+    /// its place and its name.
     fn backends(
         &mut self,
         vip_path: &str,
         raw: Vec<Spanned<RawBackend>>,
-        vip_address: Option<(Ipv4Addr, Range<usize>)>,
+        vip: Option<VipPlace>,
         vip_health: Option<(Protocol, Option<&(health::Partial, HealthCheck)>)>,
     ) -> Option<Vec<Backend>> {
-        let mut seen: HashMap<Ipv4Addr, FirstSeen> = HashMap::new();
+        let mut seen: HashMap<IpAddr, FirstSeen> = HashMap::new();
         let mut backends = Some(Vec::with_capacity(raw.len()));
         for (j, raw) in raw.into_iter().enumerate() {
             let path = format!("{vip_path}.backend[{j}]");
@@ -1194,14 +1212,25 @@ impl Checker<'_> {
                 Some(v) => {
                     let address_path = format!("{path}.address");
                     let address_span = v.span();
-                    let address = self.value(v, &address_path, |s| ipv4(s, Role::Backend));
-                    match (address, &vip_address) {
-                        (Some(a), Some((vip, vip_span))) if a == *vip => {
-                            let vip_line = self.location(vip_span.start).line;
+                    let address = self.value(v, &address_path, |s| ip(s, Role::Backend));
+                    match (address, &vip) {
+                        (Some(a), Some(vip)) if a == vip.address => {
+                            let vip_line = self.location(vip.span.start).line;
                             let message = format!(
                                 "backend {a} is the VIP's own address (line {vip_line}); a \
                                  backend must be another host"
                             );
+                            self.error(&address_path, Some(address_span), message);
+                            None
+                        }
+                        (Some(a), Some(vip)) if a.is_ipv4() != vip.address.is_ipv4() => {
+                            let vip_line = self.location(vip.span.start).line;
+                            let vip_desc = format!(
+                                "vip `{}` ({}, line {vip_line})",
+                                vip.name.as_deref().unwrap_or(vip_path),
+                                vip.address
+                            );
+                            let message = family_mismatch(&vip_desc, vip.address, a);
                             self.error(&address_path, Some(address_span), message);
                             None
                         }
@@ -1297,6 +1326,36 @@ impl Checker<'_> {
     }
 }
 
+/// A VIP's address as its backends are checked against it.
+struct VipPlace {
+    address: IpAddr,
+    span: Range<usize>,
+    /// Its name, when valid.
+    name: Option<String>,
+}
+
+/// Refuses a backend (added at run time) of another family than its VIP's.
+pub fn check_backend_family(vip: &Vip, backend: IpAddr) -> Result<(), String> {
+    if vip.address.is_ipv4() == backend.is_ipv4() {
+        return Ok(());
+    }
+    let vip_desc = format!("vip `{}` ({})", vip.name, vip.address);
+    Err(family_mismatch(&vip_desc, vip.address, backend))
+}
+
+/// Why a backend of the other family than its VIP's is refused; `vip` describes the VIP.
+fn family_mismatch(vip: &str, vip_address: IpAddr, backend: IpAddr) -> String {
+    let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    format!(
+        "backend {backend} is {} but {vip} is {}: with direct server return the backend \
+         receives the client's packet unchanged, addressed to the VIP, so a VIP's backends \
+         must be of its family; put {} backends under a VIP of their own",
+        family(backend),
+        family(vip_address),
+        family(backend)
+    )
+}
+
 #[derive(Clone, Copy)]
 enum Role {
     Vip,
@@ -1315,14 +1374,73 @@ impl Role {
     }
 }
 
-/// Checks a backend address given at run time (API, CLI) with the config's rules.
-pub fn backend_address(text: &str) -> Result<Ipv4Addr, String> {
-    ipv4(text, Role::Backend)
+/// Checks a backend address given at run time (API, CLI) with the config's rules. An IPv6
+/// address may be written in brackets, as in a service (`[2001:db8::11]`).
+pub fn backend_address(text: &str) -> Result<IpAddr, String> {
+    let bare = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    ip(bare.unwrap_or(text), Role::Backend)
 }
 
 /// [`backend_address`] for an address already parsed.
-pub fn check_backend_address(address: Ipv4Addr) -> Result<(), String> {
-    ipv4(&address.to_string(), Role::Backend).map(drop)
+pub fn check_backend_address(address: IpAddr) -> Result<(), String> {
+    ip(&address.to_string(), Role::Backend).map(drop)
+}
+
+/// Checks a VIP or backend address: IPv4 as [`ipv4`], or IPv6.
+fn ip(text: &str, role: Role) -> Result<IpAddr, String> {
+    match text.parse::<Ipv6Addr>() {
+        Ok(address) => ipv6(address, role).map(IpAddr::V6),
+        Err(_) => ipv4(text, role).map(IpAddr::V4),
+    }
+}
+
+/// Checks an IPv6 VIP or backend address (HA nodes' own addresses are IPv4: [`ipv4`]).
+fn ipv6(address: Ipv6Addr, role: Role) -> Result<Ipv6Addr, String> {
+    let noun = role.noun();
+    if let Some(v4) = address.to_ipv4_mapped() {
+        return Err(format!(
+            "{address} is an IPv4-mapped IPv6 address, which never appears on the wire; write \
+             the IPv4 address \"{v4}\""
+        ));
+    }
+    let class = if address.is_unspecified() {
+        "is the unspecified address (::), which is never a destination"
+    } else if address.is_loopback() {
+        "is the loopback address (::1)"
+    } else if address.is_multicast() {
+        "is a multicast address (ff00::/8)"
+    } else if address.is_unicast_link_local() {
+        match role {
+            // A link-local address is only meaningful on one link (fe80::1 exists on every
+            // one of them), so clients beyond that link cannot address it, and a router never
+            // forwards to it.
+            Role::Vip => {
+                "is link-local (fe80::/10): it is only valid on one link, so clients on other \
+                 networks cannot reach it and routers do not forward to it"
+            }
+            // The backend must hold the VIP (a routable address) anyway; what a link-local
+            // backend address breaks is the agent's own use of it: the health checks and the
+            // neighbour entry would need the interface as a zone (fe80::1%eth0), which a
+            // backend address does not carry.
+            _ => {
+                "is link-local (fe80::/10): health checks and neighbour resolution would need \
+                 the interface as its zone (fe80::..%eth0); use the backend's global or \
+                 unique-local (fc00::/7) address on the interface's network"
+            }
+        }
+    } else {
+        return Ok(address);
+    };
+    Err(match role {
+        Role::Vip => format!(
+            "{address} {class}; a VIP must be a unicast address that clients reach over the \
+             network"
+        ),
+        _ => format!(
+            "{address} {class}; a {noun} must be the unicast address of a host on the \
+             interface's network"
+        ),
+    })
 }
 
 /// Validates one `[[vip]]` table (with its backends and health check) given at run time, with
@@ -1386,22 +1504,31 @@ fn not_ipv4(text: &str, role: Role) -> String {
     if trimmed.is_empty() {
         return "the address is empty".to_owned();
     }
-    if trimmed != text && trimmed.parse::<Ipv4Addr>().is_ok() {
+    let node = matches!(role, Role::Node);
+    if trimmed != text && trimmed.parse::<IpAddr>().is_ok() {
         return format!("remove the spaces around the address: \"{trimmed}\"");
     }
     let bracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    if bracketed.is_some_and(|t| t.parse::<Ipv6Addr>().is_ok()) && !node {
+        return format!(
+            "write the IPv6 address without brackets: \"{}\"",
+            bracketed.unwrap_or_default()
+        );
+    }
     if text.parse::<Ipv6Addr>().is_ok() || bracketed.is_some_and(|t| t.parse::<Ipv6Addr>().is_ok())
     {
-        return format!("IPv6 {noun}s are not supported yet");
+        return format!(
+            "an {noun}'s address must be IPv4: VRRP runs over IPv4 here (IPv6 VIPs are fine, \
+             the master holds them too)"
+        );
     }
     if let Some((address, _)) = text.split_once('/')
-        && address.parse::<Ipv4Addr>().is_ok()
+        && address.parse::<IpAddr>().is_ok()
     {
         return format!("write a single address without a prefix length: \"{address}\"");
     }
-    if let Some((address, _)) = text.rsplit_once(':')
-        && address.parse::<Ipv4Addr>().is_ok()
-    {
+    if let Ok(with_port) = text.parse::<SocketAddr>() {
+        let address = with_port.ip();
         return match role {
             Role::Vip => format!("write the port in `port`, and only \"{address}\" here"),
             Role::Backend => format!(
@@ -1424,6 +1551,12 @@ fn not_ipv4(text: &str, role: Role) -> String {
             "write the numbers without leading zeros (some tools read them as octal)"
         };
         return format!("`{text}` is not an IPv4 address: {why}");
+    }
+    if text.contains(':') && !node {
+        return format!(
+            "`{text}` is not an IPv6 address (groups of up to four hex digits separated by \
+             colons, `::` once for a run of zeros, like 2001:db8::1)"
+        );
     }
     if text.chars().any(|c| c.is_alphabetic()) {
         return format!(
@@ -1803,14 +1936,14 @@ address = "10.0.0.21"
                 vips: vec![
                     Vip {
                         name: "web".into(),
-                        address: Ipv4Addr::new(10, 0, 0, 100),
+                        address: Ipv4Addr::new(10, 0, 0, 100).into(),
                         port: 80,
                         protocol: Protocol::Tcp,
                         table_size: 65537,
                         all_down: AllDown::KeepLast,
                         health: HealthCheck::default_for(Protocol::Tcp),
                         backends: vec![Backend {
-                            address: Ipv4Addr::new(10, 0, 0, 11),
+                            address: Ipv4Addr::new(10, 0, 0, 11).into(),
                             weight: 1,
                             backup: false,
                             health: HealthCheck::default_for(Protocol::Tcp),
@@ -1818,14 +1951,14 @@ address = "10.0.0.21"
                     },
                     Vip {
                         name: "10.0.0.100:53/udp".into(),
-                        address: Ipv4Addr::new(10, 0, 0, 100),
+                        address: Ipv4Addr::new(10, 0, 0, 100).into(),
                         port: 53,
                         protocol: Protocol::Udp,
                         table_size: DEFAULT_TABLE_SIZE,
                         all_down: AllDown::KeepLast,
                         health: HealthCheck::default_for(Protocol::Udp),
                         backends: vec![Backend {
-                            address: Ipv4Addr::new(10, 0, 0, 21),
+                            address: Ipv4Addr::new(10, 0, 0, 21).into(),
                             weight: DEFAULT_WEIGHT,
                             backup: false,
                             health: HealthCheck::default_for(Protocol::Udp),
@@ -1837,7 +1970,7 @@ address = "10.0.0.21"
         );
         assert_eq!(
             config.vips[1].key(),
-            (Ipv4Addr::new(10, 0, 0, 100), 53, Protocol::Udp)
+            (Ipv4Addr::new(10, 0, 0, 100).into(), 53, Protocol::Udp)
         );
     }
 
@@ -1927,7 +2060,7 @@ address = "10.0.0.21"
     }
 
     #[test]
-    fn vip_address_must_be_ipv4() {
+    fn vip_address_must_be_an_address() {
         let vip = |address: &str| {
             with_vip(
                 &format!("address = \"{address}\"\nport = 80\nprotocol = \"tcp\""),
@@ -1948,10 +2081,21 @@ address = "10.0.0.21"
             &["not an IPv4 address", "host names"],
         );
         assert_one(
-            &vip("2001:db8::1"),
+            &vip("[2001:db8::1]"),
             path,
-            &["IPv6 VIPs are not supported yet"],
+            &["without brackets: \"2001:db8::1\""],
         );
+        assert_one(
+            &vip("[2001:db8::1]:80"),
+            path,
+            &["`port`", "\"2001:db8::1\""],
+        );
+        assert_one(
+            &vip("2001:db8::1/128"),
+            path,
+            &["without a prefix length: \"2001:db8::1\""],
+        );
+        assert_one(&vip("2001:db8::g"), path, &["not an IPv6 address"]);
         assert_one(
             &vip("10.0.0.1/32"),
             path,
@@ -1963,7 +2107,7 @@ address = "10.0.0.21"
     }
 
     #[test]
-    fn backend_address_must_be_ipv4() {
+    fn backend_address_must_be_an_address() {
         let path = "vip[0].backend[0].address";
         assert_one(
             &with_backend("address = \"10.0.0.256\""),
@@ -1971,9 +2115,9 @@ address = "10.0.0.21"
             &["not an IPv4 address"],
         );
         assert_one(
-            &with_backend("address = \"fe80::1\""),
+            &with_backend("address = \"2001:db8::11\""),
             path,
-            &["IPv6 backends are not supported yet"],
+            &["2001:db8::11 is IPv6 but vip `10.0.0.100:80/tcp` (10.0.0.100, line 4) is IPv4"],
         );
         assert_one(
             &with_backend("address = \"10.0.0.11:8080\""),
@@ -2009,6 +2153,98 @@ address = "10.0.0.21"
                 &[what, "a backend must be the unicast address"],
             );
         }
+    }
+
+    #[test]
+    fn ipv6_vips_take_ipv6_backends_and_are_named_in_brackets() {
+        let loaded = ok(&with_vip(
+            "address = \"2001:db8::100\"\nport = 80\nprotocol = \"tcp\"",
+            "[[vip.backend]]\naddress = \"2001:db8::11\"\n[[vip.backend]]\naddress = \"fd00::12\"\n",
+        ));
+        let v = &loaded.config.vips[0];
+        assert_eq!(v.name, "[2001:db8::100]:80/tcp");
+        assert_eq!(v.socket().to_string(), "[2001:db8::100]:80");
+        assert!(matches!(
+            v.map_key(),
+            crate::dataplane::ServiceKey::V6(k) if k.addr == v.address_octets_v6()
+        ));
+        let backends: Vec<String> = v.backends.iter().map(|b| b.address.to_string()).collect();
+        assert_eq!(backends, ["2001:db8::11", "fd00::12"]);
+
+        // An IPv4 backend under an IPv6 VIP, named by its VIP's name.
+        assert_one(
+            &with_vip(
+                "name = \"web6\"\naddress = \"2001:db8::100\"\nport = 80\nprotocol = \"tcp\"",
+                "[[vip.backend]]\naddress = \"10.0.0.11\"\n",
+            ),
+            "vip[0].backend[0].address",
+            &[
+                "backend 10.0.0.11 is IPv4 but vip `web6` (2001:db8::100, line 5) is IPv6",
+                "direct server return",
+            ],
+        );
+        // The same VIP address twice, and an IPv6 VIP's own address as a backend.
+        let twice = format!(
+            "{DATAPLANE}[[vip]]\naddress = \"2001:db8::100\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip]]\naddress = \"2001:db8:0::100\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        assert!(
+            errors(&twice)
+                .iter()
+                .any(|e| e.contains("duplicate VIP [2001:db8::100]:80/tcp")),
+            "{:?}",
+            errors(&twice)
+        );
+        assert_one(
+            &with_vip(
+                "address = \"2001:db8::100\"\nport = 80\nprotocol = \"tcp\"",
+                "[[vip.backend]]\naddress = \"2001:db8::100\"\n",
+            ),
+            "vip[0].backend[0].address",
+            &["the VIP's own address"],
+        );
+    }
+
+    #[test]
+    fn special_ipv6_addresses_are_rejected_with_the_reason() {
+        for (address, what) in [
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("ff02::1", "multicast"),
+            ("::ffff:10.0.0.1", "IPv4-mapped"),
+        ] {
+            assert_one(
+                &with_vip(
+                    &format!("address = \"{address}\"\nport = 80\nprotocol = \"tcp\""),
+                    "",
+                ),
+                "vip[0].address",
+                &[what],
+            );
+        }
+        assert_one(
+            &with_vip("address = \"fe80::1\"\nport = 80\nprotocol = \"tcp\"", ""),
+            "vip[0].address",
+            &["link-local", "clients on other networks cannot reach it"],
+        );
+        assert_one(
+            &with_vip(
+                "address = \"2001:db8::100\"\nport = 80\nprotocol = \"tcp\"",
+                "[[vip.backend]]\naddress = \"fe80::11\"\n",
+            ),
+            "vip[0].backend[0].address",
+            &["link-local", "zone", "global or unique-local"],
+        );
+        // The run-time checks say the same.
+        assert!(
+            backend_address("fe80::11")
+                .unwrap_err()
+                .contains("link-local")
+        );
+        assert_eq!(
+            backend_address("[2001:db8::11]").unwrap(),
+            "2001:db8::11".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

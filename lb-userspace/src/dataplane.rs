@@ -16,6 +16,7 @@
 use std::{
     fs,
     io::{self, BufRead as _},
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     ptr::NonNull,
@@ -863,6 +864,39 @@ impl Dataplane {
         self.vips.get(key)
     }
 
+    /// [`set_vip`](Self::set_vip) or [`set_vip6`](Self::set_vip6), as the key's family says.
+    pub fn set_service(&mut self, key: &ServiceKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        match key {
+            ServiceKey::V4(k) => self.set_vip(k, info),
+            ServiceKey::V6(k) => self.set_vip6(k, info),
+        }
+    }
+
+    /// [`remove_vip`](Self::remove_vip) or [`remove_vip6`](Self::remove_vip6).
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        match key {
+            ServiceKey::V4(k) => self.remove_vip(k),
+            ServiceKey::V6(k) => self.remove_vip6(k),
+        }
+    }
+
+    /// [`vip`](Self::vip) or [`vip6`](Self::vip6).
+    pub fn service(&self, key: &ServiceKey) -> Option<VipInfo> {
+        match key {
+            ServiceKey::V4(k) => self.vip(k),
+            ServiceKey::V6(k) => self.vip6(k),
+        }
+    }
+
+    /// [`set_vip_addr`](Self::set_vip_addr) or [`set_vip_addr6`](Self::set_vip_addr6) for an
+    /// address of either family.
+    pub fn set_service_addr(&mut self, addr: IpAddr, count: u32) -> Result<(), DataplaneError> {
+        match addr {
+            IpAddr::V4(a) => self.set_vip_addr(&VipAddrKey { addr: a.octets() }, count),
+            IpAddr::V6(a) => self.set_vip_addr6(&VipAddr6Key { addr: a.octets() }, count),
+        }
+    }
+
     /// Records how many VIPs `key` has (0: none), and keeps the VIP address filter in step. Call
     /// it before publishing the first VIP of an address and after removing the last one: the
     /// data path passes frames for addresses outside the filter without looking at [`VIP_TABLE`].
@@ -1204,6 +1238,50 @@ fn check_flows_layout(path: &Path, key_size: usize, entries: u32) -> Result<(), 
     Ok(())
 }
 
+/// A service's key in the data path, of either family: IPv4 services live in
+/// [`VIP_TABLE`](lb_common::maps::VIP_TABLE), IPv6 ones in [`VIP6`](lb_common::maps::VIP6).
+/// Both share ring regions, VIP indices and backend ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceKey {
+    V4(VipKey),
+    V6(Vip6Key),
+}
+
+impl ServiceKey {
+    /// The key of the service `addr`:`port` with IP protocol `proto`.
+    pub fn new(addr: IpAddr, port: u16, proto: u8) -> ServiceKey {
+        let port = port.to_be_bytes();
+        match addr {
+            IpAddr::V4(a) => ServiceKey::V4(VipKey {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            IpAddr::V6(a) => ServiceKey::V6(Vip6Key {
+                addr: a.octets(),
+                port,
+                proto,
+                _pad: 0,
+            }),
+        }
+    }
+
+    /// The word a backend entry carries to name its service ([`BackendInfo::vip`]).
+    pub fn word(&self) -> u64 {
+        match self {
+            ServiceKey::V4(k) => vip_key_word(k),
+            ServiceKey::V6(k) => maps::vip6_key_word(k),
+        }
+    }
+
+    /// Whether a flow to `dst`:`dport` over `proto` (as in a connection-table key) is for this
+    /// service.
+    pub fn matches(&self, dst: IpAddr, dport: [u8; 2], proto: u8) -> bool {
+        *self == ServiceKey::new(dst, u16::from_be_bytes(dport), proto)
+    }
+}
+
 /// Which of the connection tables [`Dataplane::load_adopting`] found pinned and adopted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Adopted {
@@ -1239,6 +1317,22 @@ pub fn pin_dir(interface: &str) -> PathBuf {
             .join(interface),
         (None, _) => Path::new(PIN_ROOT).join(interface),
     }
+}
+
+/// The ids of the link pinned for `interface` ([`pin_dir`]) and of the program it runs now:
+/// `(link id, program id)`.
+pub fn pinned_link_ids(interface: &str) -> io::Result<(u32, u32)> {
+    let path = pin_dir(interface).join("link");
+    let link = FdLink::from(PinnedLink::from_pin(&path).map_err(io::Error::other)?);
+    let info = link.info().map_err(io::Error::other)?;
+    Ok((info.id(), info.program_id()))
+}
+
+/// The id of the IPv4 connection table pinned for `interface`, if one is.
+pub fn pinned_flows_id(interface: &str) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(pin_dir(interface).join("flows"))
+        .ok()
+        .map(|i| i.id())
 }
 
 /// `BPF_OBJ_GET`: opens a pinned BPF object.

@@ -19,7 +19,7 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher as _, RandomState},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Duration,
 };
 
@@ -122,7 +122,7 @@ impl Tracker {
 }
 
 /// Identifies one backend of one VIP: the VIP's (address, port, protocol) and the backend.
-pub type CheckKey = ((Ipv4Addr, u16, Protocol), Ipv4Addr);
+pub type CheckKey = ((IpAddr, u16, Protocol), IpAddr);
 
 /// One backend to check, as the reconciler describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod net;
 pub mod probe;
 pub mod reconciler;
+pub mod replace;
 pub mod status;

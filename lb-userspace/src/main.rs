@@ -1,7 +1,7 @@
 //! `xdplb`: the command line. Thin: parsing arguments and printing; the work is in the library.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -72,6 +72,15 @@ enum Command {
         /// Seconds to wait for backend MAC addresses before attaching.
         #[arg(long, default_value_t = 3.0)]
         mac_wait: f64,
+        /// Take the place of the agent serving on the config's [api] socket (an upgrade):
+        /// validate the config, load and verify the program and fill its maps while that agent
+        /// keeps serving, then ask it (over the Unix socket) to stop with its data path
+        /// attached, wait for it to exit and swap the new program into the pinned link
+        /// atomically. The connection table is kept; an HA master stays master. Any failure
+        /// before the switch leaves the running agent untouched. Without a running agent, a
+        /// normal start.
+        #[arg(long)]
+        replace: bool,
     },
     /// Validate a config file without touching the system.
     CheckConfig {
@@ -86,9 +95,9 @@ enum Command {
     },
     /// Which backend a flow goes to, computed with the kernel's hash and table.
     WhichBackend {
-        /// The service, ADDRESS:PORT/PROTO, e.g. 10.0.0.100:80/tcp.
+        /// The service, ADDRESS:PORT/PROTO, e.g. 10.0.0.100:80/tcp or [2001:db8::1]:80/tcp.
         service: String,
-        /// The client, ADDRESS:PORT.
+        /// The client, ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
         source: String,
         /// Compute from this config instead of asking the running agent (assumes every
         /// backend is reachable).
@@ -173,21 +182,27 @@ enum BackendOp {
     /// Weight 0 for new flows; established flows are left alone.
     Drain {
         vip: String,
-        backend: Ipv4Addr,
+        /// The backend's address (IPv6 bare or in brackets).
+        #[arg(value_parser = backend_arg)]
+        backend: IpAddr,
         #[arg(long)]
         json: bool,
     },
     /// Take new flows again, at the backend's weight.
     Undrain {
         vip: String,
-        backend: Ipv4Addr,
+        /// The backend's address (IPv6 bare or in brackets).
+        #[arg(value_parser = backend_arg)]
+        backend: IpAddr,
         #[arg(long)]
         json: bool,
     },
     /// Set the weight (0 to 65535) until the next reload.
     Weight {
         vip: String,
-        backend: Ipv4Addr,
+        /// The backend's address (IPv6 bare or in brackets).
+        #[arg(value_parser = backend_arg)]
+        backend: IpAddr,
         weight: u32,
         #[arg(long)]
         json: bool,
@@ -195,7 +210,9 @@ enum BackendOp {
     /// Add a backend, checked with the VIP's health check, until the next reload.
     Add {
         vip: String,
-        backend: Ipv4Addr,
+        /// The backend's address (IPv6 bare or in brackets).
+        #[arg(value_parser = backend_arg)]
+        backend: IpAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Only takes traffic while no primary backend can.
@@ -207,7 +224,9 @@ enum BackendOp {
     /// Remove a backend until the next reload.
     Remove {
         vip: String,
-        backend: Ipv4Addr,
+        /// The backend's address (IPv6 bare or in brackets).
+        #[arg(value_parser = backend_arg)]
+        backend: IpAddr,
         #[arg(long)]
         json: bool,
     },
@@ -313,6 +332,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_forwarding,
             log_level,
             mac_wait,
+            replace,
         } => {
             logging::init(log_level);
             let loaded = load_config(config)?;
@@ -330,6 +350,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 mac_wait: Duration::try_from_secs_f64(mac_wait)
                     .context("--mac-wait must be a non-negative number of seconds")?,
                 config_path: Some(config.clone()),
+                replace,
             };
             runtime()?.block_on(agent::run(
                 loaded.config,
@@ -552,6 +573,11 @@ fn vip_toml(
             ),
             None => (b.as_str(), None),
         };
+        // `[2001:db8::11]` as services write IPv6; the config wants the bare address.
+        let address = address
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .unwrap_or(address);
         t.push_str(&format!("[[vip.backend]]\naddress = {}\n", quote(address)));
         if let Some(w) = weight {
             t.push_str(&format!("weight = {w}\n"));
@@ -640,18 +666,24 @@ fn problem_json(p: &config::Problem) -> serde_json::Value {
     })
 }
 
+/// A backend address on the command line, checked with the config's rules.
+fn backend_arg(text: &str) -> Result<IpAddr, String> {
+    config::backend_address(text)
+}
+
 /// `which-backend --config`: the table as the config alone defines it (every backend assumed
 /// reachable), with the data path's own flow hash.
 fn which_offline(path: &Path, service: &str, source: &str) -> anyhow::Result<WhichBackend> {
     let loaded = load_config(path)?;
     let (vip_addr, proto) = api::parse_service(service).map_err(|e| anyhow::anyhow!(e))?;
-    let src: SocketAddrV4 = source
+    let src: SocketAddr = source
         .parse()
-        .with_context(|| format!("`{source}` is not ADDRESS:PORT (IPv4)"))?;
-    let Some(vip) =
-        loaded.config.vips.iter().find(|v| {
-            v.address == *vip_addr.ip() && v.port == vip_addr.port() && v.protocol == proto
-        })
+        .with_context(|| format!("`{source}` is not ADDRESS:PORT (or [ADDRESS]:PORT for IPv6)"))?;
+    let Some(vip) = loaded
+        .config
+        .vips
+        .iter()
+        .find(|v| v.key() == (vip_addr.ip(), vip_addr.port(), proto))
     else {
         bail!("{} has no service {service}", path.display());
     };
@@ -659,13 +691,15 @@ fn which_offline(path: &Path, service: &str, source: &str) -> anyhow::Result<Whi
         .backends
         .iter()
         .map(|b| maglev::MaglevBackend {
-            address: b.address.into(),
+            address: b.address,
             weight: b.weight,
         })
         .collect();
     let table = maglev::build_table(&inputs, vip.table_size)?;
-    let hash = lb_common::hash::flow_hash_between(src, vip_addr, proto.number());
-    let slot = lb_common::hash::flow_slot_between(src, vip_addr, proto.number(), vip.table_size);
+    let family = || anyhow::anyhow!("source {src} and service {service} are of different families");
+    let hash = lb_common::hash::flow_hash_of(src, vip_addr, proto.number()).ok_or_else(family)?;
+    let slot = lb_common::hash::flow_slot_of(src, vip_addr, proto.number(), vip.table_size)
+        .ok_or_else(family)?;
     let entry = table[slot as usize];
     let backend =
         (entry != maglev::EMPTY).then(|| vip.backends[entry as usize].address.to_string());

@@ -2,7 +2,7 @@
 //!
 //! Names follow Prometheus conventions: `xdplb_` prefix, `_total` for counters, base units
 //! (bytes, seconds). Every series of a VIP carries `vip` (its name) and `service`
-//! (`address:port/protocol`); backend series add `backend` (its address). The connection table's
+//! (`address:port/protocol`, `[address]:port/protocol` for IPv6); backend series add `backend` (its address). The connection table's
 //! series (`xdplb_flow_table_*`) belong to the whole data path and carry no VIP. The figures are
 //! the same ones `xdplb status` shows, read from the kernel's maps at scrape time. The VRRP series
 //! (`xdplb_ha_*`) exist only on a node with `[ha]`.
@@ -84,10 +84,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
 /// The labels of a service's series.
 fn vip_labels(v: &VipStatus) -> String {
     format!(
-        "vip=\"{}\",service=\"{}:{}/{}\"",
+        "vip=\"{}\",service=\"{}/{}\"",
         esc(&v.name),
-        esc(&v.address),
-        v.port,
+        esc(&v.socket()),
         esc(&v.protocol)
     )
 }
@@ -527,6 +526,14 @@ fn flow_table(out: &mut String, f: &FlowTableStatus) {
     );
     family(
         out,
+        "xdplb_flow_table_ipv6_capacity",
+        "gauge",
+        "Entries the IPv6 connection table, a table of its own, holds at most, all CPUs \
+         together ([flows] entries_v6).",
+        &[(String::new(), f.capacity_v6.to_string())],
+    );
+    family(
+        out,
         "xdplb_flow_table_events_total",
         "counter",
         "What the connection table did, by event: hit (a packet went to its flow's remembered \
@@ -858,6 +865,7 @@ mod tests {
             }],
             flows: FlowTableStatus {
                 capacity: 1_048_576,
+                capacity_v6: 262_144,
                 udp_idle_timeout_secs: 30.0,
                 insert_rate_limit: 100_000,
                 remove_grace_secs: 60.0,
@@ -879,7 +887,10 @@ mod tests {
         }
     }
 
-    fn ip(s: &str) -> std::net::Ipv4Addr {
+    fn ip<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
         s.parse().unwrap()
     }
 
@@ -1097,6 +1108,7 @@ mod tests {
             r#"xdplb_reason_packets_total{reason="pass_not_vip",action="pass"} 5"#.into(),
             r#"xdplb_reason_bytes_total{reason="pass_not_vip",action="pass"} 300"#.into(),
             "xdplb_flow_table_capacity 1048576".into(),
+            "xdplb_flow_table_ipv6_capacity 262144".into(),
             r#"xdplb_flow_table_events_total{event="hit"} 1000"#.into(),
             r#"xdplb_flow_table_events_total{event="insert_failed"} 1007"#.into(),
             "xdplb_flow_table_removing_backends 1".into(),

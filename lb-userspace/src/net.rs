@@ -13,14 +13,19 @@
 //! xdplb instance stops last on an interface (without `--keep-forwarding`) can remove them, and
 //! entries an administrator made are never touched.
 //!
-//! For high availability: IPv4 addresses are added and removed idempotently (a VIP already held,
-//! or already gone, is not an error), and [`watch_link`] reports whether the interface is usable
+//! Backends of both families are handled alike: IPv4 neighbours are resolved by ARP, IPv6 ones by
+//! neighbour discovery, and both kinds of entry can be managed. The discard-port datagram goes to
+//! `ADDR:9` or `[ADDR]:9`.
+//!
+//! For high availability: addresses are added and removed idempotently (a VIP already held,
+//! or already gone, is not an error); IPv6 ones skip duplicate address detection
+//! (`IFA_F_NODAD`), so a VIP taken over is usable at once instead of after DAD's second, and [`watch_link`] reports whether the interface is usable
 //! (administratively up and with carrier), driven by link events plus a resync every
 //! [`LINK_RESYNC_INTERVAL`], so a lost event leaves it wrong for at most that long.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -102,14 +107,14 @@ pub struct Interface {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteInfo {
     pub oif: Option<u32>,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     pub local: bool,
 }
 
 /// A neighbour table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Neighbour {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub mac: Option<[u8; 6]>,
     pub state: NeighbourState,
     pub managed: bool,
@@ -193,11 +198,16 @@ impl Netlink {
         })
     }
 
-    /// `ip route get ADDR`.
-    pub async fn route_to(&self, addr: Ipv4Addr) -> Result<RouteInfo, NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(addr, 32)
-            .build();
+    /// `ip route get ADDR`, for either family.
+    pub async fn route_to(&self, addr: IpAddr) -> Result<RouteInfo, NetError> {
+        let msg = match addr {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
         let mut routes = self.handle.route().get(msg).execute();
         let mut info = RouteInfo {
             oif: None,
@@ -213,7 +223,12 @@ impl Netlink {
             for attr in &route.attributes {
                 match attr {
                     RouteAttribute::Oif(i) => info.oif = Some(*i),
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => info.gateway = Some(*g),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                        info.gateway = Some((*g).into())
+                    }
+                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
+                        info.gateway = Some((*g).into())
+                    }
                     _ => {}
                 }
             }
@@ -221,18 +236,24 @@ impl Netlink {
         Ok(info)
     }
 
-    /// IPv4 neighbours on `ifindex`.
+    /// IPv4 and IPv6 neighbours on `ifindex`.
     pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>, NetError> {
-        let mut req = self.handle.neighbours().get();
-        req = req.set_address_family(AddressFamily::Inet);
-        let mut stream = req.execute();
         let mut out = Vec::new();
-        while let Some(msg) = stream.try_next().await.map_err(nl("neighbour dump"))? {
-            if msg.header.ifindex != ifindex {
-                continue;
-            }
-            if let Some(n) = parse_neighbour(&msg) {
-                out.push(n);
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = self.handle.neighbours().get();
+            req = req.set_address_family(family);
+            let mut stream = req.execute();
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(nl(format!("neighbour dump ({family:?})")))?
+            {
+                if msg.header.ifindex != ifindex {
+                    continue;
+                }
+                if let Some(n) = parse_neighbour(&msg) {
+                    out.push(n);
+                }
             }
         }
         Ok(out)
@@ -244,10 +265,10 @@ impl Netlink {
     pub async fn make_managed(
         &self,
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         existing: Option<&Neighbour>,
     ) -> Result<(), NetError> {
-        let mut req = self.handle.neighbours().add(ifindex, IpAddr::V4(addr));
+        let mut req = self.handle.neighbours().add(ifindex, addr);
         req = match existing {
             None => req.state(NeighbourState::None),
             Some(n) => match n.mac {
@@ -265,14 +286,16 @@ impl Netlink {
             .map_err(nl(format!("make neighbour {addr} managed")))
     }
 
-    pub async fn del_neighbour(&self, ifindex: u32, addr: Ipv4Addr) -> Result<(), NetError> {
+    pub async fn del_neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<(), NetError> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        let (family, destination) = match addr {
+            IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(a)),
+        };
+        msg.header.family = family;
         msg.header.ifindex = ifindex;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                addr,
-            )));
+            .push(NeighbourAttribute::Destination(destination));
         self.handle
             .neighbours()
             .del(msg)
@@ -331,20 +354,25 @@ impl Netlink {
         Ok(out)
     }
 
-    /// `ip addr add ADDR/PREFIX dev IF`; an address already there with that prefix is success,
-    /// so taking over VIPs can be retried blindly.
+    /// `ip addr add ADDR/PREFIX dev IF` (with `nodad` for IPv6: no duplicate address
+    /// detection, so the address is usable at once rather than after DAD's probes, as an HA
+    /// VIP taken over must be); an address already there with that prefix is success, so taking
+    /// over VIPs can be retried blindly.
     pub async fn add_address(
         &self,
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         prefix: u8,
     ) -> Result<(), NetError> {
-        let result = self
-            .handle
-            .address()
-            .add(ifindex, IpAddr::V4(addr), prefix)
-            .execute()
-            .await;
+        let addr = addr.into();
+        let mut req = self.handle.address().add(ifindex, addr, prefix);
+        if addr.is_ipv6() {
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        let result = req.execute().await;
         match result {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
@@ -363,13 +391,20 @@ impl Netlink {
     pub async fn del_address(
         &self,
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         prefix: u8,
     ) -> Result<(), NetError> {
-        let msg = AddressMessageBuilder::<Ipv4Addr>::new()
-            .index(ifindex)
-            .address(addr, prefix)
-            .build();
+        let addr = addr.into();
+        let msg = match addr {
+            IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(ifindex)
+                .address(a, prefix)
+                .build(),
+            IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(ifindex)
+                .address(a, prefix)
+                .build(),
+        };
         match self.handle.address().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
@@ -723,7 +758,12 @@ fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
     let mut ours = false;
     for attr in &msg.attributes {
         match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                addr = Some(IpAddr::V4(*a))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                addr = Some(IpAddr::V6(*a))
+            }
             NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                 mac = <[u8; 6]>::try_from(l.as_slice()).ok();
             }
@@ -756,8 +796,8 @@ fn parse_neighbour(msg: &NeighbourMessage) -> Option<Neighbour> {
     })
 }
 
-/// Backend MACs as last seen: `None` while unresolved.
-pub type MacTable = BTreeMap<Ipv4Addr, Option<[u8; 6]>>;
+/// Backend MACs as last seen, by address of either family: `None` while unresolved.
+pub type MacTable = BTreeMap<IpAddr, Option<[u8; 6]>>;
 
 /// How often the watcher re-reads the neighbour table even without events, and re-pokes
 /// resolution of addresses still unresolved.
@@ -771,7 +811,7 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 pub async fn watch_macs(
     nl: Netlink,
     ifindex: u32,
-    mut addrs: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    mut addrs: watch::Receiver<BTreeSet<IpAddr>>,
     tx: mpsc::Sender<MacTable>,
     cleanup: watch::Receiver<bool>,
 ) {
@@ -847,7 +887,7 @@ pub async fn watch_macs(
 fn concerns(
     msg: &netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
     ifindex: u32,
-    wanted: &BTreeSet<Ipv4Addr>,
+    wanted: &BTreeSet<IpAddr>,
 ) -> bool {
     let n = match &msg.payload {
         netlink_packet_core::NetlinkPayload::InnerMessage(
@@ -859,7 +899,7 @@ fn concerns(
 }
 
 /// Removes the neighbour entries for `addrs` that xdplb made (this instance or an earlier one).
-async fn remove_ours(nl: &Netlink, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) {
+async fn remove_ours(nl: &Netlink, ifindex: u32, addrs: &BTreeSet<IpAddr>) {
     let present = match nl.neighbours(ifindex).await {
         Ok(p) => p,
         Err(e) => {
@@ -878,9 +918,9 @@ async fn remove_ours(nl: &Netlink, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) {
 async fn sync_once(
     nl: &Netlink,
     ifindex: u32,
-    wanted: &BTreeSet<Ipv4Addr>,
+    wanted: &BTreeSet<IpAddr>,
 ) -> Result<MacTable, NetError> {
-    let present: BTreeMap<Ipv4Addr, Neighbour> = nl
+    let present: BTreeMap<IpAddr, Neighbour> = nl
         .neighbours(ifindex)
         .await?
         .into_iter()
@@ -916,11 +956,16 @@ async fn sync_once(
     Ok(table)
 }
 
-/// Makes the kernel resolve `addr` by sending it one datagram on the discard port (9): the
-/// fallback for kernels without managed neighbour entries, and a nudge for entries that failed.
-fn poke(addr: Ipv4Addr) {
-    let sent =
-        UdpSocket::bind("0.0.0.0:0").and_then(|s| s.send_to(b"", SocketAddrV4::new(addr, 9)));
+/// Makes the kernel resolve `addr` (ARP or neighbour discovery) by sending it one datagram on
+/// the discard port (9): the fallback for kernels without managed neighbour entries, and a nudge
+/// for entries that failed.
+fn poke(addr: IpAddr) {
+    let any = match addr {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let sent = UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| s.send_to(b"", SocketAddr::new(addr, 9)));
     if let Err(e) = sent {
         debug!(%addr, "probe datagram not sent: {e}");
     }

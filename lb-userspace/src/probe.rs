@@ -19,7 +19,7 @@
 //! and port as a reply.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -73,10 +73,11 @@ impl Probe {
 /// Where a check goes and what it is for (an exec check gets these in its environment).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub backend: Ipv4Addr,
+    /// IPv4 or IPv6 (of the VIP's family).
+    pub backend: IpAddr,
     /// The port to check (may differ from the service port).
     pub port: u16,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub vip_port: u16,
     pub vip_name: String,
     /// "tcp" | "udp".
@@ -135,9 +136,10 @@ pub async fn run(probe: &Probe, target: &Target, timeout: Duration) -> Outcome {
             expect_status,
             expect_body,
         } => {
+            // `[2001:db8::11]:80` for IPv6, as RFC 9110 writes an IP literal with a port.
             let host = host
                 .clone()
-                .unwrap_or_else(|| format!("{}:{}", target.backend, target.port));
+                .unwrap_or_else(|| target_addr(target).to_string());
             let check = HttpCheck {
                 path,
                 host: &host,
@@ -155,7 +157,7 @@ pub async fn run(probe: &Probe, target: &Target, timeout: Duration) -> Outcome {
 const MAX_DETAIL_CHARS: usize = 119;
 
 fn target_addr(target: &Target) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(target.backend, target.port))
+    SocketAddr::new(target.backend, target.port)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,7 +538,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 async fn udp(payload: &[u8], target: &Target, timeout: Duration, start: Instant) -> Outcome {
     let exchange = async {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let any = match target.backend {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let socket = UdpSocket::bind((any, 0))
             .await
             .map_err(|e| format!("cannot open socket: {}", io_text(&e)))?;
         // Connected, so the kernel reports ICMP port unreachable as ECONNREFUSED and drops
@@ -814,9 +820,9 @@ mod tests {
 
     fn target(port: u16) -> Target {
         Target {
-            backend: Ipv4Addr::LOCALHOST,
+            backend: Ipv4Addr::LOCALHOST.into(),
             port,
-            vip: Ipv4Addr::new(10, 0, 0, 1),
+            vip: Ipv4Addr::new(10, 0, 0, 1).into(),
             vip_port: 80,
             vip_name: "web".to_owned(),
             protocol: "tcp",
@@ -1196,6 +1202,72 @@ mod tests {
         let outcome = check(&probe, port, T).await;
         assert!(outcome.ok, "{outcome:?}");
         assert_eq!(outcome.detail, "reply of 4 bytes");
+    }
+
+    /// An IPv6 backend is checked over IPv6 (the loopback stands in for it): TCP, HTTP with
+    /// `Host: [ADDR]:PORT`, UDP, and an exec check that gets the address.
+    #[tokio::test]
+    async fn ipv6_backends_are_checked_over_ipv6() {
+        let backend: IpAddr = Ipv6Addr::LOCALHOST.into();
+        let t = |port| Target {
+            backend,
+            vip: "2001:db8::100".parse().unwrap(),
+            ..target(port)
+        };
+        let listener = TcpListener::bind("[::1]:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            // The TCP check's connection, then the HTTP check's, which is answered with the
+            // Host header it sent.
+            drop(listener.accept().await.unwrap());
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 1024];
+            let n = stream.read(&mut request).await.unwrap();
+            let host = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .find(|l| l.starts_with("Host: "))
+                .unwrap_or_default()
+                .to_string();
+            let body = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{host}",
+                host.len()
+            );
+            stream.write_all(body.as_bytes()).await.unwrap();
+        });
+        let tcp = run(&Probe::Tcp, &t(port), T).await;
+        assert!(tcp.ok, "{tcp:?}");
+        let http = run(
+            &http_probe(Some(&format!("Host: [::1]:{port}"))),
+            &t(port),
+            T,
+        )
+        .await;
+        assert!(http.ok, "{http:?}");
+
+        let server = UdpSocket::bind("[::1]:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+            server.send_to(&buf[..n], peer).await.unwrap();
+        });
+        let udp = run(
+            &Probe::Udp {
+                payload: b"ping".to_vec(),
+            },
+            &t(port),
+            T,
+        )
+        .await;
+        assert!(udp.ok, "{udp:?}");
+
+        let exec = exec_probe(&[
+            "sh",
+            "-c",
+            "test \"$XDPLB_BACKEND $XDPLB_VIP\" = \"::1 2001:db8::100\"",
+        ]);
+        let outcome = run(&exec, &t(port), T).await;
+        assert!(outcome.ok, "{outcome:?}");
     }
 
     #[tokio::test]

@@ -23,17 +23,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant, SystemTime},
 };
 
 use lb_common::{
     Reason,
     flows::FlowStat,
-    hash::{flow_hash_between, flow_slot_between},
+    hash::{flow_hash_of, flow_slot_of},
     maps::{
-        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, FlowEntry, FlowKey, MAX_BACKENDS,
-        MAX_VIPS, Settings, VipAddrKey, VipInfo, VipKey, vip_key_word,
+        BACKEND_F_DOWN, BACKEND_F_READY, BackendInfo, Counter, Flow6Key, FlowEntry, FlowKey,
+        MAX_BACKENDS, MAX_VIPS, Settings, VipInfo,
     },
 };
 use thiserror::Error;
@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{self, AllDown, Config, Protocol},
-    dataplane::{AttachMode, Dataplane, DataplaneError, monotonic_ns},
+    dataplane::{AttachMode, Dataplane, DataplaneError, ServiceKey, monotonic_ns},
     health::{CheckKey, CheckSpec, Health, Tracker},
     logging::LogLevel,
     maglev::{self, MaglevBackend},
@@ -72,7 +72,7 @@ pub enum ReconcileError {
     #[error("no service {0}")]
     NoSuchVip(String),
     #[error("vip {vip} has no backend {backend}")]
-    NoSuchBackend { vip: String, backend: Ipv4Addr },
+    NoSuchBackend { vip: String, backend: IpAddr },
     /// The request itself is wrong (an HTTP 400).
     #[error("{0}")]
     Invalid(String),
@@ -94,10 +94,12 @@ pub const HALF_REUSE_GRACE: Duration = Duration::from_millis(10);
 /// a recording fake.
 pub trait Maps {
     fn set_settings(&mut self, s: &Settings) -> Result<(), DataplaneError>;
-    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError>;
-    fn vip(&self, key: &VipKey) -> Option<VipInfo>;
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError>;
-    fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError>;
+    /// Publishes or changes a service of either family ([`Dataplane::set_service`]).
+    fn set_vip(&mut self, key: &ServiceKey, info: &VipInfo) -> Result<(), DataplaneError>;
+    fn vip(&self, key: &ServiceKey) -> Option<VipInfo>;
+    fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError>;
+    /// How many services `addr` has ([`Dataplane::set_service_addr`]).
+    fn set_vip_addr(&mut self, addr: IpAddr, count: u32) -> Result<(), DataplaneError>;
     fn ring_capacity(&self) -> u32;
     fn write_ring(&mut self, base: u32, entries: &[u32]) -> Result<(), DataplaneError>;
     fn ring_entry(&self, index: u32) -> Option<u32>;
@@ -109,6 +111,7 @@ pub trait Maps {
     fn reason_counters(&self) -> Result<[Counter; Reason::COUNT as usize], DataplaneError>;
     fn flow_counters(&self) -> Result<[u64; FlowStat::COUNT as usize], DataplaneError>;
     fn flow_capacity(&self) -> u32;
+    fn flow6_capacity(&self) -> u32;
     /// See [`Dataplane::flows`].
     fn flows(
         &self,
@@ -116,6 +119,13 @@ pub trait Maps {
         max_read: usize,
         keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError>;
+    /// See [`Dataplane::flows6`].
+    fn flows6(
+        &self,
+        limit: usize,
+        max_read: usize,
+        keep: impl FnMut(&Flow6Key, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(Flow6Key, FlowEntry)>, usize), DataplaneError>;
     fn program_id(&self) -> Option<u32>;
 }
 
@@ -123,17 +133,17 @@ impl Maps for Dataplane {
     fn set_settings(&mut self, s: &Settings) -> Result<(), DataplaneError> {
         Dataplane::set_settings(self, s)
     }
-    fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
-        Dataplane::set_vip(self, key, info)
+    fn set_vip(&mut self, key: &ServiceKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        Dataplane::set_service(self, key, info)
     }
-    fn vip(&self, key: &VipKey) -> Option<VipInfo> {
-        Dataplane::vip(self, key)
+    fn vip(&self, key: &ServiceKey) -> Option<VipInfo> {
+        Dataplane::service(self, key)
     }
-    fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        Dataplane::remove_vip(self, key)
+    fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        Dataplane::remove_service(self, key)
     }
-    fn set_vip_addr(&mut self, key: &VipAddrKey, count: u32) -> Result<(), DataplaneError> {
-        Dataplane::set_vip_addr(self, key, count)
+    fn set_vip_addr(&mut self, addr: IpAddr, count: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_service_addr(self, addr, count)
     }
     fn ring_capacity(&self) -> u32 {
         Dataplane::ring_capacity(self)
@@ -168,6 +178,9 @@ impl Maps for Dataplane {
     fn flow_capacity(&self) -> u32 {
         Dataplane::flow_capacity(self)
     }
+    fn flow6_capacity(&self) -> u32 {
+        Dataplane::flow6_capacity(self)
+    }
     fn flows(
         &self,
         limit: usize,
@@ -175,6 +188,14 @@ impl Maps for Dataplane {
         keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
     ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
         Dataplane::flows(self, limit, max_read, keep)
+    }
+    fn flows6(
+        &self,
+        limit: usize,
+        max_read: usize,
+        keep: impl FnMut(&Flow6Key, &FlowEntry) -> bool,
+    ) -> Result<(Vec<(Flow6Key, FlowEntry)>, usize), DataplaneError> {
+        Dataplane::flows6(self, limit, max_read, keep)
     }
     fn program_id(&self) -> Option<u32> {
         Dataplane::program_id(self)
@@ -398,7 +419,7 @@ impl Serving {
 #[derive(Debug)]
 struct VipSlot {
     cfg: config::Vip,
-    key: VipKey,
+    key: ServiceKey,
     index: u32,
     /// Ring region: `2 * table_size` entries; half `h` starts at `base + h * table_size`.
     base: u32,
@@ -415,7 +436,7 @@ struct VipSlot {
     dirty: bool,
     /// Removed backends (id, address) the live table may still reference; their grace starts
     /// once a table without them is published.
-    removed_ids: Vec<(u32, Ipv4Addr)>,
+    removed_ids: Vec<(u32, IpAddr)>,
     /// The region the live table is in, when a new table size moved the VIP to another one;
     /// retired once a table is published in the new region.
     old_region: Option<(u32, u32)>,
@@ -462,7 +483,7 @@ impl VipSlot {
         );
     }
 
-    fn backend(&self, addr: Ipv4Addr) -> Option<&BackendSlot> {
+    fn backend(&self, addr: IpAddr) -> Option<&BackendSlot> {
         self.backends.iter().find(|b| b.cfg.address == addr)
     }
 }
@@ -510,9 +531,9 @@ pub const MAX_FLOW_SCAN: usize = 100_000;
 #[derive(Debug)]
 struct Removing {
     id: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     vip: String,
-    key: VipKey,
+    key: ServiceKey,
     until: Instant,
 }
 
@@ -530,7 +551,7 @@ pub struct Reconciler<M: Maps = Dataplane> {
     vip_ids: Ids,
     backend_ids: Ids,
     regions: Regions,
-    vip_addrs: BTreeMap<Ipv4Addr, u32>,
+    vip_addrs: BTreeMap<IpAddr, u32>,
     /// The MACs the kernel last reported (desired state).
     macs: MacTable,
     /// Released resources, with the time of release; reusable after [`HALF_REUSE_GRACE`].
@@ -674,12 +695,7 @@ impl<M: Maps> Reconciler<M> {
         };
         // The address first: the data path looks a VIP up only for addresses in its filter.
         let count = self.vip_addrs.get(&slot.cfg.address).copied().unwrap_or(0) + 1;
-        self.dp.set_vip_addr(
-            &VipAddrKey {
-                addr: slot.cfg.address.octets(),
-            },
-            count,
-        )?;
+        self.dp.set_vip_addr(slot.cfg.address, count)?;
         self.vip_addrs.insert(slot.cfg.address, count);
         // Published with an empty table (dropped, counted as no_backend) until MACs are known,
         // rather than passed to the kernel stack, which has no listener for the service.
@@ -709,12 +725,7 @@ impl<M: Maps> Reconciler<M> {
             self.vip_addrs.insert(v.cfg.address, count);
         }
         // Only a failure of the filter update is left; the VIP is gone from the table either way.
-        let filter = self.dp.set_vip_addr(
-            &VipAddrKey {
-                addr: v.cfg.address.octets(),
-            },
-            count,
-        );
+        let filter = self.dp.set_vip_addr(v.cfg.address, count);
         self.retire(Retired::VipIndex(v.index));
         self.retire(Retired::Region {
             base: v.base,
@@ -774,15 +785,16 @@ impl<M: Maps> Reconciler<M> {
     }
 
     /// Backend addresses whose MACs the agent needs.
-    pub fn wanted_addrs(&self) -> BTreeSet<Ipv4Addr> {
+    pub fn wanted_addrs(&self) -> BTreeSet<IpAddr> {
         self.vips
             .iter()
             .flat_map(|v| v.backends.iter().map(|b| b.cfg.address))
             .collect()
     }
 
-    /// The distinct VIP addresses: what HA puts on the interface of the master.
-    pub fn vip_addresses(&self) -> BTreeSet<Ipv4Addr> {
+    /// The distinct VIP addresses, of both families: what HA puts on the interface of the
+    /// master.
+    pub fn vip_addresses(&self) -> BTreeSet<IpAddr> {
         self.vips.iter().map(|v| v.cfg.address).collect()
     }
 
@@ -812,23 +824,32 @@ impl<M: Maps> Reconciler<M> {
         let mut h = Fnv64::new();
         let mut vips: Vec<&VipSlot> = self.vips.iter().collect();
         vips.sort_by_key(|v| (v.cfg.address, v.cfg.port, v.cfg.protocol.number()));
+        // An address is written as its 4 or 16 bytes: IPv4 services sort first and hash as
+        // they always did, so nodes of an older version still agree about them.
+        let octets = |a: IpAddr| match a {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
         for v in vips {
-            h.write(&v.cfg.address.octets());
+            h.write(&octets(v.cfg.address));
             h.write(&v.cfg.port.to_be_bytes());
             h.write(&[v.cfg.protocol.number()]);
             h.write(&(v.table.len() as u32).to_be_bytes());
-            let addr: BTreeMap<u32, Ipv4Addr> =
+            let addr: BTreeMap<u32, IpAddr> =
                 v.backends.iter().map(|b| (b.id, b.cfg.address)).collect();
+            let none = match v.cfg.address {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
             for id in &v.table {
-                let a = addr.get(id).copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
-                h.write(&a.octets());
+                h.write(&octets(addr.get(id).copied().unwrap_or(none)));
             }
         }
         h.0
     }
 
     /// Backend addresses without a known MAC.
-    pub fn unresolved(&self) -> BTreeSet<Ipv4Addr> {
+    pub fn unresolved(&self) -> BTreeSet<IpAddr> {
         self.vips
             .iter()
             .flat_map(|v| v.backends.iter())
@@ -875,9 +896,13 @@ impl<M: Maps> Reconciler<M> {
             src_mac: iface_mac,
             _pad: [0; 2],
             flags,
-            addr: b.cfg.address.octets(),
+            // Diagnostics only; an IPv6 backend's stays all zero (see `BackendInfo::addr`).
+            addr: match b.cfg.address {
+                IpAddr::V4(a) => a.octets(),
+                IpAddr::V6(_) => [0; 4],
+            },
             vip_index: v.index,
-            vip: vip_key_word(&v.key),
+            vip: v.key.word(),
         };
         self.dp.set_backend(b.id, &info)?;
         self.vips[i].backends[j].flags = flags;
@@ -955,7 +980,7 @@ impl<M: Maps> Reconciler<M> {
             .iter()
             .zip(&eligible)
             .map(|(b, &e)| MaglevBackend {
-                address: b.cfg.address.into(),
+                address: b.cfg.address,
                 weight: if e { b.weight() } else { 0 },
             })
             .collect();
@@ -1169,14 +1194,14 @@ impl<M: Maps> Reconciler<M> {
             && let Some(i) = self
                 .vips
                 .iter()
-                .position(|v| v.cfg.key() == (*addr.ip(), addr.port(), proto))
+                .position(|v| v.cfg.key() == (addr.ip(), addr.port(), proto))
         {
             return Ok(i);
         }
         Err(ReconcileError::NoSuchVip(vip.to_string()))
     }
 
-    fn backend_position(&self, i: usize, backend: Ipv4Addr) -> Result<usize, ReconcileError> {
+    fn backend_position(&self, i: usize, backend: IpAddr) -> Result<usize, ReconcileError> {
         self.vips[i]
             .backends
             .iter()
@@ -1202,7 +1227,7 @@ impl<M: Maps> Reconciler<M> {
     pub async fn set_drain(
         &mut self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         drain: bool,
     ) -> Result<String, ReconcileError> {
         let i = self.vip_position(vip)?;
@@ -1233,7 +1258,7 @@ impl<M: Maps> Reconciler<M> {
     pub async fn set_weight(
         &mut self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
         weight: u32,
     ) -> Result<String, ReconcileError> {
         config::check_weight(weight).map_err(ReconcileError::Invalid)?;
@@ -1291,7 +1316,7 @@ impl<M: Maps> Reconciler<M> {
     pub async fn add_backend(
         &mut self,
         vip: &str,
-        address: Ipv4Addr,
+        address: IpAddr,
         weight: u32,
         backup: bool,
     ) -> Result<String, ReconcileError> {
@@ -1299,6 +1324,7 @@ impl<M: Maps> Reconciler<M> {
         config::check_backend_address(address).map_err(ReconcileError::Invalid)?;
         config::check_weight(weight).map_err(ReconcileError::Invalid)?;
         let v = &self.vips[i];
+        config::check_backend_family(&v.cfg, address).map_err(ReconcileError::Invalid)?;
         if address == v.cfg.address {
             return Err(ReconcileError::Invalid(format!(
                 "{address} is the VIP's own address; a backend must be another host"
@@ -1347,7 +1373,7 @@ impl<M: Maps> Reconciler<M> {
     pub async fn remove_backend(
         &mut self,
         vip: &str,
-        backend: Ipv4Addr,
+        backend: IpAddr,
     ) -> Result<String, ReconcileError> {
         let i = self.vip_position(vip)?;
         let j = self.backend_position(i, backend)?;
@@ -1369,8 +1395,10 @@ impl<M: Maps> Reconciler<M> {
     pub async fn add_vip_live(&mut self, cfg: config::Vip) -> Result<String, ReconcileError> {
         if let Some(v) = self.vips.iter().find(|v| v.cfg.key() == cfg.key()) {
             return Err(ReconcileError::Conflict(format!(
-                "{}:{}/{} is already vip {}",
-                cfg.address, cfg.port, cfg.protocol, v.cfg.name
+                "{}/{} is already vip {}",
+                cfg.socket(),
+                cfg.protocol,
+                v.cfg.name
             )));
         }
         if self.vips.iter().any(|v| v.cfg.name == cfg.name) {
@@ -1683,26 +1711,33 @@ impl<M: Maps> Reconciler<M> {
         Ok(())
     }
 
-    fn find_vip(&self, addr: Ipv4Addr, port: u16, proto: Protocol) -> Option<&VipSlot> {
+    fn find_vip(&self, addr: IpAddr, port: u16, proto: Protocol) -> Option<&VipSlot> {
         self.vips
             .iter()
-            .find(|v| v.cfg.address == addr && v.cfg.port == port && v.cfg.protocol == proto)
+            .find(|v| v.cfg.key() == (addr, port, proto))
     }
 
     /// Which backend the kernel sends a flow to, read from the live table in the kernel.
     pub fn which_backend(
         &self,
-        vip: SocketAddrV4,
+        vip: SocketAddr,
         proto: Protocol,
-        src: SocketAddrV4,
+        src: SocketAddr,
     ) -> Result<WhichBackend, ReconcileError> {
         let v = self
-            .find_vip(*vip.ip(), vip.port(), proto)
+            .find_vip(vip.ip(), vip.port(), proto)
             .ok_or_else(|| ReconcileError::NoSuchVip(format!("{vip}/{proto}")))?;
-        let hash = flow_hash_between(src, vip, proto.number());
+        let family_error = || {
+            ReconcileError::Invalid(format!(
+                "source {src} and vip {vip} are of different families: no such flow reaches a \
+                 VIP"
+            ))
+        };
+        let hash = flow_hash_of(src, vip, proto.number()).ok_or_else(family_error)?;
         let (slot, backend_id) = match self.dp.vip(&v.key) {
             Some(info) if info.ring_size > 0 => {
-                let slot = flow_slot_between(src, vip, proto.number(), info.ring_size);
+                let slot = flow_slot_of(src, vip, proto.number(), info.ring_size)
+                    .ok_or_else(family_error)?;
                 (Some(slot), self.dp.ring_entry(info.ring_base + slot))
             }
             _ => (None, None),
@@ -1722,69 +1757,87 @@ impl<M: Maps> Reconciler<M> {
         })
     }
 
-    /// Up to `limit` flows of the connection table, of one VIP (name or `ADDRESS:PORT/PROTO`)
-    /// or of all, with what the data path does with their next packet.
+    /// Up to `limit` flows of the connection tables (IPv4 first, then IPv6), of one VIP (name
+    /// or `ADDRESS:PORT/PROTO`) or of all, with what the data path does with their next packet.
     pub fn flows(&self, vip: Option<&str>, limit: usize) -> Result<FlowsReport, ReconcileError> {
         let only = vip.map(|v| self.vip_position(v)).transpose()?;
         let only_key = only.map(|i| self.vips[i].key);
-        let (entries, scanned) = self.dp.flows(limit, MAX_FLOW_SCAN, |k, _| {
-            only_key.is_none_or(|v| v.addr == k.dst && v.port == k.dport && v.proto == k.proto)
-        })?;
+        let wanted = |dst: IpAddr, dport: [u8; 2], proto: u8| {
+            only_key.is_none_or(|k| k.matches(dst, dport, proto))
+        };
+        let mut flows: Vec<(Flow, FlowEntry)> = Vec::new();
+        let mut scanned = 0;
+        // Only the tables that can hold the VIP's flows are read.
+        if only_key.is_none_or(|k| matches!(k, ServiceKey::V4(_))) {
+            let (entries, n) = self.dp.flows(limit, MAX_FLOW_SCAN, |k, _| {
+                wanted(IpAddr::from(k.dst), k.dport, k.proto)
+            })?;
+            scanned += n;
+            flows.extend(entries.into_iter().map(|(k, e)| (Flow::from(&k), e)));
+        }
+        let left = limit - flows.len().min(limit);
+        if left > 0 && only_key.is_none_or(|k| matches!(k, ServiceKey::V6(_))) {
+            let (entries, n) = self.dp.flows6(left, MAX_FLOW_SCAN - scanned, |k, _| {
+                wanted(IpAddr::from(k.dst), k.dport, k.proto)
+            })?;
+            scanned += n;
+            flows.extend(entries.into_iter().map(|(k, e)| (Flow::from(&k), e)));
+        }
         let now = monotonic_ns();
-        let udp_timeout = self.config.flows.udp_idle_timeout;
-        let flows: Vec<FlowStatus> = entries
+        let flows: Vec<FlowStatus> = flows
             .into_iter()
-            .map(|(k, e)| {
-                let dst = Ipv4Addr::from(k.dst);
-                let port = u16::from_be_bytes(k.dport);
-                let proto = Protocol::from_number(k.proto);
-                let v = self.vips.iter().find(|v| {
-                    v.key.addr == k.dst && v.key.port == k.dport && v.key.proto == k.proto
-                });
-                let backend = v.and_then(|v| v.backends.iter().find(|b| b.id == e.backend_id));
-                let removing = self
-                    .removing
-                    .iter()
-                    .find(|r| r.id == e.backend_id && v.is_some_and(|v| v.cfg.name == r.vip));
-                let idle = Duration::from_nanos(now.saturating_sub(e.atime));
-                let state =
-                    if proto == Some(Protocol::Udp) && !udp_timeout.is_zero() && idle > udp_timeout
-                    {
-                        "expired"
-                    } else if let Some(b) = backend {
-                        if b.flags & BACKEND_F_READY != 0 && b.flags & BACKEND_F_DOWN == 0 {
-                            "stays"
-                        } else {
-                            "remapped"
-                        }
-                    } else if removing.is_some() {
-                        "removing"
-                    } else {
-                        "remapped"
-                    };
-                FlowStatus {
-                    client: SocketAddrV4::new(Ipv4Addr::from(k.src), u16::from_be_bytes(k.sport))
-                        .to_string(),
-                    service: match proto {
-                        Some(p) => format!("{dst}:{port}/{p}"),
-                        None => format!("{dst}:{port}/{}", k.proto),
-                    },
-                    vip: v.map(|v| v.cfg.name.clone()),
-                    backend_id: e.backend_id,
-                    backend: backend
-                        .map(|b| b.cfg.address.to_string())
-                        .or_else(|| removing.map(|r| r.address.to_string())),
-                    state: state.to_string(),
-                    idle_secs: idle.as_secs_f64(),
-                }
-            })
+            .map(|(f, e)| self.flow_status_of(&f, &e, now))
             .collect();
         Ok(FlowsReport {
             capacity: self.dp.flow_capacity(),
+            capacity_v6: self.dp.flow6_capacity(),
             scan_capped: scanned >= MAX_FLOW_SCAN && flows.len() < limit,
             scanned,
             flows,
         })
+    }
+
+    /// What the data path does with the next packet of flow `f`, whose connection-table entry
+    /// is `e`; `now` is [`monotonic_ns`].
+    fn flow_status_of(&self, f: &Flow, e: &FlowEntry, now: u64) -> FlowStatus {
+        let proto = Protocol::from_number(f.proto);
+        let key = ServiceKey::new(f.dst.ip(), f.dst.port(), f.proto);
+        let v = self.vips.iter().find(|v| v.key == key);
+        let backend = v.and_then(|v| v.backends.iter().find(|b| b.id == e.backend_id));
+        let removing = self
+            .removing
+            .iter()
+            .find(|r| r.id == e.backend_id && v.is_some_and(|v| v.cfg.name == r.vip));
+        let idle = Duration::from_nanos(now.saturating_sub(e.atime));
+        let udp_timeout = self.config.flows.udp_idle_timeout;
+        let state = if proto == Some(Protocol::Udp) && !udp_timeout.is_zero() && idle > udp_timeout
+        {
+            "expired"
+        } else if let Some(b) = backend {
+            if b.flags & BACKEND_F_READY != 0 && b.flags & BACKEND_F_DOWN == 0 {
+                "stays"
+            } else {
+                "remapped"
+            }
+        } else if removing.is_some() {
+            "removing"
+        } else {
+            "remapped"
+        };
+        FlowStatus {
+            client: f.src.to_string(),
+            service: match proto {
+                Some(p) => format!("{}/{p}", f.dst),
+                None => format!("{}/{}", f.dst, f.proto),
+            },
+            vip: v.map(|v| v.cfg.name.clone()),
+            backend_id: e.backend_id,
+            backend: backend
+                .map(|b| b.cfg.address.to_string())
+                .or_else(|| removing.map(|r| r.address.to_string())),
+            state: state.to_string(),
+            idle_secs: idle.as_secs_f64(),
+        }
     }
 
     pub fn status(&self) -> Result<Status, ReconcileError> {
@@ -1917,6 +1970,7 @@ impl<M: Maps> Reconciler<M> {
         let f = &self.config.flows;
         Ok(FlowTableStatus {
             capacity: self.dp.flow_capacity(),
+            capacity_v6: self.dp.flow6_capacity(),
             udp_idle_timeout_secs: f.udp_idle_timeout.as_secs_f64(),
             insert_rate_limit: f.insert_rate_limit,
             remove_grace_secs: f.remove_grace.as_secs_f64(),
@@ -1938,6 +1992,33 @@ impl<M: Maps> Reconciler<M> {
                 })
                 .collect(),
         })
+    }
+}
+
+/// A connection-table key of either family, as socket addresses.
+struct Flow {
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+}
+
+impl From<&FlowKey> for Flow {
+    fn from(k: &FlowKey) -> Flow {
+        Flow {
+            src: SocketAddr::new(IpAddr::from(k.src), u16::from_be_bytes(k.sport)),
+            dst: SocketAddr::new(IpAddr::from(k.dst), u16::from_be_bytes(k.dport)),
+            proto: k.proto,
+        }
+    }
+}
+
+impl From<&Flow6Key> for Flow {
+    fn from(k: &Flow6Key) -> Flow {
+        Flow {
+            src: SocketAddr::new(IpAddr::from(k.src), u16::from_be_bytes(k.sport)),
+            dst: SocketAddr::new(IpAddr::from(k.dst), u16::from_be_bytes(k.dport)),
+            proto: k.proto,
+        }
     }
 }
 
@@ -2011,7 +2092,12 @@ mod tests {
     struct FakeMaps {
         ops: Vec<Op>,
         ring: Vec<u32>,
-        vips: HashMap<VipKey, VipInfo>,
+        vips: HashMap<ServiceKey, VipInfo>,
+        /// What `set_vip_addr` was last told, per address.
+        vip_addrs: BTreeMap<IpAddr, u32>,
+        /// What `flows` and `flows6` return.
+        flows: Vec<(FlowKey, FlowEntry)>,
+        flows6: Vec<(Flow6Key, FlowEntry)>,
         backends: HashMap<u32, BackendInfo>,
         settings: Settings,
         fail_ring_writes: u32,
@@ -2030,7 +2116,7 @@ mod tests {
             self.settings = *s;
             Ok(())
         }
-        fn set_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        fn set_vip(&mut self, key: &ServiceKey, info: &VipInfo) -> Result<(), DataplaneError> {
             self.ops.push(Op::Vip {
                 base: info.ring_base,
                 size: info.ring_size,
@@ -2038,14 +2124,15 @@ mod tests {
             self.vips.insert(*key, *info);
             Ok(())
         }
-        fn vip(&self, key: &VipKey) -> Option<VipInfo> {
+        fn vip(&self, key: &ServiceKey) -> Option<VipInfo> {
             self.vips.get(key).copied()
         }
-        fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        fn remove_vip(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
             self.vips.remove(key);
             Ok(())
         }
-        fn set_vip_addr(&mut self, _: &VipAddrKey, _: u32) -> Result<(), DataplaneError> {
+        fn set_vip_addr(&mut self, addr: IpAddr, count: u32) -> Result<(), DataplaneError> {
+            self.vip_addrs.insert(addr, count);
             Ok(())
         }
         fn ring_capacity(&self) -> u32 {
@@ -2096,13 +2183,26 @@ mod tests {
         fn flow_capacity(&self) -> u32 {
             0
         }
+        fn flow6_capacity(&self) -> u32 {
+            0
+        }
         fn flows(
             &self,
+            limit: usize,
             _: usize,
-            _: usize,
-            _: impl FnMut(&FlowKey, &FlowEntry) -> bool,
+            mut keep: impl FnMut(&FlowKey, &FlowEntry) -> bool,
         ) -> Result<(Vec<(FlowKey, FlowEntry)>, usize), DataplaneError> {
-            Ok((Vec::new(), 0))
+            let found = self.flows.iter().filter(|(k, e)| keep(k, e)).copied();
+            Ok((found.take(limit).collect(), self.flows.len()))
+        }
+        fn flows6(
+            &self,
+            limit: usize,
+            _: usize,
+            mut keep: impl FnMut(&Flow6Key, &FlowEntry) -> bool,
+        ) -> Result<(Vec<(Flow6Key, FlowEntry)>, usize), DataplaneError> {
+            let found = self.flows6.iter().filter(|(k, e)| keep(k, e)).copied();
+            Ok((found.take(limit).collect(), self.flows6.len()))
         }
         fn program_id(&self) -> Option<u32> {
             None
@@ -2128,7 +2228,7 @@ mod tests {
             ha: None,
             vips: vec![Vip {
                 name: "web".into(),
-                address: Ipv4Addr::new(10, 0, 0, 100),
+                address: Ipv4Addr::new(10, 0, 0, 100).into(),
                 port: 80,
                 protocol: Protocol::Tcp,
                 table_size: M,
@@ -2138,7 +2238,7 @@ mod tests {
                     .iter()
                     .zip(weights)
                     .map(|(&address, weight)| Backend {
-                        address,
+                        address: address.into(),
                         weight,
                         backup: false,
                         health: HealthCheck::default_for(Protocol::Tcp),
@@ -2156,7 +2256,7 @@ mod tests {
         ADDRS
             .iter()
             .zip(present)
-            .map(|(&a, m)| (a, m.map(mac)))
+            .map(|(&a, m)| (a.into(), m.map(mac)))
             .collect()
     }
 
@@ -2259,7 +2359,7 @@ mod tests {
         // Back again: its entry is rewritten (new MAC) before the table flips back.
         r.dp.ops.clear();
         let mut back = macs([Some(11), Some(12), Some(13)]);
-        back.insert(ADDRS[1], Some(mac(99)));
+        back.insert(ADDRS[1].into(), Some(mac(99)));
         let started = Instant::now();
         r.apply_macs(back).await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -2343,8 +2443,8 @@ mod tests {
         r.apply_macs(macs([Some(11), Some(12), Some(13)]))
             .await
             .unwrap();
-        let vip: SocketAddrV4 = "10.0.0.100:80".parse().unwrap();
-        let src: SocketAddrV4 = "10.0.0.1:40000".parse().unwrap();
+        let vip: SocketAddr = "10.0.0.100:80".parse().unwrap();
+        let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
         let w = r.which_backend(vip, Protocol::Tcp, src).unwrap();
         let slot = w.slot.unwrap();
         let id = live_table(&r)[slot as usize];
@@ -2390,18 +2490,61 @@ backup = true
             .config
     }
 
-    /// A reconciler over `text`'s config with every backend of `ADDRS` (and 10.0.0.14)
-    /// resolved, tables published.
+    /// A reconciler over `text`'s config with every backend resolved (and 14 of both
+    /// families, for backends added later), tables published.
     async fn running(text: &str) -> Reconciler<FakeMaps> {
         let maps = FakeMaps {
             ring: vec![0; 64 * M as usize],
             ..Default::default()
         };
         let mut r = Reconciler::new(maps, &parse(text), "eth0", 2, mac(1), LogLevel::Info).unwrap();
-        let mut all = macs([Some(11), Some(12), Some(13)]);
-        all.insert(Ipv4Addr::new(10, 0, 0, 14), Some(mac(14)));
+        let mut all: MacTable = r.wanted_addrs().into_iter().map(|a| (a, None)).collect();
+        for fam in Fam::BOTH {
+            all.insert(fam.addr(14), None);
+        }
+        for (a, m) in all.iter_mut() {
+            let last = match a {
+                IpAddr::V4(a) => a.octets()[3],
+                IpAddr::V6(a) => a.octets()[15],
+            };
+            *m = Some(mac(last));
+        }
         r.apply_macs(all).await.unwrap();
         r
+    }
+
+    /// The address family a test runs in: its helpers give `10.0.0.N` or `2001:db8::N`.
+    #[derive(Clone, Copy, Debug)]
+    enum Fam {
+        V4,
+        V6,
+    }
+
+    impl Fam {
+        const BOTH: [Fam; 2] = [Fam::V4, Fam::V6];
+
+        /// `10.0.0.N`, or `2001:db8::N` (N's decimal digits read as hex: 2001:db8::11).
+        fn addr(self, n: u8) -> IpAddr {
+            match self {
+                Fam::V4 => format!("10.0.0.{n}"),
+                Fam::V6 => format!("2001:db8::{n}"),
+            }
+            .parse()
+            .unwrap()
+        }
+
+        /// `text` with its `"10.0.0.N"` addresses moved to this family.
+        fn toml(self, text: &str) -> String {
+            match self {
+                Fam::V4 => text.to_string(),
+                Fam::V6 => text.replace("\"10.0.0.", "\"2001:db8::"),
+            }
+        }
+
+        /// The service `ADDRESS:PORT/tcp` of the VIP at N.
+        fn service(self, n: u8, port: u16) -> String {
+            format!("{}/tcp", SocketAddr::new(self.addr(n), port))
+        }
     }
 
     fn vip_table(r: &Reconciler<FakeMaps>, name: &str) -> Vec<u32> {
@@ -2411,7 +2554,7 @@ backup = true
     }
 
     /// The backend addresses in `name`'s live table.
-    fn in_table(r: &Reconciler<FakeMaps>, name: &str) -> BTreeSet<Ipv4Addr> {
+    fn in_table(r: &Reconciler<FakeMaps>, name: &str) -> BTreeSet<IpAddr> {
         let v = r.vips.iter().find(|v| v.cfg.name == name).unwrap();
         vip_table(r, name)
             .iter()
@@ -2419,12 +2562,13 @@ backup = true
             .collect()
     }
 
-    fn addr(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, last)
+    fn addr(last: u8) -> IpAddr {
+        Fam::V4.addr(last)
     }
 
-    async fn report(r: &mut Reconciler<FakeMaps>, backend: Ipv4Addr, results: &str) {
-        let key = ((addr(100), 80, Protocol::Tcp), backend);
+    /// Health results (`+` up, `-` down) of `backend` of the first VIP.
+    async fn report(r: &mut Reconciler<FakeMaps>, backend: IpAddr, results: &str) {
+        let key = (r.vips[0].cfg.key(), backend);
         for c in results.chars() {
             let outcome = Outcome {
                 ok: c == '+',
@@ -2442,61 +2586,67 @@ backup = true
 
     #[tokio::test]
     async fn fall_failures_take_a_backend_out_and_rise_successes_bring_it_back() {
-        let mut r = running(TOML).await;
-        report(&mut r, addr(11), "+").await;
-        report(&mut r, addr(12), "+").await;
-        let both = BTreeSet::from([addr(11), addr(12)]);
-        assert_eq!(in_table(&r, "web"), both, "the backup stands by");
-        let full = vip_table(&r, "web");
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            report(&mut r, a(11), "+").await;
+            report(&mut r, a(12), "+").await;
+            let both = BTreeSet::from([a(11), a(12)]);
+            assert_eq!(in_table(&r, "web"), both, "the backup stands by");
+            let full = vip_table(&r, "web");
 
-        report(&mut r, addr(12), "--").await;
-        assert_eq!(in_table(&r, "web"), both, "2 of 3 failures: still in");
-        report(&mut r, addr(12), "-").await;
-        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11)]));
-        let s = r.status().unwrap();
-        let b = &s.vips[0].backends[1];
-        assert_eq!(
-            (b.state.as_str(), b.health.state.as_str()),
-            ("down", "down")
-        );
-        assert_eq!(b.health.last_detail.as_deref(), Some("connect refused"));
-        assert_eq!(
-            (b.health.checks, b.health.failures, b.health.transitions),
-            (4, 3, 2)
-        );
+            report(&mut r, a(12), "--").await;
+            assert_eq!(in_table(&r, "web"), both, "2 of 3 failures: still in");
+            report(&mut r, a(12), "-").await;
+            assert_eq!(in_table(&r, "web"), BTreeSet::from([a(11)]));
+            let s = r.status().unwrap();
+            let b = &s.vips[0].backends[1];
+            assert_eq!(
+                (b.state.as_str(), b.health.state.as_str()),
+                ("down", "down")
+            );
+            assert_eq!(b.health.last_detail.as_deref(), Some("connect refused"));
+            assert_eq!(
+                (b.health.checks, b.health.failures, b.health.transitions),
+                (4, 3, 2)
+            );
 
-        report(&mut r, addr(12), "+").await;
-        assert_eq!(in_table(&r, "web").len(), 1, "1 of 2 successes: still out");
-        report(&mut r, addr(12), "+").await;
-        assert_eq!(
-            vip_table(&r, "web"),
-            full,
-            "back, with the same table as before"
-        );
+            report(&mut r, a(12), "+").await;
+            assert_eq!(in_table(&r, "web").len(), 1, "1 of 2 successes: still out");
+            report(&mut r, a(12), "+").await;
+            assert_eq!(
+                vip_table(&r, "web"),
+                full,
+                "back, with the same table as before"
+            );
+        }
     }
 
     #[tokio::test]
     async fn backups_serve_only_while_no_primary_can_and_keep_last_holds_the_last_set() {
-        let mut r = running(TOML).await;
-        report(&mut r, addr(11), "-").await; // first result: down at once
-        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(12)]));
-        report(&mut r, addr(12), "-").await;
-        assert_eq!(
-            in_table(&r, "web"),
-            BTreeSet::from([addr(13)]),
-            "backup took over"
-        );
-        assert_eq!(r.status().unwrap().vips[0].serving, "backup");
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            report(&mut r, a(11), "-").await; // first result: down at once
+            assert_eq!(in_table(&r, "web"), BTreeSet::from([a(12)]));
+            report(&mut r, a(12), "-").await;
+            assert_eq!(
+                in_table(&r, "web"),
+                BTreeSet::from([a(13)]),
+                "backup took over"
+            );
+            assert_eq!(r.status().unwrap().vips[0].serving, "backup");
 
-        // The backup dies too: keep-last keeps it rather than emptying the table.
-        report(&mut r, addr(13), "-").await;
-        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(13)]));
-        assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
+            // The backup dies too: keep-last keeps it rather than emptying the table.
+            report(&mut r, a(13), "-").await;
+            assert_eq!(in_table(&r, "web"), BTreeSet::from([a(13)]));
+            assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
 
-        // A primary returns: only it serves.
-        report(&mut r, addr(11), "++").await;
-        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(11)]));
-        assert_eq!(r.status().unwrap().vips[0].serving, "ok");
+            // A primary returns: only it serves.
+            report(&mut r, a(11), "++").await;
+            assert_eq!(in_table(&r, "web"), BTreeSet::from([a(11)]));
+            assert_eq!(r.status().unwrap().vips[0].serving, "ok");
+        }
     }
 
     #[tokio::test]
@@ -2512,32 +2662,35 @@ backup = true
 
     #[tokio::test]
     async fn drain_undrain_and_weight_take_effect_at_once() {
-        let mut r = running(TOML).await;
-        let full = vip_table(&r, "web");
-        r.set_drain("web", addr(11), true).await.unwrap();
-        assert_eq!(in_table(&r, "web"), BTreeSet::from([addr(12)]));
-        assert_eq!(r.status().unwrap().vips[0].backends[0].state, "draining");
-        r.set_drain("10.0.0.100:80/tcp", addr(11), false)
-            .await
-            .unwrap();
-        assert_eq!(vip_table(&r, "web"), full);
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            let full = vip_table(&r, "web");
+            r.set_drain("web", a(11), true).await.unwrap();
+            assert_eq!(in_table(&r, "web"), BTreeSet::from([a(12)]));
+            assert_eq!(r.status().unwrap().vips[0].backends[0].state, "draining");
+            r.set_drain(&fam.service(100, 80), a(11), false)
+                .await
+                .unwrap();
+            assert_eq!(vip_table(&r, "web"), full);
 
-        r.set_weight("web", addr(11), 3).await.unwrap();
-        let t = vip_table(&r, "web");
-        let share = t.iter().filter(|&&id| id == 1).count() as f64 / t.len() as f64;
-        assert!((share - 0.75).abs() < 0.02, "weight 3 of 4: {share}");
-        assert!(matches!(
-            r.set_weight("web", addr(11), 70000).await,
-            Err(ReconcileError::Invalid(_))
-        ));
-        assert!(matches!(
-            r.set_drain("web", addr(99), true).await,
-            Err(ReconcileError::NoSuchBackend { .. })
-        ));
-        assert!(matches!(
-            r.set_drain("nope", addr(11), true).await,
-            Err(ReconcileError::NoSuchVip(_))
-        ));
+            r.set_weight("web", a(11), 3).await.unwrap();
+            let t = vip_table(&r, "web");
+            let share = t.iter().filter(|&&id| id == 1).count() as f64 / t.len() as f64;
+            assert!((share - 0.75).abs() < 0.02, "weight 3 of 4: {share}");
+            assert!(matches!(
+                r.set_weight("web", a(11), 70000).await,
+                Err(ReconcileError::Invalid(_))
+            ));
+            assert!(matches!(
+                r.set_drain("web", a(99), true).await,
+                Err(ReconcileError::NoSuchBackend { .. })
+            ));
+            assert!(matches!(
+                r.set_drain("nope", a(11), true).await,
+                Err(ReconcileError::NoSuchVip(_))
+            ));
+        }
     }
 
     #[tokio::test]
@@ -2553,7 +2706,7 @@ backup = true
             Err(ReconcileError::Conflict(_))
         ));
         assert!(matches!(
-            r.add_backend("web", Ipv4Addr::new(224, 0, 0, 1), 1, false)
+            r.add_backend("web", Ipv4Addr::new(224, 0, 0, 1).into(), 1, false)
                 .await,
             Err(ReconcileError::Invalid(_))
         ));
@@ -2567,36 +2720,36 @@ backup = true
 
     #[tokio::test]
     async fn vips_are_removed_and_added_at_run_time() {
-        let mut r = running(TOML).await;
-        let key = r.vips[0].key;
-        let ids: Vec<u32> = r.vips[0].backends.iter().map(|b| b.id).collect();
-        assert!(
-            ids.iter()
-                .all(|id| r.dp.backends[id].vip == vip_key_word(&key))
-        );
-        // One backend in its removal grace when the VIP goes: cleared too.
-        r.remove_backend("web", addr(12)).await.unwrap();
-        r.remove_vip("web").await.unwrap();
-        assert!(!r.dp.vips.contains_key(&key));
-        assert!(r.status().unwrap().vips.is_empty());
-        assert!(
-            ids.iter()
-                .all(|id| r.dp.backends[id] == BackendInfo::default()),
-            "the connection table, read before the VIP table, must not keep forwarding"
-        );
-        assert_eq!(r.next_removal_deadline(), None);
-        let vip = config::parse_vip(
-            "[[vip]]\nname = \"web2\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
-             table_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",
-            std::path::Path::new("api"),
-        )
-        .unwrap();
-        r.add_vip_live(vip.clone()).await.unwrap();
-        assert_eq!(in_table(&r, "web2"), BTreeSet::from([addr(11)]));
-        assert!(matches!(
-            r.add_vip_live(vip).await,
-            Err(ReconcileError::Conflict(_))
-        ));
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            let key = r.vips[0].key;
+            let ids: Vec<u32> = r.vips[0].backends.iter().map(|b| b.id).collect();
+            assert!(ids.iter().all(|id| r.dp.backends[id].vip == key.word()));
+            // One backend in its removal grace when the VIP goes: cleared too.
+            r.remove_backend("web", a(12)).await.unwrap();
+            r.remove_vip("web").await.unwrap();
+            assert!(!r.dp.vips.contains_key(&key));
+            assert!(r.status().unwrap().vips.is_empty());
+            assert!(
+                ids.iter()
+                    .all(|id| r.dp.backends[id] == BackendInfo::default()),
+                "the connection table, read before the VIP table, must not keep forwarding"
+            );
+            assert_eq!(r.next_removal_deadline(), None);
+            let vip = config::parse_vip(
+                &fam.toml("[[vip]]\nname = \"web2\"\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
+                 table_size = 1009\n[[vip.backend]]\naddress = \"10.0.0.11\"\n"),
+                std::path::Path::new("api"),
+            )
+            .unwrap();
+            r.add_vip_live(vip.clone()).await.unwrap();
+            assert_eq!(in_table(&r, "web2"), BTreeSet::from([a(11)]));
+            assert!(matches!(
+                r.add_vip_live(vip).await,
+                Err(ReconcileError::Conflict(_))
+            ));
+        }
     }
 
     #[tokio::test]
@@ -2668,7 +2821,7 @@ backup = true
     }
 
     /// The flags of `backend`'s map entry in VIP web.
-    fn flags(r: &Reconciler<FakeMaps>, backend: Ipv4Addr) -> u16 {
+    fn flags(r: &Reconciler<FakeMaps>, backend: IpAddr) -> u16 {
         let id = r.vips[0].backend(backend).unwrap().id;
         r.dp.backends[&id].flags
     }
@@ -2676,92 +2829,303 @@ backup = true
     #[tokio::test]
     async fn a_failed_backend_is_marked_down_after_the_table_without_it_and_cleared_before_it_returns()
      {
-        let mut r = running(TOML).await;
-        report(&mut r, addr(11), "+").await;
-        report(&mut r, addr(12), "+").await;
-        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY);
-        r.dp.ops.clear();
-        report(&mut r, addr(12), "---").await;
-        let id = r.vips[0].backend(addr(12)).unwrap().id;
-        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY | BACKEND_F_DOWN);
-        let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
-        let mark =
-            r.dp.ops
-                .iter()
-                .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
-        assert!(
-            flip.is_some() && mark > flip,
-            "marked down only once its table is gone: {:?}",
-            r.dp.ops
-        );
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            report(&mut r, a(11), "+").await;
+            report(&mut r, a(12), "+").await;
+            assert_eq!(flags(&r, a(12)), BACKEND_F_READY);
+            r.dp.ops.clear();
+            report(&mut r, a(12), "---").await;
+            let id = r.vips[0].backend(a(12)).unwrap().id;
+            assert_eq!(flags(&r, a(12)), BACKEND_F_READY | BACKEND_F_DOWN);
+            let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
+            let mark =
+                r.dp.ops
+                    .iter()
+                    .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
+            assert!(
+                flip.is_some() && mark > flip,
+                "marked down only once its table is gone: {:?}",
+                r.dp.ops
+            );
 
-        r.dp.ops.clear();
-        report(&mut r, addr(12), "++").await;
-        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY);
-        let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
-        let clear =
-            r.dp.ops
-                .iter()
-                .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
-        assert!(
-            clear.is_some() && clear < flip,
-            "the mark goes before the table that holds it again: {:?}",
-            r.dp.ops
-        );
+            r.dp.ops.clear();
+            report(&mut r, a(12), "++").await;
+            assert_eq!(flags(&r, a(12)), BACKEND_F_READY);
+            let flip = r.dp.ops.iter().position(|o| matches!(o, Op::Vip { .. }));
+            let clear =
+                r.dp.ops
+                    .iter()
+                    .position(|o| matches!(o, Op::Backend { id: i, .. } if *i == id));
+            assert!(
+                clear.is_some() && clear < flip,
+                "the mark goes before the table that holds it again: {:?}",
+                r.dp.ops
+            );
+        }
     }
 
     #[tokio::test]
     async fn keep_last_and_drained_backends_are_not_marked_down() {
-        let mut r = running(TOML).await;
-        // A drained backend keeps its established flows.
-        r.set_drain("web", addr(11), true).await.unwrap();
-        assert_eq!(flags(&r, addr(11)), BACKEND_F_READY);
-        // Every backend fails: keep-last keeps the last table (the backup's), so its flows are
-        // not remapped; the others are out of the table and marked.
-        for a in [11, 12, 13] {
-            report(&mut r, addr(a), "-").await;
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(&fam.toml(TOML)).await;
+            // A drained backend keeps its established flows.
+            r.set_drain("web", a(11), true).await.unwrap();
+            assert_eq!(flags(&r, a(11)), BACKEND_F_READY);
+            // Every backend fails: keep-last keeps the last table (the backup's), so its flows are
+            // not remapped; the others are out of the table and marked.
+            for n in [11, 12, 13] {
+                report(&mut r, a(n), "-").await;
+            }
+            assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
+            assert_eq!(flags(&r, a(13)), BACKEND_F_READY, "kept in the table");
+            assert_eq!(flags(&r, a(11)), BACKEND_F_READY | BACKEND_F_DOWN);
+            assert_eq!(flags(&r, a(12)), BACKEND_F_READY | BACKEND_F_DOWN);
         }
-        assert_eq!(r.status().unwrap().vips[0].serving, "all-down: keep-last");
-        assert_eq!(flags(&r, addr(13)), BACKEND_F_READY, "kept in the table");
-        assert_eq!(flags(&r, addr(11)), BACKEND_F_READY | BACKEND_F_DOWN);
-        assert_eq!(flags(&r, addr(12)), BACKEND_F_READY | BACKEND_F_DOWN);
     }
 
     #[tokio::test]
     async fn a_removed_backend_stays_ready_for_its_grace_then_is_cleared_and_its_id_reused() {
-        let mut r =
-            running(&TOML.replace("[[vip]]", "[flows]\nremove_grace = \"100ms\"\n\n[[vip]]")).await;
-        let id = r.vips[0].backend(addr(12)).unwrap().id;
-        let msg = r.remove_backend("web", addr(12)).await.unwrap();
-        assert!(msg.contains("100ms"), "{msg}");
-        assert!(!vip_table(&r, "web").contains(&id));
+        for fam in Fam::BOTH {
+            let a = |n| fam.addr(n);
+            let mut r = running(
+                &fam.toml(&TOML.replace("[[vip]]", "[flows]\nremove_grace = \"100ms\"\n\n[[vip]]")),
+            )
+            .await;
+            let id = r.vips[0].backend(a(12)).unwrap().id;
+            let msg = r.remove_backend("web", a(12)).await.unwrap();
+            assert!(msg.contains("100ms"), "{msg}");
+            assert!(!vip_table(&r, "web").contains(&id));
+            assert_eq!(
+                r.dp.backends[&id].flags, BACKEND_F_READY,
+                "its flows keep going to it"
+            );
+            let s = r.status().unwrap();
+            assert_eq!(s.flows.removing.len(), 1);
+            assert_eq!(s.flows.removing[0].backend, a(12).to_string());
+            let deadline = r.next_removal_deadline().expect("a grace runs");
+
+            // Before the deadline nothing happens; the id is not free.
+            r.expire_removed().unwrap();
+            assert_eq!(r.dp.backends[&id].flags, BACKEND_F_READY);
+            r.reclaim(false).await;
+            assert!(r.backend_ids.used.contains(&id));
+
+            tokio::time::sleep_until(deadline.into()).await;
+            r.expire_removed().unwrap();
+            assert_eq!(
+                r.dp.backends[&id].flags, 0,
+                "cleared: its flows are remapped"
+            );
+            assert_eq!(r.next_removal_deadline(), None);
+            assert!(r.status().unwrap().flows.removing.is_empty());
+            // Reused once packets that read the entry are gone.
+            r.reclaim(true).await;
+            r.add_backend("web", a(14), 1, false).await.unwrap();
+            assert_eq!(r.vips[0].backend(a(14)).unwrap().id, id);
+        }
+    }
+
+    /// TOML's service, plus the same service over IPv6.
+    fn dual_stack() -> String {
+        let web6 = TOML
+            .split_once("[[vip]]")
+            .unwrap()
+            .1
+            .replace("name = \"web\"", "name = \"web6\"");
+        format!("{TOML}\n[[vip]]{}", Fam::V6.toml(&web6))
+    }
+
+    #[tokio::test]
+    async fn ipv6_services_go_to_the_ipv6_tables_and_share_ids_and_ring() {
+        let mut r = running(&dual_stack()).await;
+        let (v4, v6) = (&r.vips[0], &r.vips[1]);
+        assert!(matches!(v4.key, ServiceKey::V4(_)));
+        let ServiceKey::V6(k6) = v6.key else {
+            panic!("{:?}", v6.key)
+        };
         assert_eq!(
-            r.dp.backends[&id].flags, BACKEND_F_READY,
-            "its flows keep going to it"
+            k6.addr,
+            Fam::V6
+                .addr(100)
+                .to_string()
+                .parse::<Ipv6Addr>()
+                .unwrap()
+                .octets()
         );
+        assert_ne!(v4.index, v6.index, "one index space");
+        assert!(v6.base >= v4.base + 2 * M, "one ring, separate regions");
+        assert_eq!(
+            r.dp.vip_addrs,
+            BTreeMap::from([(addr(100), 1), (Fam::V6.addr(100), 1)])
+        );
+        // The same table over the same weights, whatever the family: Maglev sorts by address
+        // and the ids line up.
+        assert_eq!(
+            in_table(&r, "web6"),
+            BTreeSet::from([Fam::V6.addr(11), Fam::V6.addr(12)])
+        );
+        for b in &r.vips[1].backends {
+            let e = r.dp.backends[&b.id];
+            assert_eq!(
+                e.addr, [0; 4],
+                "an IPv6 backend's entry has no IPv4 address"
+            );
+            assert_eq!(e.vip, lb_common::maps::vip6_key_word(&k6));
+            assert_eq!(e.vip_index, r.vips[1].index);
+        }
         let s = r.status().unwrap();
-        assert_eq!(s.flows.removing.len(), 1);
-        assert_eq!(s.flows.removing[0].backend, "10.0.0.12");
-        let deadline = r.next_removal_deadline().expect("a grace runs");
+        assert_eq!(s.vips[1].address, "2001:db8::100");
+        assert_eq!(s.vips[1].socket(), "[2001:db8::100]:80");
+        assert_eq!(s.vips[1].backends[0].address, "2001:db8::11");
 
-        // Before the deadline nothing happens; the id is not free.
-        r.expire_removed().unwrap();
-        assert_eq!(r.dp.backends[&id].flags, BACKEND_F_READY);
-        r.reclaim(false).await;
-        assert!(r.backend_ids.used.contains(&id));
+        // Named as services are written, and removed from the IPv6 tables.
+        r.set_drain("[2001:db8::100]:80/tcp", Fam::V6.addr(11), true)
+            .await
+            .unwrap();
+        assert_eq!(in_table(&r, "web6"), BTreeSet::from([Fam::V6.addr(12)]));
+        r.remove_vip("web6").await.unwrap();
+        assert!(!r.dp.vips.contains_key(&ServiceKey::V6(k6)));
+        assert_eq!(r.dp.vip_addrs[&Fam::V6.addr(100)], 0);
+        assert_eq!(r.vip_addresses(), BTreeSet::from([addr(100)]));
+    }
 
-        tokio::time::sleep_until(deadline.into()).await;
-        r.expire_removed().unwrap();
-        assert_eq!(
-            r.dp.backends[&id].flags, 0,
-            "cleared: its flows are remapped"
+    #[tokio::test]
+    async fn a_backend_of_the_other_family_is_refused_naming_both() {
+        let mut r = running(&dual_stack()).await;
+        let e = r.add_backend("web6", addr(14), 1, false).await.unwrap_err();
+        let ReconcileError::Invalid(m) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            m.contains("backend 10.0.0.14 is IPv4 but vip `web6` (2001:db8::100) is IPv6"),
+            "{m}"
         );
-        assert_eq!(r.next_removal_deadline(), None);
-        assert!(r.status().unwrap().flows.removing.is_empty());
-        // Reused once packets that read the entry are gone.
-        r.reclaim(true).await;
-        r.add_backend("web", addr(14), 1, false).await.unwrap();
-        assert_eq!(r.vips[0].backend(addr(14)).unwrap().id, id);
+        assert!(matches!(
+            r.add_backend("web", Fam::V6.addr(14), 1, false).await,
+            Err(ReconcileError::Invalid(_))
+        ));
+        r.add_backend("web6", Fam::V6.addr(14), 1, false)
+            .await
+            .unwrap();
+        assert!(in_table(&r, "web6").contains(&Fam::V6.addr(14)));
+    }
+
+    #[tokio::test]
+    async fn which_backend_hashes_ipv6_flows_with_the_data_paths_hash() {
+        let r = running(&dual_stack()).await;
+        let vip: SocketAddr = "[2001:db8::100]:80".parse().unwrap();
+        let src: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
+        let w = r.which_backend(vip, Protocol::Tcp, src).unwrap();
+        assert_eq!(
+            w.hash,
+            lb_common::hash::flow_hash_v6(
+                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                40000u16.to_be_bytes(),
+                80u16.to_be_bytes(),
+                6
+            )
+        );
+        let slot = w.slot.unwrap();
+        assert_eq!(Some(vip_table(&r, "web6")[slot as usize]), w.backend_id);
+        assert_eq!(w.service, "[2001:db8::100]:80/tcp");
+        assert_eq!(w.source, "[2001:db8::1]:40000");
+        let v4src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        assert!(matches!(
+            r.which_backend(vip, Protocol::Tcp, v4src),
+            Err(ReconcileError::Invalid(m)) if m.contains("different families")
+        ));
+    }
+
+    #[tokio::test]
+    async fn flows_lists_both_tables_and_a_vips_own_family_only() {
+        let mut r = running(&dual_stack()).await;
+        let id4 = r.vips[0].backends[0].id;
+        let id6 = r.vips[1].backends[1].id;
+        let now = monotonic_ns();
+        let entry = |backend_id| FlowEntry {
+            backend_id,
+            _pad: 0,
+            atime: now,
+        };
+        r.dp.flows = vec![(
+            FlowKey {
+                src: [192, 0, 2, 1],
+                dst: [10, 0, 0, 100],
+                sport: 40000u16.to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            entry(id4),
+        )];
+        let mut dst = [0u8; 16];
+        dst[..4].copy_from_slice(&[0x20, 1, 0xd, 0xb8]);
+        dst[15] = 0;
+        dst[14] = 1; // 2001:db8::100
+        r.dp.flows6 = vec![(
+            Flow6Key {
+                src: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                dst,
+                sport: 40001u16.to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: 6,
+                _pad: [0; 3],
+            },
+            entry(id6),
+        )];
+        let all = r.flows(None, 10).unwrap();
+        let rows: Vec<String> = all
+            .flows
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {} {:?} {:?} {}",
+                    f.client, f.service, f.vip, f.backend, f.state
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                r#"192.0.2.1:40000 10.0.0.100:80/tcp Some("web") Some("10.0.0.11") stays"#,
+                r#"[fd00::1]:40001 [2001:db8::100]:80/tcp Some("web6") Some("2001:db8::12") stays"#,
+            ]
+        );
+        let only6 = r.flows(Some("web6"), 10).unwrap();
+        assert_eq!(only6.flows.len(), 1);
+        assert_eq!(
+            only6.scanned, 1,
+            "the IPv4 table is not read for an IPv6 VIP"
+        );
+        assert_eq!(r.flows(Some("[2001:db8::100]:80/tcp"), 10).unwrap(), only6);
+        assert_eq!(
+            r.flows(None, 1).unwrap().flows.len(),
+            1,
+            "the limit spans both"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_table_digest_of_ipv4_services_is_unchanged_and_ipv6_ones_count() {
+        let r4 = running(TOML).await;
+        // Pinned: the digest of an IPv4-only config is what agents before IPv6 computed, so a
+        // node upgraded first still agrees with its peer.
+        assert_eq!(
+            r4.table_digest(),
+            0x4a3e_e11e_a9d6_2e0c,
+            "{:#x}",
+            r4.table_digest()
+        );
+        let dual = running(&dual_stack()).await;
+        assert_ne!(dual.table_digest(), r4.table_digest());
+        assert_eq!(
+            dual.table_digest(),
+            running(&dual_stack()).await.table_digest()
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -46,6 +45,9 @@ pub struct Status {
 pub struct FlowTableStatus {
     /// Entries it holds at most (all CPUs).
     pub capacity: u32,
+    /// Entries the IPv6 connection table, a table of its own, holds at most.
+    #[serde(default)]
+    pub capacity_v6: u32,
     pub udp_idle_timeout_secs: f64,
     /// Most inserts per CPU per second; 0: no bound.
     pub insert_rate_limit: u32,
@@ -99,6 +101,18 @@ pub struct VipStatus {
     #[serde(default)]
     pub fps: f64,
     pub backends: Vec<BackendStatus>,
+}
+
+impl VipStatus {
+    /// `ADDRESS:PORT`, with an IPv6 address in brackets (`[2001:db8::1]:80`), as the CLI and
+    /// the default VIP names write a service.
+    pub fn socket(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -166,6 +180,9 @@ pub struct ReasonStatus {
 pub struct FlowsReport {
     /// Entries the table holds at most.
     pub capacity: u32,
+    /// Entries the IPv6 table holds at most.
+    #[serde(default)]
+    pub capacity_v6: u32,
     /// Entries read to find these: the table is walked in the kernel's hash order (a fair
     /// sample) until `limit` flows matched, or the scan cap was reached.
     pub scanned: usize,
@@ -261,7 +278,7 @@ pub fn render(s: &Status) -> String {
     ];
     for v in &s.vips {
         rows.push(Row {
-            lead: format!("{:<4} {}:{}", v.protocol.to_uppercase(), v.address, v.port),
+            lead: format!("{:<4} {}", v.protocol.to_uppercase(), v.socket()),
             mid: Mid::Span(v.name.clone()),
             cols: [
                 v.table_size.to_string(),
@@ -500,7 +517,7 @@ fn render_ha_at(h: &HaStatus, now_ms: u64) -> String {
 }
 
 /// `10.0.0.100, 10.0.0.101`.
-fn join(addrs: &[Ipv4Addr]) -> String {
+fn join(addrs: &[impl std::fmt::Display]) -> String {
     addrs
         .iter()
         .map(ToString::to_string)
@@ -516,6 +533,16 @@ fn fmt_ms(ms: u64) -> String {
         format!("{ms}ms")
     } else {
         fmt_latency(ms as f64)
+    }
+}
+
+/// `  IPv6 N` after the IPv4 table's capacity; nothing where the IPv6 capacity is unknown (an
+/// older agent's answer).
+fn ipv6_capacity(capacity: u32) -> String {
+    if capacity == 0 {
+        String::new()
+    } else {
+        format!("  IPv6 {capacity}")
     }
 }
 
@@ -551,8 +578,9 @@ fn render_flow_table(out: &mut String, f: &FlowTableStatus) {
     };
     let _ = writeln!(
         out,
-        "Connection table  capacity {}  hit ratio {ratio}",
-        f.capacity
+        "Connection table  capacity {}{}  hit ratio {ratio}",
+        f.capacity,
+        ipv6_capacity(f.capacity_v6)
     );
     let _ = writeln!(
         out,
@@ -810,21 +838,27 @@ pub fn render_flows(r: &FlowsReport, limit: usize) -> String {
         let _ = writeln!(
             out,
             "showing {n} {flows} found in the first {} entries of the table (a listing reads at \
-             most that many); capacity {}",
-            r.scanned, r.capacity
+             most that many); capacity {}{}",
+            r.scanned,
+            r.capacity,
+            ipv6_capacity(r.capacity_v6)
         );
     } else if n < limit {
         let _ = writeln!(
             out,
-            "showing {n} {flows}, all found in the table's {} entries; capacity {}",
-            r.scanned, r.capacity
+            "showing {n} {flows}, all found in the table's {} entries; capacity {}{}",
+            r.scanned,
+            r.capacity,
+            ipv6_capacity(r.capacity_v6)
         );
     } else {
         let _ = writeln!(
             out,
             "showing {n} {flows}, the first found in {} entries scanned (there may be more: \
-             --limit); capacity {}",
-            r.scanned, r.capacity
+             --limit); capacity {}{}",
+            r.scanned,
+            r.capacity,
+            ipv6_capacity(r.capacity_v6)
         );
     }
     out
@@ -1044,6 +1078,7 @@ mod tests {
             }],
             flows: FlowTableStatus {
                 capacity: 1_048_576,
+                capacity_v6: 262_144,
                 udp_idle_timeout_secs: 30.0,
                 insert_rate_limit: 100_000,
                 remove_grace_secs: 60.0,
@@ -1070,7 +1105,10 @@ mod tests {
     /// The wall clock of the HA tests, in Unix milliseconds.
     const NOW_MS: u64 = 1_700_000_000_000;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
         s.parse().unwrap()
     }
 
@@ -1495,7 +1533,7 @@ mod tests {
         let lines: Vec<&str> = section.lines().collect();
         assert_eq!(
             lines[0],
-            "Connection table  capacity 1048576  hit ratio 99.0% of 1.0K lookups"
+            "Connection table  capacity 1048576  IPv6 262144  hit ratio 99.0% of 1.0K lookups"
         );
         assert_eq!(
             lines[1],
@@ -1613,6 +1651,7 @@ mod tests {
         };
         FlowsReport {
             capacity: 1_048_576,
+            capacity_v6: 0,
             scanned: 1200,
             scan_capped: false,
             flows: vec![

@@ -659,3 +659,191 @@ fn unicast_peers_elect_compare_tables_and_fail_over() -> Result<()> {
     );
     Ok(())
 }
+
+/// `xdplb run --replace` on the master: the old agent leaves without resigning and keeps the
+/// VIP on the interface, the new one starts as master and advertises at once, so the backup
+/// never takes over and the client sees no outage.
+#[test]
+fn replacing_the_master_causes_no_failover() -> Result<()> {
+    if !require_privileges("replacing_the_master_causes_no_failover") {
+        return Ok(());
+    }
+    let topo = HaTopology::new(3)?;
+    let _servers = topo.identity_servers(PORT)?;
+    let (mut a, b) = pair(&topo, "", "")?;
+    let probe = Probe::start(&topo.client.ns, SocketAddrV4::new(VIP, PORT))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cfg = topo.config(0, &services(3), &ha_keys(200, ""));
+    let new = topo.start_agent(0, &cfg, &["--replace"])?;
+    ensure!(
+        new.wait_log("replaced agent pid", Duration::from_secs(30)),
+        "{}",
+        new.log_text()
+    );
+    let st = a
+        .agent
+        .guard
+        .wait_timeout(Duration::from_secs(10))?
+        .context("the replaced agent is still running")?;
+    ensure!(st.success(), "the replaced agent exited with {st}");
+    ensure!(
+        a.log_text().contains("VRRP stopped without resigning"),
+        "{}",
+        a.log_text()
+    );
+    wait_state(&new, "master", Duration::from_secs(1))?;
+    ensure!(
+        new.wait_log(
+            "took over mastership from the agent this one replaced",
+            Duration::from_secs(1)
+        ),
+        "{}",
+        new.log_text()
+    );
+    // Well past the backup's master-down interval: it never took over.
+    std::thread::sleep(master_down(100) * 3);
+    let backup = b.ha()?;
+    ensure!(
+        backup.state == "backup" && backup.counters.became_master == 0,
+        "lb2 took over: {backup:?}"
+    );
+    ensure!(
+        backup.counters.priority_zero_received == 0,
+        "the replaced master resigned: {backup:?}"
+    );
+    ensure!(
+        topo.vip_holder() == vec![0],
+        "holders {:?}",
+        topo.vip_holder()
+    );
+    let log = probe.finish();
+    let (gap, failed) = outage(&log);
+    eprintln!(
+        "{} connections through the master's replacement, {failed} failed, longest gap {gap:?}",
+        log.len()
+    );
+    ensure!(failed == 0, "{failed} connections failed");
+    ensure!(gap < master_down(100), "outage {gap:?}");
+    ensure!(new.stop().success());
+    drop(b);
+    Ok(())
+}
+
+/// An IPv6 VIP moves with mastership: added to the new master's interface usable at once (no
+/// duplicate address detection), removed from the old one, and announced with an unsolicited
+/// neighbour advertisement, so a client that had resolved it to the old master sends to the new
+/// one at once rather than when its neighbour entry ages out (tens of seconds).
+#[test]
+fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
+    if !require_privileges("ipv6_vip_moves_with_mastership_and_is_announced") {
+        return Ok(());
+    }
+    const VIP6: &str = "2001:db8::100";
+    let topo = HaTopology::new(1)?;
+    let hosts = [
+        (&topo.client, "2001:db8::1"),
+        (topo.lb(0), "2001:db8::2"),
+        (topo.lb(1), "2001:db8::3"),
+        (&topo.backends[0], "2001:db8::11"),
+    ];
+    // The LAN starts with IPv6 off; this test needs it on.
+    for (h, addr) in &hosts {
+        for key in ["all", "default", "eth0"] {
+            h.ns.sysctl(&format!("net.ipv6.conf.{key}.disable_ipv6"), "0")?;
+            h.ns.sysctl(&format!("net.ipv6.conf.{key}.accept_dad"), "0")?;
+        }
+        h.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    topo.backends[0]
+        .ns
+        .ip(&["-6", "addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+    let services = format!(
+        "{}[[vip]]\nname = \"web6\"\naddress = \"{VIP6}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+         [vip.health]\nkind = \"none\"\n[[vip.backend]]\naddress = \"2001:db8::11\"\n",
+        services(1)
+    );
+    let a = topo.start_agent(0, &topo.config(0, &services, &ha_keys(200, "")), &[])?;
+    let b = topo.start_agent(1, &topo.config(1, &services, &ha_keys(100, "")), &[])?;
+    wait_state(&a, "master", Duration::from_secs(5))?;
+    wait_state(&b, "backup", Duration::from_secs(5))?;
+
+    let held = |node: usize| -> Result<Option<String>> {
+        let out = topo
+            .lb(node)
+            .ns
+            .ip(&["-6", "addr", "show", "dev", "eth0"])?;
+        Ok(out
+            .lines()
+            .find(|l| l.contains(&format!("{VIP6}/128")))
+            .map(str::to_owned))
+    };
+    let line = held(0)?.context("lb1 (master) does not hold the IPv6 VIP")?;
+    ensure!(!line.contains("tentative"), "added with DAD: {line}");
+    ensure!(held(1)?.is_none(), "the backup holds the IPv6 VIP");
+    let h = a.ha()?;
+    ensure!(
+        h.vips.iter().any(|v| v.to_string() == VIP6),
+        "status: {:?}",
+        h.vips
+    );
+
+    // The client resolves the VIP to lb1 (its kernel answers the solicitation and the ping).
+    topo.client
+        .ns
+        .exec("ping", &["-6", "-c", "1", "-W", "2", VIP6])
+        .context("ping the IPv6 VIP through lb1")?;
+    let client_mac = || -> Result<Option<String>> {
+        let json = topo
+            .client
+            .ns
+            .ip(&["-j", "-6", "neigh", "show", "to", VIP6, "dev", "eth0"])?;
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        Ok(v.as_array()
+            .and_then(|a| a.first())
+            .and_then(|n| n["lladdr"].as_str())
+            .map(str::to_owned))
+    };
+    ensure!(
+        client_mac()?.as_deref() == Some(topo.node_mac(0).as_str()),
+        "client entry {:?}, lb1 is {}",
+        client_mac()?,
+        topo.node_mac(0)
+    );
+
+    // A clean stop: lb1 resigns, lb2 takes over and announces.
+    let t0 = Instant::now();
+    ensure!(a.stop().success(), "lb1 did not stop cleanly");
+    wait_state(&b, "master", Duration::from_secs(2))?;
+    let moved = loop {
+        if client_mac()?.as_deref() == Some(topo.node_mac(1).as_str()) {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the client still sends the IPv6 VIP to {:?} (lb2 is {}): no neighbour \
+             advertisement moved it; lb2 log:\n{}",
+            client_mac()?,
+            topo.node_mac(1),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let line = held(1)?.context("lb2 (master) does not hold the IPv6 VIP")?;
+    ensure!(!line.contains("tentative"), "added with DAD: {line}");
+    ensure!(held(0)?.is_none(), "lb1 kept the IPv6 VIP after stopping");
+    topo.client
+        .ns
+        .exec("ping", &["-6", "-c", "1", "-W", "2", VIP6])
+        .context("ping the IPv6 VIP through lb2")?;
+    eprintln!("client's entry for {VIP6} moved to lb2 {moved:?} after lb1's stop");
+    Ok(())
+}

@@ -352,6 +352,55 @@ fn gratuitous_arp_moves_an_existing_neighbour_entry() {
     );
 }
 
+/// The IPv6 twin of the gratuitous ARP test: an unsolicited neighbour advertisement (Override
+/// set) moves a neighbour entry another host holds for an IPv6 VIP, as a new master needs.
+#[test]
+fn unsolicited_na_moves_an_existing_neighbour_entry() {
+    if !require_privileges("unsolicited_na_moves_an_existing_neighbour_entry") {
+        return;
+    }
+    let mut lan = Lan::new().unwrap();
+    let a = lan.add_host("a", "10.0.0.11/24").unwrap();
+    let b = lan.add_host("b", "10.0.0.12/24").unwrap();
+    let vip6 = "2001:db8::100";
+    let other = "02:00:00:00:00:99";
+    // The LAN's hosts start with IPv6 off, to keep its chatter out of the other tests.
+    for key in ["all", "eth0"] {
+        b.ns.sysctl(&format!("net.ipv6.conf.{key}.disable_ipv6"), "0")
+            .unwrap();
+    }
+    b.ns.ip(&[
+        "-6", "neigh", "replace", vip6, "lladdr", other, "dev", "eth0", "nud", "stale",
+    ])
+    .unwrap();
+    let before =
+        b.ns.ip(&["-6", "neigh", "show", vip6, "dev", "eth0"])
+            .unwrap();
+    assert!(before.contains(other), "{before}");
+
+    let (ifindex, mac) = (a.ifindex, a.mac);
+    let sender = a.ns.run_in(move || GarpSender::new(ifindex, mac)).unwrap();
+    let t = Instant::now();
+    sender.announce(vip6.parse().unwrap()).unwrap();
+    let took = wait_neigh(&b.ns, vip6, &mac_string(a.mac), t);
+    eprintln!("unsolicited NA: B's entry moved to A's MAC after {took:?}");
+    let after =
+        b.ns.ip(&["-6", "neigh", "show", vip6, "dev", "eth0"])
+            .unwrap();
+    assert!(!after.contains(other), "{after}");
+
+    // A down interface is an error naming the address.
+    a.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let err = sender
+        .send_na(vip6.parse().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(vip6) && err.contains("neighbour advertisement"),
+        "{err}"
+    );
+}
+
 #[test]
 fn virtual_mac_macvlan_is_created_reused_and_deleted() {
     if !require_privileges("virtual_mac_macvlan_is_created_reused_and_deleted") {

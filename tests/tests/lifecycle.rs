@@ -580,3 +580,292 @@ fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
     assert!(st.success());
     assert!(!pins.exists(), "pins left behind by a normal stop");
 }
+
+/// The web service plus an echo service on port 7000, both over `backends`.
+fn web_and_echo(backends: &[Ipv4Addr]) -> String {
+    let mut services = web(backends);
+    services.push_str(&format!(
+        "[[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nport = 7000\nprotocol = \"tcp\"\n\n"
+    ));
+    for b in backends {
+        services.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
+    }
+    services
+}
+
+/// `bpftool -j ... show pinned PATH` -> the object's JSON.
+fn bpftool_pinned(kind: &str, path: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", kind, "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {kind} {}: {out:?}",
+        path.display()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (link id, program id of the link, id of the FLOWS map), as the kernel says.
+fn kernel_ids(pins: &std::path::Path) -> (u64, u64, u64) {
+    let link = bpftool_pinned("link", &pins.join("link"));
+    let flows = bpftool_pinned("map", &pins.join("flows"));
+    (
+        link["id"].as_u64().unwrap(),
+        link["prog_id"].as_u64().unwrap(),
+        flows["id"].as_u64().unwrap(),
+    )
+}
+
+/// The connection-table entries of `vip` whose client port is in `ports`.
+fn flows_from(agent: &Agent, vip: &str, ports: std::ops::Range<u16>) -> usize {
+    let out = agent
+        .cli(&["flows", vip, "--limit", "100000", "--json"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .and_then(|c| c.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_some_and(|p| ports.contains(&p))
+        })
+        .count()
+}
+
+/// `xdplb run --config CONFIG ARGS...` in `ns`, expected to exit on its own: status and output.
+fn run_once_with(
+    ns: &lb_tests::netns::Netns,
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+    args: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = ns.command(lb_tests::topology::xdplb_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    let mut guard = lb_tests::netns::ChildGuard::spawn(&mut cmd).unwrap();
+    let st = guard
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("xdplb should have exited");
+    (st, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn replace_swaps_the_program_under_traffic_and_keeps_the_connection_table() {
+    if !require_privileges("replace_swaps_the_program_under_traffic_and_keeps_the_connection_table")
+    {
+        return;
+    }
+    let topo = LbTopology::new(3).expect("topology");
+    let _servers = serve(&topo);
+    let _echo = echo_each(&topo.backends, 7000);
+    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
+    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
+    let cfg = topo.config(&web_and_echo(&[
+        backend_addr(0),
+        backend_addr(1),
+        backend_addr(2),
+    ]));
+    // A plain `xdplb run`, as an operator would have it running before an upgrade.
+    let mut first = topo.start_agent(&cfg, &[]).unwrap();
+    let (link_before, prog_before, flows_before) = kernel_ids(&pins);
+    assert_eq!(
+        first.status().unwrap().program_id,
+        Some(prog_before as u32),
+        "status and kernel disagree on the program"
+    );
+    let before = connect_many(&topo, 23000, 100);
+    let start = Instant::now();
+    let stream = Stream::open(
+        &topo.client.ns,
+        SocketAddrV4::new(CLIENT_ADDR, 45000),
+        SocketAddrV4::new(VIP, 7000),
+        Duration::from_millis(1),
+    );
+    let traffic = web_traffic(&topo);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The upgrade: a second `xdplb run --replace` with the same config and socket.
+    let second = topo
+        .start_agent_bin(
+            &lb_tests::topology::xdplb_bin(),
+            &topo.dir.path().join("xdplb.toml"),
+            &topo.dir.path().join("xdplb.sock"),
+            &["--replace"],
+            "replacer.log",
+        )
+        .unwrap();
+    assert!(
+        wait_for_log(&second, "replaced agent pid", Duration::from_secs(30)),
+        "{}",
+        second.log_text()
+    );
+    let st = first
+        .guard
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("the replaced agent is still running");
+    assert!(st.success(), "the replaced agent exited with {st}");
+    let old_log = first.log_text();
+    assert!(
+        old_log.contains("stop requested over the API")
+            && old_log.contains("left the data path attached"),
+        "{old_log}"
+    );
+    let log = second.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("replaced agent pid"))
+        .unwrap()
+        .to_string();
+    eprintln!("{line}");
+    assert!(
+        line.contains(&format!("pid {}", first.guard.pid())),
+        "{line}"
+    );
+
+    // One link, one connection table, a new program in the link.
+    let (link_after, prog_after, flows_after) = kernel_ids(&pins);
+    assert_eq!(
+        link_after, link_before,
+        "the link was replaced, not updated"
+    );
+    assert_eq!(
+        flows_after, flows_before,
+        "the connection table was not adopted"
+    );
+    assert_ne!(prog_after, prog_before, "the program was not swapped");
+    assert_eq!(second.status().unwrap().program_id, Some(prog_after as u32));
+    assert!(
+        line.contains(&format!(
+            "program id {prog_before} -> {prog_after}, link id {link_before}, connection table \
+             adopted"
+        )),
+        "{line}"
+    );
+    let link = topo.lb.ns.ip(&["-d", "link", "show", "eth0"]).unwrap();
+    assert!(link.contains("prog/xdp"), "{link}");
+
+    // The flows made before are still in the (same) table and still on their backends.
+    assert_eq!(flows_from(&second, "web", 23000..23100), 100);
+    assert_eq!(connect_many(&topo, 23000, 100), before, "flows moved");
+
+    // The new agent manages the data path.
+    let out = second
+        .cli(&[
+            "backend",
+            "weight",
+            "web",
+            &backend_addr(0).to_string(),
+            "3",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let during = traffic.finish();
+    let report = stream.finish();
+    eprintln!(
+        "{} connections through the replacement, {} failed; stream {} bytes verified",
+        during.answers.len(),
+        during.failures.len(),
+        report.bytes
+    );
+    assert!(during.failures.is_empty(), "{:?}", during.failures);
+    assert!(
+        during.answers.len() > 50,
+        "too little traffic to mean anything"
+    );
+    assert!(
+        !during.answers.iter().any(|a| a == "lb"),
+        "fell through to the LB's stack"
+    );
+    assert_unbroken(&[report], start);
+    let after = tally(connect_many(&topo, 24000, 150).iter().map(String::as_str));
+    assert!(
+        after.get("b1").copied().unwrap_or(0) > 50,
+        "weight 3 not applied: {after:?}"
+    );
+    let st = second.stop();
+    assert!(st.success());
+    assert!(!pins.exists(), "pins left behind by a normal stop");
+}
+
+#[test]
+fn replace_refuses_a_bad_config_and_starts_normally_alone() {
+    if !require_privileges("replace_refuses_a_bad_config_and_starts_normally_alone") {
+        return;
+    }
+    let topo = LbTopology::new(1).expect("topology");
+    let _servers = serve(&topo);
+    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
+    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
+    let cfg = topo.config(&web(&[backend_addr(0)]));
+
+    // Nothing running: --replace is a normal start.
+    let mut agent = topo.start_agent(&cfg, &["--replace"]).unwrap();
+    assert!(
+        wait_for_log(
+            &agent,
+            "no agent answers on the API socket; starting normally",
+            Duration::from_secs(1)
+        ),
+        "{}",
+        agent.log_text()
+    );
+    let prog = agent.status().unwrap().program_id;
+
+    // An invalid config: refused before anything is asked of the running agent.
+    let bad = cfg.replacen("port = 80", "port = 80\ntable_size = 100", 1);
+    let (st, log) = run_once_with(&topo.lb.ns, topo.dir.path(), "bad", &bad, &["--replace"]);
+    assert!(!st.success());
+    assert!(
+        log.contains("bad.toml") && log.contains("table_size"),
+        "{log}"
+    );
+    // A valid config whose data path cannot be made (the pinned connection table has another
+    // size): refused after loading, still before the running agent is asked anything.
+    let misfit = cfg.replacen("[api]", "[flows]\nentries = 4096\n\n[api]", 1);
+    let (st, log) = run_once_with(
+        &topo.lb.ns,
+        topo.dir.path(),
+        "misfit",
+        &misfit,
+        &["--replace"],
+    );
+    assert!(!st.success());
+    assert!(
+        log.contains("an agent is running") && log.contains("does not fit this agent"),
+        "{log}"
+    );
+
+    // The running agent never noticed.
+    assert!(
+        agent.guard.wait_timeout(Duration::ZERO).unwrap().is_none(),
+        "the running agent exited"
+    );
+    assert!(
+        !agent.log_text().contains("stop requested"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.status().unwrap().program_id, prog);
+    assert_eq!(connect_many(&topo, 25000, 20), vec!["b1".to_string(); 20]);
+    assert!(agent.stop().success());
+}

@@ -12,7 +12,7 @@
 //!   like the CLI does) and is stored as the VIP's name; an entry that names no VIP is an error.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -238,14 +238,16 @@ fn find_vip<'v>(vips: &'v [Option<Vip>], text: &str) -> Option<&'v Vip> {
         return Some(vip);
     }
     let (address, protocol) = crate::api::parse_service(text).ok()?;
-    valid().find(|v| v.key() == (*address.ip(), address.port(), protocol))
+    valid().find(|v| v.key() == (address.ip(), address.port(), protocol))
 }
 
 /// The first valid VIP at `address`, with its index in the file.
 fn vip_at(vips: &[Option<Vip>], address: Ipv4Addr) -> Option<(usize, &Vip)> {
-    vips.iter()
-        .enumerate()
-        .find_map(|(i, v)| v.as_ref().filter(|v| v.address == address).map(|v| (i, v)))
+    vips.iter().enumerate().find_map(|(i, v)| {
+        v.as_ref()
+            .filter(|v| v.address == IpAddr::V4(address))
+            .map(|v| (i, v))
+    })
 }
 
 impl Checker<'_> {

@@ -77,6 +77,11 @@ pub struct Peer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     Startup,
+    /// Start-up of an agent that replaces one that was master and stopped without resigning
+    /// (`xdplb run --replace`): the VIPs are still on the interface and the backups still
+    /// count on adverts from this node, so it starts as master and advertises at once instead
+    /// of waiting as backup (which would let a backup take over).
+    StartupAsMaster,
     Shutdown,
     /// An accepted advertisement, from the master (or would-be master) it describes.
     Advert(Peer),
@@ -264,7 +269,7 @@ impl Machine {
     pub fn step(&mut self, now: Duration, event: Event) -> Vec<Effect> {
         let mut fx = Vec::new();
         match (self.state, event) {
-            (State::Initialize, Event::Startup) => {
+            (State::Initialize, ev @ (Event::Startup | Event::StartupAsMaster)) => {
                 self.started = now;
                 self.master_interval_cs = self.params.interval_cs;
                 if self.effective == 0 {
@@ -278,6 +283,12 @@ impl Machine {
                     self.become_master(
                         now,
                         "started as the address owner (priority 255)".into(),
+                        &mut fx,
+                    );
+                } else if ev == Event::StartupAsMaster {
+                    self.become_master(
+                        now,
+                        "took over mastership from the agent this one replaced".into(),
                         &mut fx,
                     );
                 } else {
@@ -347,7 +358,8 @@ impl Machine {
             }
             (State::Backup, Event::Handover) => self.held = true,
             (State::Backup, Event::Resume) => self.held = false,
-            (State::Backup, Event::AdverTimer) | (State::Backup, Event::Startup) => {}
+            (State::Backup, Event::AdverTimer)
+            | (State::Backup, Event::Startup | Event::StartupAsMaster) => {}
 
             (State::Master, Event::AdverTimer) => {
                 fx.push(Effect::SendAdvert {
@@ -410,7 +422,8 @@ impl Machine {
                 self.become_backup(now, "handed over by the operator".into(), &mut fx);
             }
             (State::Master, Event::Resume) => self.held = false,
-            (State::Master, Event::MasterDownTimer) | (State::Master, Event::Startup) => {}
+            (State::Master, Event::MasterDownTimer)
+            | (State::Master, Event::Startup | Event::StartupAsMaster) => {}
 
             (State::Fault, Event::Priority(p)) => {
                 self.effective = p;
@@ -518,6 +531,22 @@ mod tests {
         assert!(fx.contains(&Effect::SendAdvert { priority: 255 }));
         assert!(fx.contains(&Effect::TakeVips));
         assert_eq!(m.deadline(), Some((ms(1000), Event::AdverTimer)));
+    }
+
+    #[test]
+    fn a_replacing_agent_starts_as_master_unless_it_cannot_forward() {
+        let mut m = machine(100, true);
+        let fx = m.step(ms(0), Event::StartupAsMaster);
+        assert_eq!(transitioned(&fx), Some(State::Master));
+        assert!(fx.contains(&Effect::SendAdvert { priority: 100 }), "{fx:?}");
+        assert!(fx.contains(&Effect::TakeVips), "{fx:?}");
+        assert_eq!(m.deadline(), Some((ms(1000), Event::AdverTimer)));
+
+        let mut m = machine(100, true);
+        m.step(ms(0), Event::Priority(0));
+        let fx = m.step(ms(0), Event::StartupAsMaster);
+        assert_eq!(transitioned(&fx), Some(State::Fault));
+        assert!(!fx.iter().any(|f| matches!(f, Effect::SendAdvert { .. })));
     }
 
     #[test]

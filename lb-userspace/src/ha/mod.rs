@@ -8,8 +8,9 @@
 //! digest of its tables, and reads [`HaStatus`] back.
 //!
 //! Both nodes run the same data path with the same tables at all times; only the VIP addresses
-//! move. A master answers ARP for them (the kernel does, because they are on its interface) and
-//! announces them with gratuitous ARP on taking over, so clients send to its MAC. Flows that
+//! move. A master answers ARP and neighbour solicitations for them (the kernel does, because
+//! they are on its interface) and announces them with gratuitous ARP (IPv4) or unsolicited
+//! neighbour advertisements (IPv6) on taking over, so clients send to its MAC. Flows that
 //! arrive at the new master without a connection-table entry are mapped by the Maglev table,
 //! which is the same on both nodes (the digest exchange checks that), so they keep their backend.
 
@@ -21,7 +22,7 @@ pub mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{self, Read as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -44,6 +45,29 @@ use proto::Discard;
 
 /// Prefix length the VIPs are held with: a host route each, never a subnet.
 const VIP_PREFIX: u8 = 32;
+/// Prefix length of an IPv6 VIP address on the interface.
+const VIP6_PREFIX: u8 = 128;
+
+/// The prefix length a VIP address is added with: its own host route, of its family.
+fn vip_prefix(vip: IpAddr) -> u8 {
+    match vip {
+        IpAddr::V4(_) => VIP_PREFIX,
+        IpAddr::V6(_) => VIP6_PREFIX,
+    }
+}
+
+/// The IPv4 VIP addresses: the ones VRRP adverts list (a VRRPv3 advert for IPv4 carries IPv4
+/// addresses only). IPv6 VIPs go with them as keepalived's `virtual_ipaddress_excluded` do:
+/// taken and released together (added without duplicate address detection, which would hold
+/// them unusable for a second) and announced with unsolicited neighbour advertisements.
+fn ipv4_only<'a>(vips: impl IntoIterator<Item = &'a IpAddr>) -> BTreeSet<Ipv4Addr> {
+    vips.into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
 /// Network control (CS6), as keepalived and routers mark VRRP.
 const TOS_NETWORK_CONTROL: u32 = 0xc0;
 /// At most one warning per this long for each kind of discarded advert (a flood of forged
@@ -161,10 +185,10 @@ pub struct HaStatus {
     pub tracking: Vec<TrackStatus>,
     pub counters: HaCounters,
     pub peer_tables: Option<PeerTables>,
-    /// Addresses this node holds now.
-    pub vips: Vec<Ipv4Addr>,
+    /// Addresses this node holds now (IPv4 and IPv6).
+    pub vips: Vec<IpAddr>,
     /// Addresses it holds when master.
-    pub vip_addresses: Vec<Ipv4Addr>,
+    pub vip_addresses: Vec<IpAddr>,
     pub virtual_mac: Option<String>,
 }
 
@@ -172,6 +196,8 @@ enum Command {
     Handover(oneshot::Sender<Result<String, String>>),
     Resume(oneshot::Sender<Result<String, String>>),
     Stop(oneshot::Sender<()>),
+    /// Stop without resigning, for a replacing agent; answered with the state it stopped in.
+    Detach(oneshot::Sender<State>),
 }
 
 /// The agent's side of the runner.
@@ -179,7 +205,7 @@ pub struct Ha {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<HaStatus>,
     inputs: watch::Sender<Inputs>,
-    vips: watch::Sender<BTreeSet<Ipv4Addr>>,
+    vips: watch::Sender<BTreeSet<IpAddr>>,
     digest: watch::Sender<Option<u64>>,
     task: JoinHandle<()>,
 }
@@ -201,8 +227,21 @@ impl Ha {
     pub async fn start(
         cfg: config::Ha,
         nl: Netlink,
-        vips: BTreeSet<Ipv4Addr>,
+        vips: BTreeSet<IpAddr>,
         inputs: Inputs,
+    ) -> Result<Ha, HaError> {
+        Self::start_as(cfg, nl, vips, inputs, false).await
+    }
+
+    /// [`start`](Self::start); with `as_master`, for an agent that replaces a master which
+    /// stopped without resigning ([`Ha::detach`]), it starts as master and advertises at once
+    /// (unless tracking says it cannot forward), so the backups see no gap.
+    pub async fn start_as(
+        cfg: config::Ha,
+        nl: Netlink,
+        vips: BTreeSet<IpAddr>,
+        inputs: Inputs,
+        as_master: bool,
     ) -> Result<Ha, HaError> {
         let iface = nl.interface(&cfg.interface).await?;
         let source = match cfg.source {
@@ -216,13 +255,12 @@ impl Ha {
                 }
                 s
             }
-            None => {
-                nl.primary_ipv4(iface.index, &vips)
-                    .await?
-                    .ok_or_else(|| HaError::NoSource {
-                        interface: cfg.interface.clone(),
-                    })?
-            }
+            None => nl
+                .primary_ipv4(iface.index, &ipv4_only(&vips))
+                .await?
+                .ok_or_else(|| HaError::NoSource {
+                    interface: cfg.interface.clone(),
+                })?,
         };
         let (sock, send_sock) = open_sockets(&cfg, iface.index, source)?;
         let sync = if cfg.sync_port != 0 {
@@ -303,6 +341,7 @@ impl Ha {
             discard_warned: BTreeMap::new(),
             peer_tables: None,
             status_tx: None,
+            start_as_master: as_master,
         };
         let (status_tx, status) = watch::channel(runner.snapshot());
         runner.status_tx = Some(status_tx);
@@ -329,7 +368,7 @@ impl Ha {
         });
     }
 
-    pub fn set_vips(&self, vips: BTreeSet<Ipv4Addr>) {
+    pub fn set_vips(&self, vips: BTreeSet<IpAddr>) {
         self.vips.send_if_modified(|cur| {
             let changed = *cur != vips;
             *cur = vips;
@@ -373,6 +412,24 @@ impl Ha {
             commands.send(cmd).await.map_err(|_| stopped())?;
             rx.await.map_err(|_| stopped())?
         }
+    }
+
+    /// Stops without resigning, for an agent that replaces this one at once: no priority-0
+    /// advert, the VIP addresses (and the virtual-MAC interface) stay. Returns the state it
+    /// stopped in (`None` if the runner did not answer). Until the next agent advertises, a
+    /// backup sees only silence: it takes over after its master-down interval.
+    pub async fn detach(self) -> Option<State> {
+        let (tx, rx) = oneshot::channel();
+        let state = if self.commands.send(Command::Detach(tx)).await.is_ok() {
+            tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        self.task.abort();
+        state
     }
 
     /// Resigns (priority 0 if master), removes the VIPs and stops.
@@ -469,20 +526,22 @@ struct Runner {
     garp_task: Option<JoinHandle<()>>,
     epoch: Instant,
     /// Addresses we put on the interface.
-    held_addrs: BTreeSet<Ipv4Addr>,
-    vips: BTreeSet<Ipv4Addr>,
+    held_addrs: BTreeSet<IpAddr>,
+    vips: BTreeSet<IpAddr>,
     counters: HaCounters,
     last_transition: Option<Transition>,
     link: watch::Receiver<LinkState>,
     link_task: JoinHandle<()>,
     inputs: watch::Receiver<Inputs>,
-    vips_rx: watch::Receiver<BTreeSet<Ipv4Addr>>,
+    vips_rx: watch::Receiver<BTreeSet<IpAddr>>,
     digest: watch::Receiver<Option<u64>>,
     commands: mpsc::Receiver<Command>,
     pending_handover: Option<(Instant, oneshot::Sender<Result<String, String>>)>,
     discard_warned: BTreeMap<Discard, Instant>,
     peer_tables: Option<sync::PeerState>,
     status_tx: Option<watch::Sender<HaStatus>>,
+    /// Start as master ([`Ha::start_as`]).
+    start_as_master: bool,
 }
 
 impl Runner {
@@ -535,7 +594,12 @@ impl Runner {
             mode = if self.cfg.multicast() { "multicast 224.0.0.18" } else { "unicast" },
             "VRRP started"
         );
-        self.step(Event::Startup).await;
+        self.step(if self.start_as_master {
+            Event::StartupAsMaster
+        } else {
+            Event::Startup
+        })
+        .await;
         self.publish();
         let mut sync_tick = tokio::time::interval(sync::INTERVAL);
         sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -553,6 +617,11 @@ impl Runner {
                     Some(Command::Stop(reply)) => {
                         self.shutdown().await;
                         let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::Detach(reply)) => {
+                        let state = self.detach();
+                        let _ = reply.send(state);
                         return;
                     }
                     Some(Command::Handover(reply)) => self.handover(reply).await,
@@ -633,14 +702,15 @@ impl Runner {
             self.counters.priority_zero_received += 1;
         }
         let theirs: BTreeSet<Ipv4Addr> = r.advert.addresses.iter().copied().collect();
-        if theirs != self.vips {
+        let ours = ipv4_only(&self.vips);
+        if theirs != ours {
             self.counters.address_mismatch += 1;
             if self.counters.address_mismatch == 1 {
                 warn!(
                     peer = %r.src,
                     "VRRP advert from {} for vrid {} lists addresses {:?}, this node has {:?}; \
                      accepted (RFC 5798 7.1), but the two configs differ",
-                    r.src, self.cfg.vrid, theirs, self.vips
+                    r.src, self.cfg.vrid, theirs, ours
                 );
             }
         }
@@ -780,7 +850,8 @@ impl Runner {
             vrid: self.cfg.vrid,
             priority,
             interval_cs: self.cfg.advert_interval_cs(),
-            addresses: self.vips.iter().copied().collect(),
+            // IPv4 only: a VRRPv3 advert over IPv4 lists IPv4 addresses (RFC 5798 5.2.9).
+            addresses: ipv4_only(&self.vips).into_iter().collect(),
         };
         let dsts: Vec<Ipv4Addr> = if self.cfg.multicast() {
             vec![proto::GROUP]
@@ -807,8 +878,12 @@ impl Runner {
         }
     }
 
-    async fn add_vip(&mut self, vip: Ipv4Addr) {
-        match self.nl.add_address(self.vip_ifindex, vip, VIP_PREFIX).await {
+    async fn add_vip(&mut self, vip: IpAddr) {
+        match self
+            .nl
+            .add_address(self.vip_ifindex, vip, vip_prefix(vip))
+            .await
+        {
             Ok(()) => {
                 self.held_addrs.insert(vip);
             }
@@ -823,9 +898,10 @@ impl Runner {
         self.announce(self.vips.iter().copied().collect());
     }
 
-    /// Gratuitous ARP for `addrs`: a burst now and, if configured, another later, so a switch
-    /// or client that missed the first (or cached an older answer) learns the new owner.
-    fn announce(&mut self, addrs: Vec<Ipv4Addr>) {
+    /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6) for `addrs`: a burst
+    /// now and, if configured, another later, so a switch or client that missed the first (or
+    /// cached an older answer) learns the new owner.
+    fn announce(&mut self, addrs: Vec<IpAddr>) {
         if addrs.is_empty() {
             return;
         }
@@ -842,15 +918,18 @@ impl Runner {
                 async move {
                     for i in 0..count {
                         for a in &addrs {
-                            if let Err(e) = garp.send(*a) {
-                                warn!("gratuitous ARP for {a} failed: {e}");
+                            if let Err(e) = garp.announce(*a) {
+                                warn!("announcing {a} failed: {e}");
                             }
                         }
                         if i + 1 < count && !gap.is_zero() {
                             tokio::time::sleep(gap).await;
                         }
                     }
-                    debug!(round, count, "gratuitous ARPs sent");
+                    debug!(
+                        round,
+                        count, "gratuitous ARPs / neighbour advertisements sent"
+                    );
                 }
             };
             burst("takeover").await;
@@ -872,7 +951,11 @@ impl Runner {
         }
         // Also addresses a killed agent left behind: a backup must not answer ARP for them.
         for vip in self.vips.clone().into_iter().chain(self.held_addrs.clone()) {
-            match self.nl.del_address(self.vip_ifindex, vip, VIP_PREFIX).await {
+            match self
+                .nl
+                .del_address(self.vip_ifindex, vip, vip_prefix(vip))
+                .await
+            {
                 Ok(()) => {
                     self.held_addrs.remove(&vip);
                 }
@@ -887,14 +970,14 @@ impl Runner {
         if self.machine.state() != State::Master {
             return;
         }
-        let added: Vec<Ipv4Addr> = new.difference(&old).copied().collect();
+        let added: Vec<IpAddr> = new.difference(&old).copied().collect();
         for vip in &added {
             self.add_vip(*vip).await;
         }
         for vip in old.difference(&new) {
             match self
                 .nl
-                .del_address(self.vip_ifindex, *vip, VIP_PREFIX)
+                .del_address(self.vip_ifindex, *vip, vip_prefix(*vip))
                 .await
             {
                 Ok(()) => {
@@ -973,6 +1056,27 @@ impl Runner {
         self.link_task.abort();
         self.publish();
         info!(vrid = self.cfg.vrid, "VRRP stopped");
+    }
+
+    /// Stops without the shutdown step: see [`Ha::detach`].
+    fn detach(&mut self) -> State {
+        let state = self.machine.state();
+        if let Some(t) = self.garp_task.take() {
+            t.abort();
+        }
+        self.link_task.abort();
+        self.publish();
+        info!(
+            vrid = self.cfg.vrid,
+            state = %state,
+            "VRRP stopped without resigning, for the agent replacing this one{}",
+            if state == State::Master {
+                ": the VIP addresses stay on the interface"
+            } else {
+                ""
+            }
+        );
+        state
     }
 
     fn sync_tick(&mut self) {

@@ -494,17 +494,21 @@ fn backend_addr(vip: usize, backend: usize) -> Ipv4Addr {
     )
 }
 
-/// A made-up, distinct, locally administered MAC per backend address.
-fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
+/// A made-up, distinct, locally administered MAC per backend address (its low 32 bits).
+fn mac_of(addr: IpAddr) -> [u8; 6] {
+    let o = match addr {
+        IpAddr::V4(a) => a.to_bits(),
+        IpAddr::V6(a) => a.to_bits() as u32,
+    }
+    .to_be_bytes();
     [0x02, 0xb0, o[0], o[1], o[2], o[3]]
 }
 
 /// What the kernel's maps say a VIP forwards to: the live half's base and the backend addresses
-/// its table names.
-fn live_in_kernel(dp: &Dataplane, v: &config::Vip) -> Result<(u32, BTreeSet<Ipv4Addr>)> {
+/// its table names (the bench's services are IPv4: an IPv6 backend's entry has no address).
+fn live_in_kernel(dp: &Dataplane, v: &config::Vip) -> Result<(u32, BTreeSet<IpAddr>)> {
     let info = dp
-        .vip(&v.map_key())
+        .service(&v.map_key())
         .with_context(|| format!("{}: not found in the VIP table", v.name))?;
     ensure!(
         info.ring_size == v.table_size,
@@ -525,7 +529,7 @@ fn live_in_kernel(dp: &Dataplane, v: &config::Vip) -> Result<(u32, BTreeSet<Ipv4
         let b = dp
             .backend(id)
             .with_context(|| format!("{}: table names backend id {id}, not in the map", v.name))?;
-        addrs.insert(Ipv4Addr::from(b.addr));
+        addrs.insert(Ipv4Addr::from(b.addr).into());
     }
     Ok((info.ring_base, addrs))
 }
@@ -539,7 +543,7 @@ fn verify_live(
 ) -> Result<()> {
     for v in vips {
         let (base, addrs) = live_in_kernel(dp, v)?;
-        let expected: BTreeSet<Ipv4Addr> = v
+        let expected: BTreeSet<IpAddr> = v
             .backends
             .iter()
             .map(|b| b.address)
@@ -859,7 +863,7 @@ mod tests {
         for (vips, per_vip) in [(1, 3), (100, 100)] {
             let s = setup(vips, per_vip).unwrap();
             assert_eq!(s.config.vips.len(), vips);
-            let addrs: BTreeSet<Ipv4Addr> = s
+            let addrs: BTreeSet<IpAddr> = s
                 .config
                 .vips
                 .iter()

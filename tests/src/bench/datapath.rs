@@ -21,7 +21,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::Path,
 };
 
@@ -192,8 +192,12 @@ struct Bed {
 }
 
 /// The made-up MAC of a backend: distinct per address, locally administered.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
+fn backend_mac(addr: IpAddr) -> [u8; 6] {
+    let o = match addr {
+        IpAddr::V4(a) => a.to_bits(),
+        IpAddr::V6(a) => a.to_bits() as u32,
+    }
+    .to_be_bytes();
     [0x02, 0xbe, o[0], o[1], o[2], o[3]]
 }
 
@@ -273,7 +277,15 @@ impl Bed {
         }
         Ok(Bed {
             reconciler,
-            vip_addrs: cfg.vips.iter().map(|v| v.address).collect(),
+            // The bench's frames are IPv4, and so are its services.
+            vip_addrs: cfg
+                .vips
+                .iter()
+                .filter_map(|v| match v.address {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
         })
     }
 
@@ -288,7 +300,9 @@ impl Bed {
         proto: Protocol,
         src: SocketAddrV4,
     ) -> Result<Expect> {
-        let which = self.reconciler.which_backend(vip, proto, src)?;
+        let which = self
+            .reconciler
+            .which_backend(vip.into(), proto, src.into())?;
         let backend_id = which.backend_id.context("the bench VIP has no backend")?;
         let info = self
             .dp()

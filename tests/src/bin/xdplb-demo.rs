@@ -82,12 +82,12 @@ fn demo(args: &Args) -> Result<()> {
     let web = cfg
         .vips
         .iter()
-        .find(|v| v.protocol == lb_userspace::config::Protocol::Tcp)
-        .context("the demo config needs a TCP service")?;
+        .find(|v| v.protocol == lb_userspace::config::Protocol::Tcp && v.address.is_ipv4())
+        .context("the demo config needs an IPv4 TCP service (the demo topology is IPv4)")?;
     let udp = cfg
         .vips
         .iter()
-        .find(|v| v.protocol == lb_userspace::config::Protocol::Udp);
+        .find(|v| v.protocol == lb_userspace::config::Protocol::Udp && v.address.is_ipv4());
 
     section("Topology (network namespaces on one bridge)");
     let topo = LbTopology::new(3)?;
@@ -113,7 +113,7 @@ fn demo(args: &Args) -> Result<()> {
             &name,
         )?;
         if let Some(u) = udp {
-            servers.udp(&b.ns, SocketAddrV4::new(u.address, u.port), &name)?;
+            servers.udp(&b.ns, ipv4_service(u), &name)?;
         }
     }
 
@@ -133,11 +133,7 @@ fn demo(args: &Args) -> Result<()> {
     let mut answers = Vec::new();
     let mut failed = 0;
     for _ in 0..args.connections {
-        match tcp_ask(
-            &topo.client.ns,
-            None,
-            SocketAddrV4::new(web.address, web.port),
-        ) {
+        match tcp_ask(&topo.client.ns, None, ipv4_service(web)) {
             Ok(a) => answers.push(a),
             Err(_) => failed += 1,
         }
@@ -180,13 +176,7 @@ fn demo(args: &Args) -> Result<()> {
             let src = SocketAddrV4::new(CLIENT_ADDR, port);
             let sock = udp_client(&topo.client.ns, src)?;
             let got: Vec<String> = (0..50)
-                .map(|i| {
-                    udp_ask(
-                        &sock,
-                        SocketAddrV4::new(u.address, u.port),
-                        format!("q{i}").as_bytes(),
-                    )
-                })
+                .map(|i| udp_ask(&sock, ipv4_service(u), format!("q{i}").as_bytes()))
                 .collect::<Result<_>>()?;
             let t = tally(got.iter().map(String::as_str));
             println!("  flow from {src}: 50 datagrams -> {t:?}");
@@ -224,4 +214,12 @@ fn demo(args: &Args) -> Result<()> {
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// An IPv4 service's address and port (the demo only picks IPv4 services).
+fn ipv4_service(v: &lb_userspace::config::Vip) -> SocketAddrV4 {
+    match v.socket() {
+        std::net::SocketAddr::V4(a) => a,
+        std::net::SocketAddr::V6(a) => unreachable!("the demo picks IPv4 services, not {a}"),
+    }
 }
