@@ -278,13 +278,11 @@ fn fifty_v6_streams_survive_twenty_table_changes() -> Result<()> {
     }
     let topo = LbTopology6::new(6)?;
     let (_servers, _lb) = echo_servers(&topo, 80);
-    let file = |backends: &[(usize, u32)]| {
-        topo.config(&format!(
-            "[flows]\nremove_grace = \"120s\"\n\n{}",
-            web6("", backends)
-        ))
+    // The services; the config file is `topo.config(services)`.
+    let services = |backends: &[(usize, u32)]| {
+        format!("[flows]\nremove_grace = \"120s\"\n\n{}", web6("", backends))
     };
-    let agent = start_agent(&topo, &file(&[(0, 1), (1, 1), (2, 1), (3, 1)]))?;
+    let agent = start_agent(&topo, &services(&[(0, 1), (1, 1), (2, 1), (3, 1)]))?;
     let dst = SocketAddr::new(VIP6.into(), 80);
     probe(&topo.client.ns, SocketAddr::new(CLIENT6.into(), 45999), dst)?;
 
@@ -353,7 +351,7 @@ fn fifty_v6_streams_survive_twenty_table_changes() -> Result<()> {
     // Three reloads of a file with the live backends (b4 gone), each with other weights.
     for r in 0..3u32 {
         let ws: Vec<(usize, u32)> = live.iter().map(|&i| (i, (i as u32 + r) % 3 + 1)).collect();
-        std::fs::write(topo.config_path(), file(&ws))?;
+        std::fs::write(topo.config_path(), topo.config(&services(&ws)))?;
         let out = cli(&agent, &["reload"])?;
         eprintln!("reload {r}: {}", out.trim());
         changes += 1;
