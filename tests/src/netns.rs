@@ -139,11 +139,19 @@ impl Netns {
             .with_context(|| format!("writing {path} in netns {}", self.name))
     }
 
-    /// Adds `addr` to `dev` as a host address (/32 or /128, IPv6 without duplicate address
-    /// detection). On `lo` it is how a backend holds a VIP for direct server return (an IPv4 VIP
-    /// also needs `arp_ignore`/`arp_announce`; IPv6 never answers neighbour solicitations on
-    /// `eth0` for an address that is only on `lo`); on `eth0` it is how the load balancer owns a
-    /// VIP on the wire (it answers ARP or neighbour solicitations for it).
+    /// Adds `addr` to `dev` as a host address (/32 or /128). On `lo` it is how a backend holds a
+    /// VIP for direct server return (an IPv4 VIP also needs `arp_ignore`/`arp_announce`; IPv6
+    /// never answers neighbour solicitations on `eth0` for an address that is only on `lo`); on
+    /// `eth0` it is how the load balancer owns a VIP on the wire (it answers ARP or neighbour
+    /// solicitations for it).
+    ///
+    /// An IPv6 address is added without duplicate address detection and deprecated
+    /// (`preferred_lft 0`): it receives and answers as any address, but the host never picks it
+    /// as the source of its own connections. Without that, Linux's source address selection
+    /// (RFC 6724 rule 8, the match length capped at the address's prefix length) prefers a /128
+    /// VIP on `eth0` over the /64 host address for every on-link destination: the load
+    /// balancer's health checks would leave from the VIP, and a backend holding the VIP on `lo`
+    /// answers them to itself.
     pub fn add_host_addr(&self, addr: IpAddr, dev: &str) -> Result<()> {
         let cidr = match addr {
             IpAddr::V4(a) => format!("{a}/32"),
@@ -151,7 +159,7 @@ impl Netns {
         };
         let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev];
         if addr.is_ipv6() {
-            args.push("nodad");
+            args.extend(["nodad", "preferred_lft", "0"]);
         }
         self.ip(&args).map(drop)
     }

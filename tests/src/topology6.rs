@@ -245,14 +245,22 @@ pub fn wait_status(
     }
 }
 
-/// Waits until every backend of every VIP is up and in its table.
+/// Waits until every backend of every VIP is up, in its table and, where it is health checked,
+/// has passed its first check (a backend counts as healthy before it: a test that ran before the
+/// first checks would miss checks that fail).
 pub fn wait_all_serving(agent: &Agent, timeout: Duration) -> Result<Duration> {
-    wait_status(agent, "every backend up and in its table", timeout, |s| {
+    let what = "every backend up, in its table and past its first health check";
+    wait_status(agent, what, timeout, |s| {
         s["vips"].as_array().is_some_and(|vips| {
             vips.iter().all(|v| {
                 v["backends"].as_array().is_some_and(|bs| {
                     bs.iter().all(|b| {
-                        b["state"] == "up" && b["in_table"] == true && b["slots"].as_u64() > Some(0)
+                        let checked =
+                            b["health"]["state"] == "none" || b["health"]["last_ok"] == true;
+                        b["state"] == "up"
+                            && b["in_table"] == true
+                            && b["slots"].as_u64() > Some(0)
+                            && checked
                     })
                 })
             })
@@ -274,5 +282,38 @@ pub fn which_backend(agent: &Agent, service: &str, source: &str) -> Result<Optio
                 .with_context(|| format!("backend address in {text}"))?,
         )),
         other => bail!("backend {other} in {text}"),
+    }
+}
+
+/// Prints the agent's log when dropped before [`LogOnFailure::passed`], so a failing test (an
+/// error returned or a panic) shows what the agent did. Declare it after the topology, so it
+/// drops first, while the log still exists.
+pub struct LogOnFailure {
+    log: PathBuf,
+    passed: bool,
+}
+
+impl LogOnFailure {
+    pub fn new(agent: &Agent) -> LogOnFailure {
+        LogOnFailure {
+            log: agent.log.clone(),
+            passed: false,
+        }
+    }
+
+    pub fn passed(mut self) {
+        self.passed = true;
+    }
+}
+
+impl Drop for LogOnFailure {
+    fn drop(&mut self) {
+        if !self.passed {
+            eprintln!(
+                "---- agent log ({}) ----\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("unreadable: {e}"))
+            );
+        }
     }
 }

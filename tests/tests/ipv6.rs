@@ -29,8 +29,8 @@ use lb_tests::{
     },
     topology::{self, Agent, CLIENT_ADDR, IdentityServers, tally, udp_ask, udp_client},
     topology6::{
-        CLIENT6, LbTopology6, VIP6, backend_json, backend_name, backend6, cli, serving,
-        status_json, vip_json, vip_toml, wait_all_serving, wait_status, which_backend,
+        self, CLIENT6, LbTopology6, LogOnFailure, VIP6, backend_json, backend_name, backend6, cli,
+        serving, status_json, vip_json, vip_toml, wait_all_serving, wait_status, which_backend,
     },
 };
 
@@ -208,6 +208,20 @@ fn harness_v6_hosts_reach_each_other_directly() -> Result<()> {
         "the VIP without an agent answered {name}, not lb"
     );
     let neigh = client.ip(&["-6", "neigh", "show", &VIP6.to_string(), "dev", "eth0"])?;
+    // The load balancer's own connections to backends (health checks) leave from its address,
+    // not from the VIP it holds (see `Netns::add_host_addr`).
+    for i in 0..2 {
+        let route = topo
+            .lb
+            .ns
+            .ip(&["-6", "route", "get", &backend6(i).to_string()])?;
+        ensure!(
+            route.contains(&format!("src {} ", topology6::LB6)),
+            "the LB would reach {} from another source than {}: {route}",
+            backend6(i),
+            topology6::LB6
+        );
+    }
     let lb_mac = mac_text(topo.lb.mac);
     ensure!(
         neigh.contains(&lb_mac),
@@ -283,6 +297,7 @@ fn fifty_v6_streams_survive_twenty_table_changes() -> Result<()> {
         format!("[flows]\nremove_grace = \"120s\"\n\n{}", web6("", backends))
     };
     let agent = start_agent(&topo, &services(&[(0, 1), (1, 1), (2, 1), (3, 1)]))?;
+    let log = LogOnFailure::new(&agent);
     let dst = SocketAddr::new(VIP6.into(), 80);
     probe(&topo.client.ns, SocketAddr::new(CLIENT6.into(), 45999), dst)?;
 
@@ -393,7 +408,9 @@ fn fifty_v6_streams_survive_twenty_table_changes() -> Result<()> {
         counts.contains_key("b5") && counts.contains_key("b6"),
         "no new connection on the added b5/b6: {counts:?}"
     );
-    stop_agent(agent)
+    stop_agent(agent)?;
+    log.passed();
+    Ok(())
 }
 
 fn report_streams(reports: &[StreamReport]) {
@@ -454,6 +471,7 @@ fn v6_connections_and_udp_follow_weights_and_which_backend() -> Result<()> {
         &b,
     ));
     let agent = start_agent(&topo, &services)?;
+    let log = LogOnFailure::new(&agent);
     let tcp_dst = SocketAddr::new(VIP6.into(), 80);
     let udp_dst = SocketAddr::new(VIP6.into(), 5353);
     probe(
@@ -562,7 +580,9 @@ fn v6_connections_and_udp_follow_weights_and_which_backend() -> Result<()> {
     let weights = [("b1", 1), ("b2", 2), ("b3", 3)];
     eprintln!("{}", check_spread("TCP", &counts[0], &weights, 0.1)?);
     eprintln!("{}", check_spread("UDP", &counts[1], &weights, 0.1)?);
-    stop_agent(agent)
+    stop_agent(agent)?;
+    log.passed();
+    Ok(())
 }
 
 #[test]
@@ -608,6 +628,7 @@ fn v4_and_v6_vips_on_one_agent() -> Result<()> {
     ]
     .concat();
     let agent = start_agent(&topo, &services)?;
+    let log = LogOnFailure::new(&agent);
     let status = status_json(&agent)?;
     let names: Vec<&str> = status["vips"]
         .as_array()
@@ -727,5 +748,7 @@ fn v4_and_v6_vips_on_one_agent() -> Result<()> {
         t4.contains_key("b1"),
         "the IPv4 VIP lost b1 with the IPv6 drain: {t4:?}"
     );
-    stop_agent(agent)
+    stop_agent(agent)?;
+    log.passed();
+    Ok(())
 }
