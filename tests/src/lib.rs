@@ -8,3 +8,4 @@ pub mod netns;
 pub mod packet;
 pub mod streams;
 pub mod topology;
+pub mod topology6;

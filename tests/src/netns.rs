@@ -23,14 +23,17 @@
 //!   gone from `ip netns list` at drop; the interfaces in it disappear when the last reference does.
 //! - [`sweep_stale`] decides "dead" by the pid in the name; a dead test's pid reused by a live
 //!   process keeps its namespaces until that process exits.
-//! - Hosts on a [`Lan`] have IPv6 disabled (no router solicitations, MLD or DAD on the wire, so
-//!   packet counts are deterministic); a test that needs IPv6 re-enables it with [`Netns::sysctl`].
+//! - Hosts added with [`Lan::add_host`] have IPv6 disabled (no router solicitations, MLD or DAD
+//!   on the wire, so packet counts are deterministic). Hosts added with [`Lan::add_host_dual`] have
+//!   IPv6 on, with a static address, duplicate address detection off (`accept_dad=0`, addresses
+//!   added `nodad`, so they are usable at once) and no router advertisements or solicitations;
+//!   they still send neighbour discovery and MLD, as IPv6 needs.
 //! - Nothing here kills processes a test started without a [`ChildGuard`].
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -134,6 +137,31 @@ impl Netns {
         // it is enough; no sysctl(8) binary is needed.
         self.run_in(move || std::fs::write(&written, value))
             .with_context(|| format!("writing {path} in netns {}", self.name))
+    }
+
+    /// Adds `addr` to `dev` as a host address (/32 or /128). On `lo` it is how a backend holds a
+    /// VIP for direct server return (an IPv4 VIP also needs `arp_ignore`/`arp_announce`; IPv6
+    /// never answers neighbour solicitations on `eth0` for an address that is only on `lo`); on
+    /// `eth0` it is how the load balancer owns a VIP on the wire (it answers ARP or neighbour
+    /// solicitations for it).
+    ///
+    /// An IPv6 address is added without duplicate address detection and deprecated
+    /// (`preferred_lft 0`): it receives and answers as any address, but the host never picks it
+    /// as the source of its own connections. Without that, Linux's source address selection
+    /// (RFC 6724 rule 8, the match length capped at the address's prefix length) prefers a /128
+    /// VIP on `eth0` over the /64 host address for every on-link destination: the load
+    /// balancer's health checks would leave from the VIP, and a backend holding the VIP on `lo`
+    /// answers them to itself.
+    pub fn add_host_addr(&self, addr: IpAddr, dev: &str) -> Result<()> {
+        let cidr = match addr {
+            IpAddr::V4(a) => format!("{a}/32"),
+            IpAddr::V6(a) => format!("{a}/128"),
+        };
+        let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev];
+        if addr.is_ipv6() {
+            args.extend(["nodad", "preferred_lft", "0"]);
+        }
+        self.ip(&args).map(drop)
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace with setns(CLONE_NEWNET) and
@@ -320,11 +348,28 @@ impl Lan {
     }
 
     /// Creates host namespace `role` with `eth0` (address `addr`, CIDR such as `10.0.0.11/24`)
-    /// cabled by a veth pair to port `p-<n>` of `br0`; both ends up.
+    /// cabled by a veth pair to port `p-<n>` of `br0`; both ends up. IPv6 is disabled in it.
     pub fn add_host(&mut self, role: &str, addr: &str) -> Result<Host> {
+        self.add(role, addr, None)
+    }
+
+    /// [`Lan::add_host`] with IPv6 on as well: `eth0` also gets `addr6` (CIDR such as
+    /// `2001:db8::11/64`), usable at once (no duplicate address detection, see the module docs).
+    pub fn add_host_dual(&mut self, role: &str, addr: &str, addr6: &str) -> Result<Host> {
+        self.add(role, addr, Some(addr6))
+    }
+
+    fn add(&mut self, role: &str, addr: &str, addr6: Option<&str>) -> Result<Host> {
         let (ip, prefix_len) = parse_cidr(addr)?;
+        let ip6 = addr6.map(parse_cidr6).transpose()?;
         let ns = Netns::new(role)?;
-        disable_ipv6(&ns)?;
+        if ip6.is_some() {
+            // Before eth0 arrives, so it starts with these (a device moved into a namespace
+            // takes that namespace's `default` settings).
+            quiet_ipv6(&ns)?;
+        } else {
+            disable_ipv6(&ns)?;
+        }
         let peer = format!("p-{}", self.next_port);
         self.next_port += 1;
         let ifname = "eth0".to_owned();
@@ -343,6 +388,10 @@ impl Lan {
         self.switch
             .ip(&["link", "set", &peer, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", addr, "dev", &ifname])?;
+        if let Some(addr6) = addr6 {
+            ns.sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0")?;
+            ns.ip(&["-6", "addr", "add", addr6, "dev", &ifname, "nodad"])?;
+        }
         ns.ip(&["link", "set", &ifname, "up"])?;
         let (ifindex, mac) = link_info(&ns, &ifname)?;
         let (peer_ifindex, _) = link_info(&self.switch, &peer)?;
@@ -355,6 +404,7 @@ impl Lan {
             mac,
             addr: ip,
             prefix_len,
+            addr6: ip6.map(|(ip, _)| ip),
         })
     }
 
@@ -376,6 +426,8 @@ pub struct Host {
     pub mac: [u8; 6],
     pub addr: Ipv4Addr,
     pub prefix_len: u8,
+    /// The IPv6 address of `eth0`, for hosts made with [`Lan::add_host_dual`].
+    pub addr6: Option<Ipv6Addr>,
 }
 
 impl Host {
@@ -387,6 +439,23 @@ impl Host {
     }
 }
 
+/// IPv6 on, with nothing automatic: no duplicate address detection, router advertisements,
+/// solicitations or temporary addresses, for `all` existing and `default` future interfaces.
+fn quiet_ipv6(ns: &Netns) -> Result<()> {
+    for scope in ["all", "default"] {
+        for (key, value) in [
+            ("disable_ipv6", "0"),
+            ("accept_dad", "0"),
+            ("accept_ra", "0"),
+            ("router_solicitations", "0"),
+            ("use_tempaddr", "0"),
+        ] {
+            ns.sysctl(&format!("net.ipv6.conf.{scope}.{key}"), value)?;
+        }
+    }
+    Ok(())
+}
+
 fn disable_ipv6(ns: &Netns) -> Result<()> {
     // `default` covers interfaces created later (eth0, br0); `all` those that exist (lo).
     ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
@@ -394,6 +463,18 @@ fn disable_ipv6(ns: &Netns) -> Result<()> {
 }
 
 fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
+    parse_cidr_of(cidr, 32)
+}
+
+fn parse_cidr6(cidr: &str) -> Result<(Ipv6Addr, u8)> {
+    parse_cidr_of(cidr, 128)
+}
+
+fn parse_cidr_of<A>(cidr: &str, max_len: u8) -> Result<(A, u8)>
+where
+    A: std::str::FromStr,
+    A::Err: std::error::Error + Send + Sync + 'static,
+{
     let (ip, len) = cidr
         .split_once('/')
         .ok_or_else(|| anyhow!("{cidr:?} is not ADDR/LEN"))?;
@@ -401,7 +482,10 @@ fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
     let len: u8 = len
         .parse()
         .with_context(|| format!("prefix length in {cidr:?}"))?;
-    ensure!(len <= 32, "prefix length in {cidr:?} exceeds 32");
+    ensure!(
+        len <= max_len,
+        "prefix length in {cidr:?} exceeds {max_len}"
+    );
     Ok((ip, len))
 }
 

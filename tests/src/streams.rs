@@ -5,11 +5,15 @@
 //! byte. A [`Stream`] writes chunks of a deterministic pattern and verifies each echoed byte; one
 //! that is reset, stalls for [`STREAM_READ_TIMEOUT`] or reads a wrong byte is reported broken with
 //! the reason and the moment it happened.
+//!
+//! Everything works over IPv4 and IPv6 alike (`SocketAddr`); the helpers without an address
+//! family in their arguments ([`EchoServer::start`], [`echo_each`], [`connect_many`],
+//! [`open_streams`]) are the IPv4 topology's and have `_on`/`_from` versions that take one.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc, Mutex,
@@ -47,10 +51,17 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
+    /// On `0.0.0.0:port`.
     pub fn start(ns: &Netns, port: u16, name: &str) -> EchoServer {
+        EchoServer::start_on(ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port), name)
+    }
+
+    /// On `addr`, e.g. `[::]:80` for IPv6 clients.
+    pub fn start_on(ns: &Netns, addr: impl Into<SocketAddr>, name: &str) -> EchoServer {
+        let addr = addr.into();
         let listener = ns
-            .run_in(move || TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
-            .unwrap_or_else(|e| panic!("binding echo server {port}: {e}"));
+            .run_in(move || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("binding echo server {addr}: {e}"));
         let dup = listener.try_clone().expect("dup listener");
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
@@ -67,7 +78,9 @@ impl EchoServer {
                         break;
                     }
                     let Ok(mut c) = conn else { continue };
-                    let Ok(peer) = c.peer_addr() else { continue };
+                    let Ok(peer) = c.peer_addr().map(unmap) else {
+                        continue;
+                    };
                     let Ok(dup) = c.try_clone() else { continue };
                     seq += 1;
                     let id = seq;
@@ -126,11 +139,11 @@ impl EchoServer {
     }
 
     /// Bytes echoed so far to the client at `peer`.
-    pub fn echoed_to(&self, peer: SocketAddrV4) -> u64 {
+    pub fn echoed_to(&self, peer: impl Into<SocketAddr>) -> u64 {
         self.echoed
             .lock()
             .unwrap()
-            .get(&SocketAddr::V4(peer))
+            .get(&unmap(peer.into()))
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
@@ -148,23 +161,42 @@ impl Drop for EchoServer {
     }
 }
 
-/// An echo server named `b1`, `b2`, ... on every backend host.
+/// A peer address as a dual-stack socket reports an IPv4 client (`[::ffff:a.b.c.d]:p`) is that
+/// IPv4 client.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// An echo server named `b1`, `b2`, ... on every backend host, on `0.0.0.0:port`.
 pub fn echo_each(backends: &[Host], port: u16) -> Vec<EchoServer> {
+    echo_each_on(backends, Ipv4Addr::UNSPECIFIED.into(), port)
+}
+
+/// An echo server named `b1`, `b2`, ... on every backend host, on `ip:port`.
+pub fn echo_each_on(backends: &[Host], ip: IpAddr, port: u16) -> Vec<EchoServer> {
     backends
         .iter()
         .enumerate()
-        .map(|(i, b)| EchoServer::start(&b.ns, port, &format!("b{}", i + 1)))
+        .map(|(i, b)| EchoServer::start_on(&b.ns, (ip, port), &format!("b{}", i + 1)))
         .collect()
 }
 
 // ---- clients ----
 
-/// Connects from the calling thread's namespace, from `src`, within 3 s.
-pub fn connect(src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// Connects from the calling thread's namespace, from `src`, within 3 s. `src` and `dst` are of
+/// one address family.
+pub fn connect(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> io::Result<TcpStream> {
+    let (src, dst) = (src.into(), dst.into());
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::V4(src).into())?;
-    s.connect_timeout(&SocketAddr::V4(dst).into(), Duration::from_secs(3))?;
+    s.bind(&src.into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(3))?;
     Ok(s.into())
 }
 
@@ -192,7 +224,12 @@ pub fn read_banner(s: &mut TcpStream) -> io::Result<String> {
 
 /// One short connection from the calling thread's namespace: banner, a request echoed, and if
 /// `hold` is not zero, after `hold`, a second one; then close. Returns the backend's name.
-pub fn ask_echo(src: SocketAddrV4, dst: SocketAddrV4, hold: Duration) -> io::Result<String> {
+pub fn ask_echo(
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
+    hold: Duration,
+) -> io::Result<String> {
+    let src = src.into();
     let mut s = connect(src, dst)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let name = read_banner(&mut s)?;
@@ -230,10 +267,23 @@ pub fn spawn_in<T: Send + 'static>(
     })
 }
 
-/// `n` short connections from `first_port`, `first_port + 1`, ...: answers and failures.
+/// `n` short connections from the topology's client address, ports `first_port`,
+/// `first_port + 1`, ...: answers and failures.
 pub fn connect_many(
     client: &Netns,
     dst: SocketAddrV4,
+    first_port: u16,
+    n: u16,
+) -> (Vec<String>, Vec<String>) {
+    connect_many_from(client, CLIENT_ADDR.into(), dst.into(), first_port, n)
+}
+
+/// `n` short connections from `src_ip`, ports `first_port`, `first_port + 1`, ...: answers and
+/// failures.
+pub fn connect_many_from(
+    client: &Netns,
+    src_ip: IpAddr,
+    dst: SocketAddr,
     first_port: u16,
     n: u16,
 ) -> (Vec<String>, Vec<String>) {
@@ -241,7 +291,7 @@ pub fn connect_many(
         let mut answers = Vec::new();
         let mut failures = Vec::new();
         for i in 0..n {
-            let src = SocketAddrV4::new(CLIENT_ADDR, first_port + i);
+            let src = SocketAddr::new(src_ip, first_port + i);
             match ask_echo(src, dst, Duration::ZERO) {
                 Ok(a) => answers.push(a),
                 Err(e) => failures.push(format!("{src}: {e}")),
@@ -269,7 +319,7 @@ pub struct Broken {
 
 #[derive(Debug)]
 pub struct StreamReport {
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     pub backend: String,
     /// Bytes sent, echoed and verified.
     pub bytes: u64,
@@ -280,7 +330,7 @@ pub struct StreamReport {
 /// A long-lived TCP connection through the VIP, writing chunks of a deterministic pattern (1 to
 /// 4096 bytes) and verifying each echoed byte, until stopped or broken.
 pub struct Stream {
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// Its backend, from the server's banner.
     pub backend: String,
     pub stop: Arc<AtomicBool>,
@@ -290,7 +340,13 @@ pub struct Stream {
 
 impl Stream {
     /// Opens the stream from `src` in `ns` to `dst`; `pause` between chunks.
-    pub fn open(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4, pause: Duration) -> Stream {
+    pub fn open(
+        ns: &Netns,
+        src: impl Into<SocketAddr>,
+        dst: impl Into<SocketAddr>,
+        pause: Duration,
+    ) -> Stream {
+        let (src, dst) = (src.into(), dst.into());
         let mut s = ns
             .run_in(move || connect(src, dst))
             .unwrap_or_else(|e| panic!("stream from {src}: {e}"));
@@ -392,16 +448,27 @@ impl Drop for Stream {
     }
 }
 
-/// Opens a stream from each port; `pause` between chunks.
+/// Opens a stream from each port of the topology's client address; `pause` between chunks.
 pub fn open_streams(
     client: &Netns,
     ports: &[u16],
     dst: SocketAddrV4,
     pause: Duration,
 ) -> Vec<Stream> {
+    open_streams_from(client, CLIENT_ADDR.into(), ports, dst.into(), pause)
+}
+
+/// Opens a stream from each port of `src_ip`; `pause` between chunks.
+pub fn open_streams_from(
+    client: &Netns,
+    src_ip: IpAddr,
+    ports: &[u16],
+    dst: SocketAddr,
+    pause: Duration,
+) -> Vec<Stream> {
     ports
         .iter()
-        .map(|&p| Stream::open(client, SocketAddrV4::new(CLIENT_ADDR, p), dst, pause))
+        .map(|&p| Stream::open(client, SocketAddr::new(src_ip, p), dst, pause))
         .collect()
 }
 

@@ -341,7 +341,8 @@ impl IdentityServers {
     }
 
     /// A TCP server in `ns` on `addr` that writes `name\n` and closes each connection.
-    pub fn tcp(&mut self, ns: &Netns, addr: SocketAddrV4, name: &str) -> Result<()> {
+    pub fn tcp(&mut self, ns: &Netns, addr: impl Into<SocketAddr>, name: &str) -> Result<()> {
+        let addr = addr.into();
         let listener = ns.run_in(move || TcpListener::bind(addr))?;
         let fd = listener.as_raw_fd();
         let stop = self.stop.clone();
@@ -363,7 +364,8 @@ impl IdentityServers {
 
     /// A UDP server in `ns` on `addr` that answers each datagram with `name`. For direct server
     /// return it must be bound to the VIP itself, so replies leave with the VIP as source.
-    pub fn udp(&mut self, ns: &Netns, addr: SocketAddrV4, name: &str) -> Result<()> {
+    pub fn udp(&mut self, ns: &Netns, addr: impl Into<SocketAddr>, name: &str) -> Result<()> {
+        let addr = addr.into();
         let sock = ns.run_in(move || UdpSocket::bind(addr))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = self.stop.clone();
@@ -430,18 +432,20 @@ fn read_line(mut s: TcpStream) -> Result<String> {
 }
 
 /// A UDP socket in `ns` bound to `src`, for sending many datagrams of one flow.
-pub fn udp_client(ns: &Netns, src: SocketAddrV4) -> Result<UdpSocket> {
+pub fn udp_client(ns: &Netns, src: impl Into<SocketAddr>) -> Result<UdpSocket> {
+    let src = src.into();
     let s = ns.run_in(move || UdpSocket::bind(src))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     Ok(s)
 }
 
 /// Sends `payload` to `dst` and returns the answer's text.
-pub fn udp_ask(sock: &UdpSocket, dst: SocketAddrV4, payload: &[u8]) -> Result<String> {
+pub fn udp_ask(sock: &UdpSocket, dst: impl Into<SocketAddr>, payload: &[u8]) -> Result<String> {
+    let dst = dst.into();
     sock.send_to(payload, dst)?;
     let mut buf = [0u8; 512];
     let (n, from) = sock.recv_from(&mut buf)?;
-    if from != SocketAddr::V4(dst) {
+    if from != dst {
         return Err(anyhow!("answer came from {from}, not {dst}"));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).to_string())

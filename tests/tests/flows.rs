@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -164,7 +164,7 @@ fn drain_keeps_established_streams() {
 
     // Drain b2, which holds 4 of them.
     let b2 = backend_addr(1);
-    let on_b2: Vec<SocketAddrV4> = streams
+    let on_b2: Vec<SocketAddr> = streams
         .iter()
         .filter(|s| s.backend == "b2")
         .map(|s| s.src)
