@@ -266,33 +266,14 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return v;
     }
 
-    // TCP and UDP both start with source port, destination port; the TCP flags follow. The
-    // frame bounds first, then the packet's: checked after the length arithmetic, the frame
-    // checks are implied by it, the compiler drops them, and the verifier needs to see them.
-    let l4 = ETH_HDR_LEN + ip_hdr_len;
-    let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
+    let Some((sport, dport, syn)) = l4_ports(
+        frame,
+        proto,
+        ETH_HDR_LEN + ip_hdr_len,
+        ETH_HDR_LEN + tot_len,
+    ) else {
         return Verdict::of(Reason::DropMalformedL4);
     };
-    let syn = if proto == TCP {
-        let Some(flags) = frame.ptr_at::<u8>(l4 + TCP_FLAGS_OFFSET) else {
-            return Verdict::of(Reason::DropMalformedL4);
-        };
-        // SAFETY: in bounds.
-        (unsafe { *flags }) & (TCP_SYN | TCP_ACK) == TCP_SYN
-    } else {
-        false
-    };
-    // Only the ports are needed, but a header shorter than the protocol's minimum is malformed.
-    let l4_min = if proto == TCP {
-        TcpHdr::LEN
-    } else {
-        UdpHdr::LEN
-    };
-    if ip_hdr_len + l4_min > tot_len {
-        return Verdict::of(Reason::DropMalformedL4);
-    }
-    // SAFETY: in bounds; alignment 1.
-    let [sport, dport] = unsafe { *ports };
     let flow = FlowKey {
         src,
         dst,
@@ -302,6 +283,41 @@ pub fn process<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         _pad: [0; 3],
     };
     steer(frame, tables, &flow, syn)
+}
+
+/// The ports of the TCP or UDP header at frame offset `l4`, and whether it is a TCP SYN
+/// without ACK; `None` when the header is shorter than its protocol's minimum within the frame
+/// or within the packet, which ends at frame offset `end` (only the ports and flags are read,
+/// but a shorter header is malformed).
+#[inline(always)]
+fn l4_ports<F: Frame>(
+    frame: &F,
+    proto: u8,
+    l4: usize,
+    end: usize,
+) -> Option<([u8; 2], [u8; 2], bool)> {
+    // TCP and UDP both start with source port, destination port; the TCP flags follow. The
+    // frame bounds first, then the packet's: checked after the length arithmetic, the frame
+    // checks are implied by it, the compiler drops them, and the verifier needs to see them.
+    let ports = frame.ptr_at::<[[u8; 2]; 2]>(l4)?;
+    let syn = if proto == TCP {
+        let flags = frame.ptr_at::<u8>(l4 + TCP_FLAGS_OFFSET)?;
+        // SAFETY: in bounds.
+        (unsafe { *flags }) & (TCP_SYN | TCP_ACK) == TCP_SYN
+    } else {
+        false
+    };
+    let l4_min = if proto == TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if l4 + l4_min > end {
+        return None;
+    }
+    // SAFETY: in bounds; alignment 1.
+    let [sport, dport] = unsafe { *ports };
+    Some((sport, dport, syn))
 }
 
 /// [`process_v6`] in a function of its own. Inlined, the IPv6 path's code changed how the
@@ -361,29 +377,9 @@ fn process_v6<F: Frame, T: Tables>(frame: &mut F, tables: &T) -> Verdict {
         return Verdict::of(Reason::PassIpProto);
     }
 
-    // The frame bounds first, then the packet's (see process).
-    let Some(ports) = frame.ptr_at::<[[u8; 2]; 2]>(l4) else {
+    let Some((sport, dport, syn)) = l4_ports(frame, proto, l4, end) else {
         return Verdict::of(Reason::DropMalformedL4);
     };
-    let syn = if proto == TCP {
-        let Some(flags) = frame.ptr_at::<u8>(l4 + TCP_FLAGS_OFFSET) else {
-            return Verdict::of(Reason::DropMalformedL4);
-        };
-        // SAFETY: in bounds.
-        (unsafe { *flags }) & (TCP_SYN | TCP_ACK) == TCP_SYN
-    } else {
-        false
-    };
-    let l4_min = if proto == TCP {
-        TcpHdr::LEN
-    } else {
-        UdpHdr::LEN
-    };
-    if l4 + l4_min > end {
-        return Verdict::of(Reason::DropMalformedL4);
-    }
-    // SAFETY: in bounds; alignment 1.
-    let [sport, dport] = unsafe { *ports };
     let flow = Flow6Key {
         src: ip.src_addr,
         dst: ip.dst_addr,
