@@ -364,7 +364,7 @@ fn wire_drops_and_diagnostics() {
     assert_eq!(reason("drop_malformed_ip"), 1);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        !agent.log_text().contains("malformed IPv4 header dropped"),
+        !agent.log_text().contains("malformed IP header dropped"),
         "debug diagnostic logged at info level"
     );
     let out = std::process::Command::new(lb_tests::topology::xdplb_bin())
@@ -386,7 +386,7 @@ fn wire_drops_and_diagnostics() {
     assert!(
         wait_for_log(
             &agent,
-            "malformed IPv4 header dropped",
+            "malformed IP header dropped",
             Duration::from_secs(5)
         ),
         "debug diagnostic missing after raising the level:\n{}",
