@@ -243,11 +243,7 @@ impl LbTopology {
     /// A config for this topology: `[dataplane]` on the LB's eth0 in driver mode, the API socket
     /// in the scratch directory, then `services` (TOML `[[vip]]` tables) verbatim.
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
-             [api]\nsocket = \"{}\"\n\n{services}",
-            self.dir.path().join("xdplb.sock").display()
-        )
+        agent_config(&self.dir.path().join("xdplb.sock"), services)
     }
 
     /// Starts `xdplb run` inside the LB namespace with `config` and waits until it forwards.
@@ -281,6 +277,16 @@ impl LbTopology {
         let log_path = self.dir.path().join(log_name);
         Agent::spawn(&self.lb.ns, bin, cfg_path, socket, &log_path, extra_args)
     }
+}
+
+/// The config both LB topologies give the agent: `[dataplane]` on the LB's eth0 in driver mode,
+/// the API socket at `socket`, then `services` verbatim.
+pub(crate) fn agent_config(socket: &Path, services: &str) -> String {
+    format!(
+        "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
+         [api]\nsocket = \"{}\"\n\n{services}",
+        socket.display()
+    )
 }
 
 /// A running `xdplb run` process.

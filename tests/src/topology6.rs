@@ -102,11 +102,7 @@ impl LbTopology6 {
     /// A config for this topology: `[dataplane]` on the LB's eth0 in driver mode, the API socket
     /// in the scratch directory, then `services` (TOML tables) verbatim.
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
-             [api]\nsocket = \"{}\"\n\n{services}",
-            self.socket().display()
-        )
+        topology::agent_config(&self.socket(), services)
     }
 
     /// The config file [`start_agent`](Self::start_agent) writes and `xdplb reload` reads.
