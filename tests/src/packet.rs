@@ -208,15 +208,14 @@ impl Packet {
                 flags,
             } => tcp_segment(sport, dport, flags, &self.payload, pseudo),
             L4::Udp { sport, dport } => udp_datagram(sport, dport, &self.payload, pseudo),
-            L4::IcmpEcho { id, seq } => {
-                let mut seg = vec![8, 0, 0, 0];
-                seg.extend_from_slice(&id.to_be_bytes());
-                seg.extend_from_slice(&seq.to_be_bytes());
-                seg.extend_from_slice(&self.payload);
-                let c = checksum(&seg, 0);
-                seg[2..4].copy_from_slice(&c.to_be_bytes());
-                seg
-            }
+            // ICMP's checksum covers no pseudo-header.
+            L4::IcmpEcho { id, seq } => icmp_message(
+                8,
+                0,
+                (u32::from(id) << 16) | u32::from(seq),
+                &self.payload,
+                |_| 0,
+            ),
             L4::Raw { .. } => self.payload.clone(),
         }
     }
@@ -247,9 +246,10 @@ impl Packet {
 
     /// The whole Ethernet frame.
     pub fn frame(&self) -> Vec<u8> {
-        let mut f = ethernet(self.dst_mac, self.src_mac, ETH_P_IP, &self.ip_bytes());
-        f.resize(f.len() + self.padding, 0);
-        f
+        padded(
+            ethernet(self.dst_mac, self.src_mac, ETH_P_IP, &self.ip_bytes()),
+            self.padding,
+        )
     }
 }
 
@@ -301,6 +301,30 @@ fn udp_datagram(
     }
     seg[6..8].copy_from_slice(&c.to_be_bytes());
     seg
+}
+
+/// An ICMP or ICMPv6 message (the two share their layout): type, code, checksum, the 4 bytes
+/// `rest`, payload. `pseudo(len)` starts the checksum: ICMPv6's covers the IPv6 pseudo-header.
+fn icmp_message(
+    kind: u8,
+    code: u8,
+    rest: u32,
+    payload: &[u8],
+    pseudo: impl Fn(usize) -> u32,
+) -> Vec<u8> {
+    let mut m = vec![kind, code, 0, 0];
+    m.extend_from_slice(&rest.to_be_bytes());
+    m.extend_from_slice(payload);
+    let c = checksum(&m, pseudo(m.len()));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// `frame` with `padding` zero bytes after the IP packet, as a short frame padded to the
+/// Ethernet minimum arrives.
+fn padded(mut frame: Vec<u8>, padding: usize) -> Vec<u8> {
+    frame.resize(frame.len() + padding, 0);
+    frame
 }
 
 /// MAC addresses used across fixtures (locally administered).
@@ -544,12 +568,7 @@ impl Packet6 {
             } => tcp_segment(sport, dport, flags, &self.payload, pseudo),
             Upper6::Udp { sport, dport } => udp_datagram(sport, dport, &self.payload, pseudo),
             Upper6::Icmp6 { kind, code, rest } => {
-                let mut m = vec![kind, code, 0, 0];
-                m.extend_from_slice(&rest.to_be_bytes());
-                m.extend_from_slice(&self.payload);
-                let c = checksum(&m, pseudo(ICMPV6, m.len()));
-                m[2..4].copy_from_slice(&c.to_be_bytes());
-                m
+                icmp_message(kind, code, rest, &self.payload, |len| pseudo(ICMPV6, len))
             }
             Upper6::Raw { .. } => self.payload.clone(),
         }
@@ -576,9 +595,10 @@ impl Packet6 {
 
     /// The whole Ethernet frame.
     pub fn frame(&self) -> Vec<u8> {
-        let mut f = ethernet(self.dst_mac, self.src_mac, ETH_P_IPV6, &self.ip_bytes());
-        f.resize(f.len() + self.padding, 0);
-        f
+        padded(
+            ethernet(self.dst_mac, self.src_mac, ETH_P_IPV6, &self.ip_bytes()),
+            self.padding,
+        )
     }
 }
 

@@ -21,7 +21,10 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream,
+        UdpSocket,
+    },
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::ExitStatus,
@@ -136,6 +139,76 @@ impl Drop for TempDir {
     }
 }
 
+/// A host of an LB topology, as [`LbParts::build`] names it to ask for its IPv6 address.
+pub(crate) enum HostRole {
+    Client,
+    Lb,
+    /// Backend `i`, 0-based.
+    Backend(usize),
+}
+
+/// What an LB topology is made of, IPv4 ([`LbTopology`]) or dual-stack
+/// ([`crate::topology6::LbTopology6`]).
+pub(crate) struct LbParts {
+    pub client: Host,
+    pub lb: Host,
+    pub backends: Vec<Host>,
+    pub dir: TempDir,
+    pub pass: PassProgram,
+    pub lan: Lan,
+}
+
+impl LbParts {
+    /// The client, the LB and `n_backends` backends at their IPv4 addresses, each also at
+    /// `addr6(role)` when that is given; every VIP in `vips` set up for direct server return;
+    /// a scratch directory tagged `tag`.
+    pub(crate) fn build(
+        n_backends: usize,
+        tag: &str,
+        vips: &[IpAddr],
+        addr6: impl Fn(HostRole) -> Option<Ipv6Addr>,
+    ) -> Result<LbParts> {
+        let mut lan = Lan::new()?;
+        let mut add = |name: &str, addr: Ipv4Addr, role| match addr6(role) {
+            Some(a6) => lan.add_host_dual(name, &format!("{addr}/24"), &format!("{a6}/64")),
+            None => lan.add_host(name, &format!("{addr}/24")),
+        };
+        let client = add("client", CLIENT_ADDR, HostRole::Client)?;
+        let lb = add("lb", LB_ADDR, HostRole::Lb)?;
+        let mut backends = Vec::new();
+        for i in 0..n_backends {
+            backends.push(add(
+                &format!("b{}", i + 1),
+                backend_addr(i),
+                HostRole::Backend(i),
+            )?);
+        }
+        // The LB owns the VIPs on the wire: it answers ARP (and neighbour solicitations) for them.
+        for &vip in vips {
+            lb.ns.add_host_addr(vip, "eth0")?;
+        }
+        for b in &backends {
+            for &vip in vips {
+                b.ns.add_host_addr(vip, "lo")?;
+            }
+            b.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            b.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        }
+        // See the module docs for why these two.
+        client.ethtool(&["tx", "off"])?;
+        let pass = attach_pass(lan.switch(), lb.peer_ifindex)?;
+        let dir = TempDir::new(tag)?;
+        Ok(LbParts {
+            client,
+            lb,
+            backends,
+            dir,
+            pass,
+            lan,
+        })
+    }
+}
+
 /// Client, load balancer and backends on one LAN, ready for `xdplb run`.
 pub struct LbTopology {
     pub client: Host,
@@ -149,26 +222,14 @@ pub struct LbTopology {
 
 impl LbTopology {
     pub fn new(n_backends: usize) -> Result<LbTopology> {
-        let mut lan = Lan::new()?;
-        let client = lan.add_host("client", &format!("{CLIENT_ADDR}/24"))?;
-        let lb = lan.add_host("lb", &format!("{LB_ADDR}/24"))?;
-        let mut backends = Vec::new();
-        for i in 0..n_backends {
-            backends
-                .push(lan.add_host(&format!("b{}", i + 1), &format!("{}/24", backend_addr(i)))?);
-        }
-        // The LB owns the VIP on the wire: it answers ARP for it.
-        lb.ns
-            .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"])?;
-        for b in &backends {
-            b.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            b.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-            b.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-        }
-        // See the module docs for why these two.
-        client.ethtool(&["tx", "off"])?;
-        let pass = attach_pass(lan.switch(), lb.peer_ifindex)?;
-        let dir = TempDir::new("topo")?;
+        let LbParts {
+            client,
+            lb,
+            backends,
+            dir,
+            pass,
+            lan,
+        } = LbParts::build(n_backends, "topo", &[VIP.into()], |_| None)?;
         Ok(LbTopology {
             client,
             lb,
@@ -182,11 +243,7 @@ impl LbTopology {
     /// A config for this topology: `[dataplane]` on the LB's eth0 in driver mode, the API socket
     /// in the scratch directory, then `services` (TOML `[[vip]]` tables) verbatim.
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
-             [api]\nsocket = \"{}\"\n\n{services}",
-            self.dir.path().join("xdplb.sock").display()
-        )
+        agent_config(&self.dir.path().join("xdplb.sock"), services)
     }
 
     /// Starts `xdplb run` inside the LB namespace with `config` and waits until it forwards.
@@ -220,6 +277,16 @@ impl LbTopology {
         let log_path = self.dir.path().join(log_name);
         Agent::spawn(&self.lb.ns, bin, cfg_path, socket, &log_path, extra_args)
     }
+}
+
+/// The config both LB topologies give the agent: `[dataplane]` on the LB's eth0 in driver mode,
+/// the API socket at `socket`, then `services` verbatim.
+pub(crate) fn agent_config(socket: &Path, services: &str) -> String {
+    format!(
+        "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
+         [api]\nsocket = \"{}\"\n\n{services}",
+        socket.display()
+    )
 }
 
 /// A running `xdplb run` process.

@@ -34,10 +34,7 @@ use serde_json::Value;
 
 use crate::{
     netns::{Host, Lan},
-    topology::{
-        self, Agent, CLIENT_ADDR, LB_ADDR, PassProgram, TempDir, attach_pass, backend_addr,
-        xdplb_bin,
-    },
+    topology::{self, Agent, HostRole, LbParts, PassProgram, TempDir, backend_addr, xdplb_bin},
 };
 
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
@@ -73,34 +70,25 @@ pub struct LbTopology6 {
 impl LbTopology6 {
     pub fn new(n_backends: usize) -> Result<LbTopology6> {
         ensure!(n_backends <= 15, "at most 15 backends");
-        let mut lan = Lan::new()?;
-        let client = lan.add_host_dual(
-            "client",
-            &format!("{CLIENT_ADDR}/24"),
-            &format!("{CLIENT6}/64"),
+        let LbParts {
+            client,
+            lb,
+            backends,
+            dir,
+            pass,
+            lan,
+        } = LbParts::build(
+            n_backends,
+            "topo6",
+            &[topology::VIP.into(), VIP6.into()],
+            |role| {
+                Some(match role {
+                    HostRole::Client => CLIENT6,
+                    HostRole::Lb => LB6,
+                    HostRole::Backend(i) => backend6(i),
+                })
+            },
         )?;
-        let lb = lan.add_host_dual("lb", &format!("{LB_ADDR}/24"), &format!("{LB6}/64"))?;
-        let mut backends = Vec::new();
-        for i in 0..n_backends {
-            backends.push(lan.add_host_dual(
-                &format!("b{}", i + 1),
-                &format!("{}/24", backend_addr(i)),
-                &format!("{}/64", backend6(i)),
-            )?);
-        }
-        // The LB owns both VIPs on the wire.
-        for vip in [IpAddr::from(topology::VIP), IpAddr::from(VIP6)] {
-            lb.ns.add_host_addr(vip, "eth0")?;
-        }
-        for b in &backends {
-            b.ns.add_host_addr(topology::VIP.into(), "lo")?;
-            b.ns.add_host_addr(VIP6.into(), "lo")?;
-            b.ns.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-            b.ns.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-        }
-        client.ethtool(&["tx", "off"])?;
-        let pass = attach_pass(lan.switch(), lb.peer_ifindex)?;
-        let dir = TempDir::new("topo6")?;
         Ok(LbTopology6 {
             client,
             lb,
@@ -114,11 +102,7 @@ impl LbTopology6 {
     /// A config for this topology: `[dataplane]` on the LB's eth0 in driver mode, the API socket
     /// in the scratch directory, then `services` (TOML tables) verbatim.
     pub fn config(&self, services: &str) -> String {
-        format!(
-            "[dataplane]\ninterface = \"eth0\"\nmode = \"dsr-l2\"\nxdp_mode = \"driver\"\n\n\
-             [api]\nsocket = \"{}\"\n\n{services}",
-            self.socket().display()
-        )
+        topology::agent_config(&self.socket(), services)
     }
 
     /// The config file [`start_agent`](Self::start_agent) writes and `xdplb reload` reads.

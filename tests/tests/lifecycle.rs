@@ -8,10 +8,10 @@ use std::{
 
 use lb_tests::{
     netns::require_privileges,
-    streams::{Stream, assert_unbroken, echo_each},
+    streams::{EchoServer, Stream, assert_unbroken, echo_each},
     topology::{
-        Agent, CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, Traffic, VIP, backend_addr,
-        tally, tcp_ask, wait_for_log,
+        Agent, CLIENT_ADDR, IdentityServers, LbTopology, RemoveDir, Traffic, TrafficReport, VIP,
+        backend_addr, tally, tcp_ask, wait_for_log,
     },
 };
 use lb_userspace::dataplane::pin_dir;
@@ -436,36 +436,159 @@ fn backend_lost_and_back_rebuilds_the_table() {
     assert!(agent.stop().success());
 }
 
+/// The web service plus an echo service on port 7000, both over `backends`.
+fn web_and_echo(backends: &[Ipv4Addr]) -> String {
+    let mut services = web(backends);
+    services.push_str(&format!(
+        "[[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nport = 7000\nprotocol = \"tcp\"\n\n"
+    ));
+    for b in backends {
+        services.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
+    }
+    services
+}
+
+/// What the kill and the replacement tests share: three backends behind a web and an echo service,
+/// and the pin directory the agent leaves behind, removed at the end whatever happens.
+// Field order is drop order: the pins go before the topology, as they would in a test's locals.
+struct Scene {
+    cfg: String,
+    _cleanup: RemoveDir,
+    pins: std::path::PathBuf,
+    _echo: Vec<EchoServer>,
+    _servers: IdentityServers,
+    topo: LbTopology,
+}
+
+/// Load under way while one agent hands over to another: the web flows made before it, a long
+/// stream through the echo service and a loop of new web connections.
+struct Load {
+    before: Vec<String>,
+    start: Instant,
+    stream: Stream,
+    traffic: Traffic,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let topo = LbTopology::new(3).expect("topology");
+        let servers = serve(&topo);
+        let echo = echo_each(&topo.backends, 7000);
+        let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
+        let cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
+        Scene {
+            cfg: topo.config(&web_and_echo(&[
+                backend_addr(0),
+                backend_addr(1),
+                backend_addr(2),
+            ])),
+            _cleanup: cleanup,
+            pins,
+            _echo: echo,
+            _servers: servers,
+            topo,
+        }
+    }
+
+    /// Starts the [`Load`] against the running agent: 100 web flows from source ports 23000..,
+    /// then the stream and the loop, given time to get going.
+    fn load(&self) -> Load {
+        let before = connect_many(&self.topo, 23000, 100);
+        let start = Instant::now();
+        let stream = Stream::open(
+            &self.topo.client.ns,
+            SocketAddrV4::new(CLIENT_ADDR, 45000),
+            SocketAddrV4::new(VIP, 7000),
+            Duration::from_millis(1),
+        );
+        let traffic = web_traffic(&self.topo);
+        std::thread::sleep(Duration::from_millis(300));
+        Load {
+            before,
+            start,
+            stream,
+            traffic,
+        }
+    }
+
+    /// Ends the test once `agent` has taken over from the one before it through `what`. Changing
+    /// a weight shows the data path is `agent`'s to manage now, not just still running; the load
+    /// must have come through whole, and a normal stop must leave no pins. Returns the traffic
+    /// loop's report for the test's own checks.
+    fn finish_and_check(&self, agent: Agent, load: Load, what: &str) -> TrafficReport {
+        let out = agent
+            .cli(&[
+                "backend",
+                "weight",
+                "web",
+                &backend_addr(0).to_string(),
+                "3",
+            ])
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        let during = load.traffic.finish();
+        let report = load.stream.finish();
+        eprintln!(
+            "{} connections through {what}, {} failed; stream {} bytes verified",
+            during.answers.len(),
+            during.failures.len(),
+            report.bytes
+        );
+        assert!(during.failures.is_empty(), "{:?}", during.failures);
+        assert!(
+            !during.answers.iter().any(|a| a == "lb"),
+            "fell through to the LB's stack"
+        );
+        assert_unbroken(&[report], load.start);
+        let after = tally(
+            connect_many(&self.topo, 24000, 150)
+                .iter()
+                .map(String::as_str),
+        );
+        assert!(
+            after.get("b1").copied().unwrap_or(0) > 50,
+            "weight 3 not applied: {after:?}"
+        );
+        let st = agent.stop();
+        assert!(st.success());
+        assert!(!self.pins.exists(), "pins left behind by a normal stop");
+        during
+    }
+}
+
+/// Asserts that `agent`'s connection table holds the 100 flows of [`Scene::load`]. No connection
+/// has used their source ports since, so only the table kept from before `what` can hold them.
+fn assert_flows_kept(agent: &Agent, what: &str) {
+    let out = agent
+        .cli(&["flows", "web", "--limit", "100000", "--json"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let old = report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .and_then(|c| c.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_some_and(|p| (23000..23100).contains(&p))
+        })
+        .count();
+    assert_eq!(old, 100, "flows from before {what}: {report}");
+}
+
 #[test]
 fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
     if !require_privileges("sigkill_keeps_forwarding_and_a_restart_takes_over") {
         return;
     }
-    let topo = LbTopology::new(3).expect("topology");
-    let _servers = serve(&topo);
-    let _echo = echo_each(&topo.backends, 7000);
-    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
-    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
-    let backends = [backend_addr(0), backend_addr(1), backend_addr(2)];
-    let mut services = web(&backends);
-    services.push_str(&format!(
-        "[[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nport = 7000\nprotocol = \"tcp\"\n\n"
-    ));
-    for b in &backends {
-        services.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
-    }
-    let cfg = topo.config(&services);
-    let mut first = topo.start_agent(&cfg, &[]).unwrap();
-    let before = connect_many(&topo, 23000, 100);
-    let start = Instant::now();
-    let stream = Stream::open(
-        &topo.client.ns,
-        SocketAddrV4::new(CLIENT_ADDR, 45000),
-        SocketAddrV4::new(VIP, 7000),
-        Duration::from_millis(1),
-    );
-    let traffic = web_traffic(&topo);
-    std::thread::sleep(Duration::from_millis(300));
+    let scene = Scene::new();
+    let (topo, pins, cfg) = (&scene.topo, &scene.pins, &scene.cfg);
+    let mut first = topo.start_agent(cfg, &[]).unwrap();
+    let load = scene.load();
 
     // A crash: no clean-up at all. The pinned link keeps the program forwarding.
     let pid = first.guard.pid() as libc::pid_t;
@@ -478,14 +601,14 @@ fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
         link.contains("prog/xdp"),
         "program gone with the agent:\n{link}"
     );
-    let verified = stream.verified();
+    let verified = load.stream.verified();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        stream.verified() > verified,
+        load.stream.verified() > verified,
         "the stream stalled without the agent"
     );
-    let alone = connect_many(&topo, 23000, 100);
-    assert_eq!(alone, before, "flows moved while no agent ran");
+    let alone = connect_many(topo, 23000, 100);
+    assert_eq!(alone, load.before, "flows moved while no agent ran");
     assert!(
         pins.join("flows").exists(),
         "connection table not pinned at {}",
@@ -510,7 +633,7 @@ fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
 
     // The restarted agent takes the data path over, adopts the connection table, and can
     // change it.
-    let second = topo.start_agent(&cfg, &[]).unwrap();
+    let second = topo.start_agent(cfg, &[]).unwrap();
     assert!(
         wait_for_log(&second, "took over the data path", Duration::from_secs(5)),
         "{}",
@@ -525,72 +648,12 @@ fn sigkill_keeps_forwarding_and_a_restart_takes_over() {
         "{}",
         second.log_text()
     );
-    // The connections made before the kill (source ports 23000..) are still remembered: only
-    // the adopted table can hold them, no new connection used those ports since.
-    let out = second
-        .cli(&["flows", "web", "--limit", "100000", "--json"])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let old = report["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| {
-            f["client"]
-                .as_str()
-                .and_then(|c| c.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_some_and(|p| (23000..23100).contains(&p))
-        })
-        .count();
-    assert_eq!(old, 100, "flows from before the restart: {report}");
-    let out = second
-        .cli(&[
-            "backend",
-            "weight",
-            "web",
-            &backend_addr(0).to_string(),
-            "3",
-        ])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_millis(500));
-    let during = traffic.finish();
-    let report = stream.finish();
-    eprintln!(
-        "{} connections through the kill, the agent-less time and the restart, {} failed; \
-         stream {} bytes verified",
-        during.answers.len(),
-        during.failures.len(),
-        report.bytes
+    assert_flows_kept(&second, "the restart");
+    scene.finish_and_check(
+        second,
+        load,
+        "the kill, the agent-less time and the restart",
     );
-    assert!(during.failures.is_empty(), "{:?}", during.failures);
-    assert!(
-        !during.answers.iter().any(|a| a == "lb"),
-        "fell through to the LB's stack"
-    );
-    assert_unbroken(&[report], start);
-    let after = tally(connect_many(&topo, 24000, 150).iter().map(String::as_str));
-    assert!(
-        after.get("b1").copied().unwrap_or(0) > 50,
-        "weight 3 not applied: {after:?}"
-    );
-    let st = second.stop();
-    assert!(st.success());
-    assert!(!pins.exists(), "pins left behind by a normal stop");
-}
-
-/// The web service plus an echo service on port 7000, both over `backends`.
-fn web_and_echo(backends: &[Ipv4Addr]) -> String {
-    let mut services = web(backends);
-    services.push_str(&format!(
-        "[[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nport = 7000\nprotocol = \"tcp\"\n\n"
-    ));
-    for b in backends {
-        services.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n\n"));
-    }
-    services
 }
 
 /// `bpftool -j ... show pinned PATH` -> the object's JSON.
@@ -617,27 +680,6 @@ fn kernel_ids(pins: &std::path::Path) -> (u64, u64, u64) {
         link["prog_id"].as_u64().unwrap(),
         flows["id"].as_u64().unwrap(),
     )
-}
-
-/// The connection-table entries of `vip` whose client port is in `ports`.
-fn flows_from(agent: &Agent, vip: &str, ports: std::ops::Range<u16>) -> usize {
-    let out = agent
-        .cli(&["flows", vip, "--limit", "100000", "--json"])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    report["flows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| {
-            f["client"]
-                .as_str()
-                .and_then(|c| c.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_some_and(|p| ports.contains(&p))
-        })
-        .count()
 }
 
 /// `xdplb run --config CONFIG ARGS...` in `ns`, expected to exit on its own: status and output.
@@ -673,34 +715,17 @@ fn replace_swaps_the_program_under_traffic_and_keeps_the_connection_table() {
     {
         return;
     }
-    let topo = LbTopology::new(3).expect("topology");
-    let _servers = serve(&topo);
-    let _echo = echo_each(&topo.backends, 7000);
-    let pins = topo.lb.ns.run_in(|| pin_dir("eth0"));
-    let _cleanup = RemoveDir(pins.parent().unwrap().to_path_buf());
-    let cfg = topo.config(&web_and_echo(&[
-        backend_addr(0),
-        backend_addr(1),
-        backend_addr(2),
-    ]));
+    let scene = Scene::new();
+    let (topo, pins) = (&scene.topo, &scene.pins);
     // A plain `xdplb run`, as an operator would have it running before an upgrade.
-    let mut first = topo.start_agent(&cfg, &[]).unwrap();
-    let (link_before, prog_before, flows_before) = kernel_ids(&pins);
+    let mut first = topo.start_agent(&scene.cfg, &[]).unwrap();
+    let (link_before, prog_before, flows_before) = kernel_ids(pins);
     assert_eq!(
         first.status().unwrap().program_id,
         Some(prog_before as u32),
         "status and kernel disagree on the program"
     );
-    let before = connect_many(&topo, 23000, 100);
-    let start = Instant::now();
-    let stream = Stream::open(
-        &topo.client.ns,
-        SocketAddrV4::new(CLIENT_ADDR, 45000),
-        SocketAddrV4::new(VIP, 7000),
-        Duration::from_millis(1),
-    );
-    let traffic = web_traffic(&topo);
-    std::thread::sleep(Duration::from_millis(300));
+    let load = scene.load();
 
     // The upgrade: a second `xdplb run --replace` with the same config and socket.
     let second = topo
@@ -742,7 +767,7 @@ fn replace_swaps_the_program_under_traffic_and_keeps_the_connection_table() {
     );
 
     // One link, one connection table, a new program in the link.
-    let (link_after, prog_after, flows_after) = kernel_ids(&pins);
+    let (link_after, prog_after, flows_after) = kernel_ids(pins);
     assert_eq!(
         link_after, link_before,
         "the link was replaced, not updated"
@@ -764,47 +789,14 @@ fn replace_swaps_the_program_under_traffic_and_keeps_the_connection_table() {
     assert!(link.contains("prog/xdp"), "{link}");
 
     // The flows made before are still in the (same) table and still on their backends.
-    assert_eq!(flows_from(&second, "web", 23000..23100), 100);
-    assert_eq!(connect_many(&topo, 23000, 100), before, "flows moved");
+    assert_flows_kept(&second, "the replacement");
+    assert_eq!(connect_many(topo, 23000, 100), load.before, "flows moved");
 
-    // The new agent manages the data path.
-    let out = second
-        .cli(&[
-            "backend",
-            "weight",
-            "web",
-            &backend_addr(0).to_string(),
-            "3",
-        ])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_millis(500));
-    let during = traffic.finish();
-    let report = stream.finish();
-    eprintln!(
-        "{} connections through the replacement, {} failed; stream {} bytes verified",
-        during.answers.len(),
-        during.failures.len(),
-        report.bytes
-    );
-    assert!(during.failures.is_empty(), "{:?}", during.failures);
+    let during = scene.finish_and_check(second, load, "the replacement");
     assert!(
         during.answers.len() > 50,
         "too little traffic to mean anything"
     );
-    assert!(
-        !during.answers.iter().any(|a| a == "lb"),
-        "fell through to the LB's stack"
-    );
-    assert_unbroken(&[report], start);
-    let after = tally(connect_many(&topo, 24000, 150).iter().map(String::as_str));
-    assert!(
-        after.get("b1").copied().unwrap_or(0) > 50,
-        "weight 3 not applied: {after:?}"
-    );
-    let st = second.stop();
-    assert!(st.success());
-    assert!(!pins.exists(), "pins left behind by a normal stop");
 }
 
 #[test]
