@@ -249,16 +249,22 @@ impl HaTopology {
     /// The client's neighbour entry for the VIP: the MAC it sends VIP traffic to (`ip` format),
     /// or `None` when it has none (never resolved, or failed). Panics if `ip` fails.
     pub fn client_arp(&self) -> Option<String> {
+        self.client_neighbour(&VIP.to_string())
+    }
+
+    /// The client's neighbour entry for `addr` (IPv4 or IPv6), as [`client_arp`](Self::client_arp).
+    pub fn client_neighbour(&self, addr: &str) -> Option<String> {
+        let family = if addr.contains(':') { "-6" } else { "-4" };
         let json = self
             .client
             .ns
-            .ip(&["-j", "neigh", "show", "to", &VIP.to_string(), "dev", "eth0"])
+            .ip(&["-j", family, "neigh", "show", "to", addr, "dev", "eth0"])
             .unwrap_or_else(|e| panic!("reading the client's neighbours: {e:#}"));
         let v: serde_json::Value = serde_json::from_str(&json)
             .unwrap_or_else(|e| panic!("parsing the client's neighbours: {e}\n{json}"));
         v.as_array()?
             .iter()
-            .find(|n| n["dst"].as_str() == Some(&VIP.to_string()))?["lladdr"]
+            .find(|n| n["dst"].as_str() == Some(addr))?["lladdr"]
             .as_str()
             .map(str::to_owned)
     }

@@ -496,6 +496,16 @@ pub fn finish_all(streams: Vec<Stream>) -> Vec<StreamReport> {
 }
 
 /// Panics with every broken stream's story if any broke.
+/// Panics unless every stream carried more than `min_bytes`: a stream that never got going
+/// would pass [`assert_unbroken`] without proving anything.
+pub fn assert_streams_moved(reports: &[StreamReport], min_bytes: u64) {
+    let bytes: Vec<u64> = reports.iter().map(|r| r.bytes).collect();
+    assert!(
+        bytes.iter().all(|&b| b > min_bytes),
+        "a stream barely moved (not over {min_bytes} bytes): bytes per stream {bytes:?}"
+    );
+}
+
 pub fn assert_unbroken(reports: &[StreamReport], start: Instant) {
     let broken: Vec<String> = reports
         .iter()

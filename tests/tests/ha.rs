@@ -833,21 +833,10 @@ fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
         .ns
         .exec("ping", &["-6", "-c", "1", "-W", "2", VIP6])
         .context("ping the IPv6 VIP through lb1")?;
-    let client_mac = || -> Result<Option<String>> {
-        let json = topo
-            .client
-            .ns
-            .ip(&["-j", "-6", "neigh", "show", "to", VIP6, "dev", "eth0"])?;
-        let v: serde_json::Value = serde_json::from_str(&json)?;
-        Ok(v.as_array()
-            .and_then(|a| a.first())
-            .and_then(|n| n["lladdr"].as_str())
-            .map(str::to_owned))
-    };
     ensure!(
-        client_mac()?.as_deref() == Some(topo.node_mac(0).as_str()),
+        topo.client_neighbour(VIP6).as_deref() == Some(topo.node_mac(0).as_str()),
         "client entry {:?}, lb1 is {}",
-        client_mac()?,
+        topo.client_neighbour(VIP6),
         topo.node_mac(0)
     );
 
@@ -856,14 +845,14 @@ fn ipv6_vip_moves_with_mastership_and_is_announced() -> Result<()> {
     ensure!(a.stop().success(), "lb1 did not stop cleanly");
     wait_state(&b, "master", Duration::from_secs(2))?;
     let moved = loop {
-        if client_mac()?.as_deref() == Some(topo.node_mac(1).as_str()) {
+        if topo.client_neighbour(VIP6).as_deref() == Some(topo.node_mac(1).as_str()) {
             break t0.elapsed();
         }
         ensure!(
             t0.elapsed() < Duration::from_secs(3),
             "the client still sends the IPv6 VIP to {:?} (lb2 is {}): no neighbour \
              advertisement moved it; lb2 log:\n{}",
-            client_mac()?,
+            topo.client_neighbour(VIP6),
             topo.node_mac(1),
             b.log_text()
         );

@@ -24,8 +24,8 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use lb_tests::{
     netns::{Netns, require_privileges},
     streams::{
-        EchoServer, Stream, StreamReport, ask_echo, assert_unbroken, connect_many_from,
-        echo_each_on, finish_all, open_streams_from, spawn_in,
+        EchoServer, Stream, StreamReport, ask_echo, assert_streams_moved, assert_unbroken,
+        connect_many_from, echo_each_on, finish_all, open_streams_from, spawn_in,
     },
     topology::{self, Agent, CLIENT_ADDR, IdentityServers, tally, udp_ask, udp_client},
     topology6::{
@@ -189,11 +189,7 @@ fn harness_v6_hosts_reach_each_other_directly() -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let reports = finish_all(streams);
     assert_unbroken(&reports, start);
-    ensure!(
-        reports.iter().all(|r| r.bytes > 10_000),
-        "a direct stream barely moved: {:?}",
-        reports.iter().map(|r| r.bytes).collect::<Vec<_>>()
-    );
+    assert_streams_moved(&reports, 10_000);
 
     // Without an agent, the VIP belongs to the load balancer on the wire: its own stack answers,
     // and the client resolved the VIP to the load balancer's MAC (backends hold it on lo only and
@@ -392,11 +388,7 @@ fn fifty_v6_streams_survive_twenty_table_changes() -> Result<()> {
     );
     report_streams(&reports);
     assert_unbroken(&reports, start);
-    ensure!(
-        reports.iter().all(|r| r.bytes > 10_000),
-        "a stream barely moved: fewest bytes {:?}",
-        reports.iter().map(|r| r.bytes).min()
-    );
+    assert_streams_moved(&reports, 10_000);
     ensure!(rebuilds >= 20, "only {rebuilds} table rebuilds");
     ensure!(failures.is_empty(), "failed new connections: {failures:?}");
     ensure_forwarded(&counts, "new connections")?;
@@ -734,11 +726,7 @@ fn v4_and_v6_vips_on_one_agent() -> Result<()> {
     );
     report_streams(&reports);
     assert_unbroken(&reports, start);
-    ensure!(
-        reports.iter().all(|r| r.bytes > 10_000),
-        "a stream barely moved: fewest bytes {:?}",
-        reports.iter().map(|r| r.bytes).min()
-    );
+    assert_streams_moved(&reports, 10_000);
     ensure!(f4.is_empty() && f6.is_empty(), "failed: {f4:?} {f6:?}");
     ensure!(
         !t6.contains_key("b1"),
